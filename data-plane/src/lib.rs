@@ -1,0 +1,1 @@
+//! Burrow edge worker.

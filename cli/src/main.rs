@@ -1,1 +1,63 @@
-fn main() {}
+//! `burrow`: the tunnel agent (`burrow http 3000`) and the admin client of the Burrow API
+//! (`burrow account|team|token|reservation|tunnel …`).
+//!
+//! # Layout
+//! - `config`: the user's config file (`~/.config/burrow/config.toml`, mode 0600).
+//! - `admin`: `login` and the admin subcommands that call the gRPC API.
+//! - `agent`: `http`, `start` and `authtoken`: the agent that serves tunnels.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod admin;
+mod agent;
+mod config;
+
+/// Burrow: expose a local HTTP or WebSocket server at a public URL.
+///
+/// Examples:
+///   burrow http 3000 --subdomain chat      # https://chat.<domain> → localhost:3000
+///   burrow login --api https://api.example.com --email me@example.com
+///   burrow reservation create chat --team web
+#[derive(Debug, Parser)]
+#[command(name = "burrow", version, about, long_about = None, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    #[command(flatten)]
+    Agent(agent::AgentCommand),
+    #[command(flatten)]
+    Admin(admin::AdminCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Agent(cmd) => agent::run(cmd).await,
+            Command::Admin(cmd) => admin::run(cmd).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

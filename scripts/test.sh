@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs Burrow's whole test suite: Rust unit and integration tests against a real PostgreSQL
+# (found or started by scripts/lib/postgres.sh), plus the tests with outside clients.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/postgres.sh
+
+ensure_database test
+echo "==> using PostgreSQL at ${DATABASE_URL%%\?*}"
+
+if ! command -v cargo-nextest >/dev/null 2>&1; then
+  echo "==> installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+if [ -x scripts/install-test-clients.sh ]; then
+  scripts/install-test-clients.sh
+fi
+
+cargo nextest run --workspace --no-fail-fast "$@"

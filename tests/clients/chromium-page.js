@@ -1,0 +1,42 @@
+'use strict';
+// Loads the Express + ws page in headless Chromium and waits for the echo to appear in the DOM.
+// Chromium resolves `NAME.localhost` to loopback by itself, so the URL is used as given; with
+// --connect, every host is mapped to that address instead.
+//
+//   node chromium-page.js http://NAME.localhost:PORT/ [--chromium /usr/bin/chromium]
+const { chromium } = require('playwright-core');
+const { runClient, expectEqual } = require('./lib/client');
+
+const LAUNCH_ARGS = [
+  '--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+  '--disable-background-networking', '--disable-component-update', '--disable-sync',
+];
+
+runClient(
+  'chromium-page',
+  { chromium: { type: 'string', default: process.env.CHROMIUM || '/usr/bin/chromium' } },
+  async ({ url, dial, args }) => {
+    const extra = args.connect ? [`--host-resolver-rules=MAP * ${dial.host}:${dial.port}`] : [];
+    const browser = await chromium.launch({
+      executablePath: args.chromium,
+      args: [...LAUNCH_ARGS, ...extra],
+    });
+    try {
+      const page = await browser.newPage();
+      const response = await page.goto(url.href, { waitUntil: 'load' });
+      expectEqual('page status', response && response.status(), 200);
+      const expected = `Echo: hello from ${url.host}`;
+      const echo = page.locator('#echo');
+      try {
+        await echo.filter({ hasText: expected }).waitFor({ timeout: 10_000 });
+      } catch {
+        const status = await page.locator('#status').textContent();
+        throw new Error(`"${expected}" never appeared (status: ${status}, echo: "${await echo.textContent()}")`);
+      }
+      expectEqual('echo in the DOM', await echo.textContent(), expected);
+      return `page ${url.host} loaded, its WebSocket echoed "${expected}" into the DOM`;
+    } finally {
+      await browser.close();
+    }
+  },
+);

@@ -1,0 +1,161 @@
+'use strict';
+// Plumbing shared by the Node client scripts: argument parsing, dialling 127.0.0.1 while the
+// request still names the visitor's host (`Host: NAME.localhost:PORT`, as DESIGN.md's local
+// development notes ask), an overall deadline, and the one-line verdict the Rust tests read.
+//
+// Every client is run as `node <script> <url> [--connect HOST:PORT] [--timeout-ms N] [...]`.
+// It prints `OK <scenario> <summary>` and exits 0, or `FAIL <scenario>: <reason>` on stderr
+// and exits 1. It never outlives its deadline.
+
+const http = require('node:http');
+const net = require('node:net');
+const util = require('node:util');
+const WebSocket = require('ws');
+
+/** How long a client may take before it gives up, unless `--timeout-ms` says otherwise. */
+const DEFAULT_TIMEOUT_MS = 20_000;
+
+/**
+ * An http.Agent that opens every connection to one fixed address. glibc does not resolve
+ * `NAME.localhost`, so the clients dial the edge directly; because only the socket changes,
+ * the URL's host still goes out in the `Host` header (and in socket.io's polling requests,
+ * which go through the same agent).
+ */
+class LoopbackAgent extends http.Agent {
+  constructor(dial) {
+    super({ keepAlive: true });
+    this.dial = dial;
+  }
+
+  createConnection(_options, _callback) {
+    return net.connect({ host: this.dial.host, port: this.dial.port });
+  }
+}
+
+function parseDial(text) {
+  const m = /^(.+):(\d+)$/.exec(text);
+  if (!m) throw new Error(`--connect wants HOST:PORT, got ${JSON.stringify(text)}`);
+  return { host: m[1].replace(/^\[(.*)\]$/, '$1'), port: Number(m[2]) };
+}
+
+function defaultPort(url) {
+  if (url.port) return Number(url.port);
+  return url.protocol === 'wss:' || url.protocol === 'https:' ? 443 : 80;
+}
+
+/**
+ * Runs one client scenario. `options` are extra util.parseArgs options; `body` gets
+ * `{ url, dial, agent, args }` and resolves to the summary printed after `OK <scenario>`.
+ */
+function runClient(scenario, options, body) {
+  const fail = (reason) => {
+    const text = reason instanceof Error ? reason.message : String(reason);
+    process.stderr.write(`FAIL ${scenario}: ${text}\n`);
+    process.exit(1);
+  };
+
+  let parsed;
+  try {
+    parsed = util.parseArgs({
+      options: {
+        ...options,
+        connect: { type: 'string' },
+        'timeout-ms': { type: 'string' },
+      },
+      allowPositionals: true,
+    });
+    if (parsed.positionals.length !== 1) {
+      throw new Error('usage: <url> [--connect HOST:PORT] [--timeout-ms N]');
+    }
+  } catch (err) {
+    fail(err);
+    return;
+  }
+
+  const { values: args, positionals } = parsed;
+  const url = new URL(positionals[0]);
+  const dial = args.connect
+    ? parseDial(args.connect)
+    : { host: '127.0.0.1', port: defaultPort(url) };
+  const timeoutMs = Number(args['timeout-ms'] ?? DEFAULT_TIMEOUT_MS);
+  const timer = setTimeout(() => fail(`no verdict within ${timeoutMs} ms`), timeoutMs);
+  timer.unref();
+
+  const agent = new LoopbackAgent(dial);
+  process.on('uncaughtException', fail);
+  Promise.resolve()
+    .then(() => body({ url, dial, agent, args }))
+    .then((summary) => {
+      process.stdout.write(`OK ${scenario} ${summary}\n`);
+      process.exit(0);
+    }, fail);
+}
+
+/**
+ * Opens a `ws` WebSocket through `agent`; resolves once open, rejects with the status line if
+ * the server answers the upgrade with anything but 101.
+ */
+function openWebSocket(url, agent, protocols = [], options = {}) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(url, protocols, { agent, ...options });
+    const inbox = new Inbox(ws);
+    ws.once('open', () => resolve({ ws, inbox }));
+    ws.once('error', reject);
+    ws.once('unexpected-response', (_req, res) =>
+      reject(new Error(`upgrade answered ${res.statusCode} ${res.statusMessage}, not 101`)));
+  });
+}
+
+/**
+ * Collects a WebSocket's messages as they arrive, so a test can `await inbox.next()` without
+ * racing the 'message' event. A close or error while waiting rejects with what happened.
+ */
+class Inbox {
+  constructor(ws) {
+    this.queue = [];
+    this.waiters = [];
+    this.ended = null;
+    ws.on('message', (data, isBinary) => this.push({ data, isBinary }));
+    ws.on('close', (code, reason) =>
+      this.end(new Error(`connection closed (${code} ${reason}) while a message was expected`)));
+    ws.on('error', (err) => this.end(err));
+  }
+
+  push(message) {
+    const waiter = this.waiters.shift();
+    if (waiter) waiter.resolve(message);
+    else this.queue.push(message);
+  }
+
+  end(err) {
+    this.ended = this.ended ?? err;
+    for (const waiter of this.waiters.splice(0)) waiter.reject(this.ended);
+  }
+
+  /** The next message: `{ data: Buffer, isBinary: boolean }`. */
+  next() {
+    if (this.queue.length > 0) return Promise.resolve(this.queue.shift());
+    if (this.ended) return Promise.reject(this.ended);
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
+  }
+}
+
+/** Closes `ws` with `code` and resolves with the code the peer answered in its close frame. */
+function closeWebSocket(ws, code = 1000, reason = 'done') {
+  return new Promise((resolve) => {
+    ws.once('close', (peerCode) => resolve(peerCode));
+    ws.close(code, reason);
+  });
+}
+
+/** Throws a readable error unless `actual` equals `expected` (strings shortened for display). */
+function expectEqual(what, actual, expected) {
+  if (actual === expected) return;
+  const show = (v) => {
+    const s = JSON.stringify(v);
+    return s.length > 120 ? `${s.slice(0, 100)}… (${s.length} chars)` : s;
+  };
+  throw new Error(`${what}: expected ${show(expected)}, got ${show(actual)}`);
+}
+
+module.exports = { runClient, openWebSocket, closeWebSocket, expectEqual, Inbox, LoopbackAgent };

@@ -1,18 +1,124 @@
-//! Admin subcommands: `login` and `account|team|token|reservation|tunnel …`.
+//! Admin subcommands: `login`, `logout`, `whoami` and `account|team|token|reservation|tunnel …`,
+//! thin clients of the Burrow gRPC API.
+//!
+//! # Layout
+//! - `client`: API address and token resolution, the connection, and the one place where gRPC
+//!   statuses become sentences.
+//! - `output`: aligned tables and JSON.
+//! - `prompt`: passwords from the terminal (no echo) or standard input.
+//! - `duration`: `30d`-style durations.
+//! - `session`: `login`, `logout`, `whoami`.
+//! - `account`, `team`, `token`, `reservation`, `tunnel`: one module per API noun.
+//!
+//! Every command prints a table by default and JSON with `--output json`; a failure is one
+//! line on standard error and exit status 1 (2 for command-line mistakes).
 
 use std::process::ExitCode;
 
 use clap::Subcommand;
 
+/// `println!` that returns an error instead of panicking when standard output is closed
+/// (`burrow tunnel watch | head`).
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| anyhow::anyhow!("cannot write to standard output: {e}"))
+    }};
+}
+
+mod account;
+mod client;
+mod duration;
+mod output;
+mod prompt;
+mod reservation;
+mod session;
+mod team;
+mod token;
+mod tunnel;
+
+use client::{Api, ApiArgs, ENV_TOKEN};
+
 /// Subcommands that call the Burrow API.
 #[derive(Debug, Subcommand)]
 pub(crate) enum AdminCommand {
-    /// Sign in and remember the API address and token.
-    Login,
+    /// Sign in and save the API address and a new API token (mode 0600).
+    #[command(after_help = "Examples:
+  burrow login --api http://127.0.0.1:7000 --email admin@example.com    # asks for the password
+  printf '%s\\n' \"$PW\" | burrow login --api https://api.example.com --email ci@example.com --password-stdin
+  burrow-control bootstrap --email admin@example.com > admin.token
+  burrow login --api http://127.0.0.1:7000 --token-file admin.token     # save a given token
+
+The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, else
+~/.config/burrow/config.toml.")]
+    Login(Box<session::LoginArgs>),
+    /// Revoke the saved API token and forget it.
+    #[command(after_help = "Examples:
+  burrow logout
+  burrow logout --keep-token     # forget it locally only")]
+    Logout(Box<session::LogoutArgs>),
+    /// Show who you are signed in as, and your teams.
+    #[command(after_help = "Examples:
+  burrow whoami
+  BURROW_TOKEN=\"$(cat ci.token)\" burrow whoami --output json")]
+    Whoami(Box<session::WhoamiArgs>),
+    /// Manage accounts (create and disable: platform admins).
+    #[command(after_help = "Examples:
+  burrow account create alice@example.com --prompt-password
+  burrow account list
+  burrow account disable mallory@example.com")]
+    Account(Box<account::AccountArgs>),
+    /// Manage teams and their members.
+    #[command(after_help = "Examples:
+  burrow team create web
+  burrow team add-member web alice@example.com --role admin
+  burrow team get web")]
+    Team(Box<team::TeamArgs>),
+    /// Manage agent, API and edge tokens (secrets are shown once).
+    #[command(after_help = "Examples:
+  burrow token create laptop --team web --expires-in 30d
+  burrow token list
+  burrow token revoke TOKEN_ID")]
+    Token(Box<token::TokenArgs>),
+    /// Reserve subdomains for a team.
+    #[command(after_help = "Examples:
+  burrow reservation create chat --team web
+  burrow reservation list
+  burrow reservation transfer chat --to mobile")]
+    Reservation(Box<reservation::ReservationArgs>),
+    /// Inspect and end live tunnels.
+    #[command(after_help = "Examples:
+  burrow tunnel list
+  burrow tunnel watch
+  burrow tunnel kill chat")]
+    Tunnel(Box<tunnel::TunnelArgs>),
 }
 
+/// Runs one admin command. Errors come back as one sentence for `main` to print.
 pub(crate) async fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
     match cmd {
-        AdminCommand::Login => anyhow::bail!("not implemented yet"),
+        AdminCommand::Login(args) => session::login(*args).await?,
+        AdminCommand::Logout(args) => session::logout(*args).await?,
+        AdminCommand::Whoami(args) => session::whoami(*args).await?,
+        AdminCommand::Account(args) => account::run(*args).await?,
+        AdminCommand::Team(args) => team::run(*args).await?,
+        AdminCommand::Token(args) => token::run(*args).await?,
+        AdminCommand::Reservation(args) => reservation::run(*args).await?,
+        AdminCommand::Tunnel(args) => tunnel::run(*args).await?,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves address and token, refuses early without a token, and connects.
+async fn connect(args: &ApiArgs) -> anyhow::Result<Api> {
+    args.check()?;
+    let saved = crate::config::load()?;
+    let address = args.api_address(&saved)?;
+    let credential = args.credential(&address, std::env::var(ENV_TOKEN).ok(), &saved)?;
+    anyhow::ensure!(
+        credential.is_some(),
+        "not logged in to {address}: run `burrow login`, set {ENV_TOKEN}, or pass --token-file FILE"
+    );
+    Api::connect(&address, credential.as_ref(), args).await
 }

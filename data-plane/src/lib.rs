@@ -1,1 +1,187 @@
-//! Burrow edge worker.
+//! Burrow edge worker: accepts agents on a TLS listener and proxies visitors' HTTP and
+//! WebSocket traffic to them.
+//!
+//! Each agent holds one TLS connection that carries HTTP/2 with reversed roles: the agent
+//! serves, the edge is the client and opens one stream per visitor request (an RFC 8441
+//! extended CONNECT stream per WebSocket). See `agent.proto` for the handshake.
+//!
+//! # Layout
+//! - [`config`]: the typed, validated [`Config`] and its [`Limits`].
+//! - [`tls`]: certificates for the listeners ([`TlsIdentity`]).
+//! - `control`: the control-plane client (authorize, sessions, register, heartbeat, watch).
+//! - `registry`: live agent sessions and the route table.
+//! - `agents`: the agent listener and handshake.
+//! - `proxy`: the visitor listener, routing by `Host`, header handling.
+//! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
+//! - [`frame`]: the WebSocket frame observer used by the relay.
+//! - `pages`: the edge's own error pages.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use burrow_proto::v1 as pb;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+mod agents;
+pub mod config;
+mod control;
+pub mod frame;
+mod pages;
+mod proxy;
+mod registry;
+pub mod relay;
+pub mod tls;
+
+pub use config::{Config, ConfigError, ControlConfig, Limits};
+pub use tls::TlsIdentity;
+
+/// The sockets an edge serves, bound by the caller (tests bind `127.0.0.1:0` and read the
+/// addresses before calling [`run`]).
+#[derive(Debug)]
+pub struct Listeners {
+    /// Plain-HTTP visitor listener.
+    pub http: Option<TcpListener>,
+    /// HTTPS visitor listener (needs [`Config::visitor_tls`]).
+    pub https: Option<TcpListener>,
+    /// Agent listener (TLS).
+    pub agent: TcpListener,
+}
+
+/// Shared state of a running edge.
+pub(crate) struct State {
+    pub(crate) config: Config,
+    pub(crate) registry: Arc<registry::Registry>,
+    pub(crate) control: Arc<control::Control>,
+    /// Public URL templates, `{sub}` to be replaced.
+    pub(crate) url_templates: Vec<String>,
+}
+
+impl State {
+    /// The public URLs of `subdomain`.
+    pub(crate) fn public_urls(&self, subdomain: &str) -> Vec<String> {
+        self.url_templates
+            .iter()
+            .map(|t| t.replace("{sub}", subdomain))
+            .collect()
+    }
+}
+
+fn template(scheme: &str, domain: &str, addr: Option<SocketAddr>, default_port: u16) -> String {
+    match addr.map(|a| a.port()) {
+        Some(p) if p != default_port => format!("{scheme}://{{sub}}.{domain}:{p}"),
+        _ => format!("{scheme}://{{sub}}.{domain}"),
+    }
+}
+
+/// Runs the edge until `shutdown` is cancelled, then drains for
+/// [`Limits::drain_timeout`].
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate()?;
+    if listeners.https.is_some() && config.visitor_tls.is_none() {
+        anyhow::bail!(
+            "an HTTPS listener needs a visitor certificate (--tls-cert/--tls-key or --self-signed)"
+        );
+    }
+    let agent_tls = config
+        .agent_tls
+        .server_config(&[burrow_proto::tunnel::ALPN])
+        .context("agent listener certificate")?;
+    let visitor_tls = match (&config.visitor_tls, &listeners.https) {
+        (Some(id), Some(_)) => Some(TlsAcceptor::from(
+            id.server_config(&[b"http/1.1"])
+                .context("visitor listener certificate")?,
+        )),
+        _ => None,
+    };
+    let http_addr = listeners.http.as_ref().and_then(|l| l.local_addr().ok());
+    let https_addr = listeners.https.as_ref().and_then(|l| l.local_addr().ok());
+    let agent_addr = listeners.agent.local_addr().ok();
+    let url_templates = match &config.public_url_template {
+        Some(t) => vec![t.clone()],
+        None => {
+            let mut v = Vec::new();
+            if https_addr.is_some() {
+                v.push(template("https", &config.domain, https_addr, 443));
+            }
+            if http_addr.is_some() {
+                v.push(template("http", &config.domain, http_addr, 80));
+            }
+            v
+        }
+    };
+    let control = Arc::new(control::Control::new(&config.control, &config.limits)?);
+    let registry = Arc::new(registry::Registry::default());
+    let registration = pb::RegisterEdgeRequest {
+        name: config.name.clone(),
+        domain: config.domain.clone(),
+        public_url_template: url_templates.first().cloned().unwrap_or_default(),
+        agent_addr: config
+            .agent_addr
+            .clone()
+            .or_else(|| agent_addr.map(|a| a.to_string()))
+            .unwrap_or_default(),
+        internal_addr: String::new(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    let state = Arc::new(State {
+        config,
+        registry: Arc::clone(&registry),
+        control: Arc::clone(&control),
+        url_templates,
+    });
+    let tracker = TaskTracker::new();
+    tracker.spawn(Arc::clone(&control).run_background(
+        registration,
+        Arc::clone(&registry),
+        shutdown.clone(),
+    ));
+    tracker.spawn(agents::serve(
+        listeners.agent,
+        TlsAcceptor::from(agent_tls),
+        Arc::clone(&state),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    if let Some(l) = listeners.http {
+        tracker.spawn(proxy::serve(
+            l,
+            None,
+            Arc::clone(&state),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let (Some(l), Some(acceptor)) = (listeners.https, visitor_tls) {
+        tracker.spawn(proxy::serve(
+            l,
+            Some(acceptor),
+            Arc::clone(&state),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+    tracing::info!(
+        http = ?http_addr,
+        https = ?https_addr,
+        agents = ?agent_addr,
+        domain = %state.config.domain,
+        "edge running"
+    );
+    shutdown.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(state.config.limits.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain timeout reached; dropping remaining connections");
+    }
+    Ok(())
+}

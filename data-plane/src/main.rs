@@ -1,1 +1,255 @@
-fn main() {}
+//! `burrow-edge`: parses flags into a [`Config`], binds, and runs the edge until SIGINT or
+//! SIGTERM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use burrow_edge::{Config, ControlConfig, Limits, Listeners, TlsIdentity};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Burrow edge worker: serves visitors at NAME.<domain> through agents' tunnels.
+///
+/// Examples:
+///   # with the control plane
+///   BURROW_EDGE_TOKEN=brw_edge_… burrow-edge --control http://127.0.0.1:50051 \
+///       --domain localhost --self-signed --self-signed-out edge-ca.pem
+///   # alone on one machine, agents authenticated by a fixed token
+///   burrow-edge --standalone-token-file agent-token.txt --self-signed --self-signed-out edge-ca.pem
+#[derive(Debug, Parser)]
+#[command(name = "burrow-edge", version, about, long_about = None, verbatim_doc_comment)]
+struct Args {
+    /// Stable name of this edge.
+    #[arg(long, env = "BURROW_EDGE_NAME", default_value = "edge-1")]
+    name: String,
+    /// Domain tunnels live under (visitors open NAME.<domain>).
+    #[arg(long, env = "BURROW_EDGE_DOMAIN", default_value = "localhost")]
+    domain: String,
+    /// Plain-HTTP visitor listener; "off" disables it.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    /// HTTPS visitor listener (needs --tls-cert/--tls-key or --self-signed).
+    #[arg(long)]
+    https: Option<String>,
+    /// Agent listener (TLS).
+    #[arg(long, default_value = "127.0.0.1:4443")]
+    agent_listen: String,
+    /// Public visitor URL template, `{sub}` replaced by the subdomain.
+    #[arg(long)]
+    public_url: Option<String>,
+    /// Control-plane URL.
+    #[arg(long, env = "BURROW_CONTROL")]
+    control: Option<String>,
+    /// Edge token for the control plane.
+    #[arg(long, env = "BURROW_EDGE_TOKEN", hide_env_values = true)]
+    edge_token: Option<String>,
+    /// File holding the edge token (instead of BURROW_EDGE_TOKEN).
+    #[arg(long)]
+    edge_token_file: Option<PathBuf>,
+    /// Run without a control plane: accept agents presenting the token in this file.
+    #[arg(long, conflicts_with = "control")]
+    standalone_token_file: Option<PathBuf>,
+    /// Certificate (PEM) for the HTTPS visitor listener.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for the HTTPS visitor listener.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Certificate (PEM) for the agent listener (defaults to --tls-cert).
+    #[arg(long, requires = "agent_key")]
+    agent_cert: Option<PathBuf>,
+    /// Private key (PEM) for the agent listener.
+    #[arg(long, requires = "agent_cert")]
+    agent_key: Option<PathBuf>,
+    /// Generate a self-signed certificate for localhost and *.<domain> (local use only).
+    #[arg(long)]
+    self_signed: bool,
+    /// Write the generated certificate here, for `burrow http --edge-ca FILE`.
+    #[arg(long, requires = "self_signed")]
+    self_signed_out: Option<PathBuf>,
+    /// Keepalive ping interval toward idle visitor WebSockets, in seconds (0 disables).
+    #[arg(long, default_value_t = 30)]
+    ws_ping_interval: u64,
+    /// Seconds a visitor may take to send its request headers.
+    #[arg(long, default_value_t = 10)]
+    header_read_timeout: u64,
+    /// Largest visitor request head in bytes.
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_header_bytes: usize,
+    /// Most headers in one visitor request.
+    #[arg(long, default_value_t = 100)]
+    max_headers: usize,
+    /// Most visitor connections at once.
+    #[arg(long, default_value_t = 10_000)]
+    max_visitor_connections: usize,
+    /// Seconds between HTTP/2 PINGs on agent connections.
+    #[arg(long, default_value_t = 10)]
+    agent_keepalive: u64,
+}
+
+/// Exit code for a configuration that cannot work (sysexits EX_USAGE).
+const EXIT_USAGE: u8 = 64;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let config = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(serve(args, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn read_secret(path: &PathBuf) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+    let s = s.trim().to_owned();
+    anyhow::ensure!(!s.is_empty(), "{} is empty", path.display());
+    Ok(s)
+}
+
+fn build_config(args: &Args) -> anyhow::Result<Config> {
+    let control = match (&args.control, &args.standalone_token_file) {
+        (Some(url), None) => {
+            let token = match (&args.edge_token, &args.edge_token_file) {
+                (_, Some(f)) => read_secret(f)?,
+                (Some(t), None) => t.clone(),
+                (None, None) => anyhow::bail!(
+                    "--control needs an edge token: set BURROW_EDGE_TOKEN or --edge-token-file"
+                ),
+            };
+            ControlConfig::Remote {
+                url: url.clone(),
+                edge_token: token.into(),
+            }
+        }
+        (None, Some(f)) => ControlConfig::Standalone {
+            agent_tokens: vec![read_secret(f)?.into()],
+        },
+        _ => anyhow::bail!("give either --control URL or --standalone-token-file FILE"),
+    };
+    let generated = if args.self_signed {
+        let names = vec![
+            "localhost".to_owned(),
+            args.domain.clone(),
+            format!("*.{}", args.domain),
+        ];
+        let id = TlsIdentity::self_signed(&names)?;
+        if let Some(out) = &args.self_signed_out {
+            std::fs::write(out, &id.cert_pem)
+                .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;
+        }
+        Some(id)
+    } else {
+        None
+    };
+    let visitor_tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(TlsIdentity::from_files(c, k)?),
+        _ => generated.clone(),
+    };
+    let agent_tls = match (&args.agent_cert, &args.agent_key) {
+        (Some(c), Some(k)) => TlsIdentity::from_files(c, k)?,
+        _ => match visitor_tls.clone().or(generated) {
+            Some(id) => id,
+            None => anyhow::bail!(
+                "the agent listener needs a certificate: --agent-cert/--agent-key, --tls-cert/--tls-key or --self-signed"
+            ),
+        },
+    };
+    let limits = Limits {
+        ws_ping_interval: (args.ws_ping_interval > 0)
+            .then(|| Duration::from_secs(args.ws_ping_interval)),
+        header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        max_header_bytes: args.max_header_bytes,
+        max_headers: args.max_headers,
+        max_visitor_connections: args.max_visitor_connections,
+        agent_keepalive_interval: Duration::from_secs(args.agent_keepalive),
+        ..Limits::default()
+    };
+    Ok(Config {
+        name: args.name.clone(),
+        domain: args.domain.clone(),
+        public_url_template: args.public_url.clone(),
+        agent_addr: None,
+        control,
+        agent_tls,
+        visitor_tls,
+        limits,
+    })
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for {what} on {addr}: {e}"))
+}
+
+async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
+    let http = if args.http == "off" {
+        None
+    } else {
+        Some(bind(&args.http, "visitors").await?)
+    };
+    let https = match &args.https {
+        Some(a) => Some(bind(a, "HTTPS visitors").await?),
+        None => None,
+    };
+    let agent = bind(&args.agent_listen, "agents").await?;
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        s.cancel();
+    });
+    burrow_edge::run(config, Listeners { http, https, agent }, shutdown).await
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut term) = signal(SignalKind::terminate()) else {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

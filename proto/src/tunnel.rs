@@ -40,6 +40,19 @@ pub const HEADER_STATUS: &str = "burrow-status";
 /// local server refused the connection) rather than the local server.
 pub const HEADER_AGENT_ERROR: &str = "burrow-agent-error";
 
+/// Request header (edge → agent) marking a stream as a control message rather than a visitor
+/// request; its value is one of the `CONTROL_*` constants. The agent answers 204 and never
+/// forwards such a stream to a local server.
+pub const HEADER_CONTROL: &str = "burrow-control";
+/// Request header (edge → agent) on a [`CONTROL_CLOSED`] message: a sentence saying why.
+pub const HEADER_REASON: &str = "burrow-reason";
+/// [`HEADER_CONTROL`] value the edge sends once the agent's tunnels are routable: the agent
+/// prints the public URLs when it receives it, so a printed URL always works.
+pub const CONTROL_READY: &str = "ready";
+/// [`HEADER_CONTROL`] value telling the agent that the tunnel named by [`HEADER_TUNNEL`] was
+/// ended by the platform (killed, token revoked) and must not be bound again.
+pub const CONTROL_CLOSED: &str = "closed";
+
 /// Why a handshake message could not be read.
 #[derive(Debug)]
 pub enum HandshakeError {

@@ -1,18 +1,245 @@
 //! Agent subcommands: `http`, `start`, `authtoken`.
+//!
+//! # Layout
+//! - `target`: parsing the local target and the `--host-header` mode.
+//! - `session`: the connection to the edge (TLS, handshake, HTTP/2, reconnects).
+//! - `forward`: serving the edge's streams by forwarding them to local servers.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Subcommand;
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::config;
+
+mod forward;
+mod session;
+mod target;
+
+use forward::TunnelSpec;
+use session::EdgeSpec;
+use target::{HostHeader, Target};
+
+/// Environment variable holding the agent token.
+const ENV_TOKEN: &str = "BURROW_TOKEN";
+/// Edge address used when neither `--edge` nor the config file names one.
+const DEFAULT_EDGE: &str = "localhost:4443";
 
 /// Subcommands that run tunnels.
 #[derive(Debug, Subcommand)]
 pub(crate) enum AgentCommand {
-    /// Expose a local HTTP/WebSocket server.
-    Http,
+    /// Expose a local HTTP/WebSocket server at a public URL.
+    ///
+    /// Examples:
+    ///   burrow http 3000                          # random name → localhost:3000
+    ///   burrow http 3000 --subdomain chat         # http(s)://chat.<domain>
+    ///   burrow http 127.0.0.1:8080 --host-header preserve
+    ///   burrow http http://app.internal:9000 --edge edge.example.com:4443
+    ///   burrow http 3000 --edge localhost:4443 --edge-ca edge-ca.pem   # self-signed edge
+    ///
+    /// The agent token comes from $BURROW_TOKEN, --token-file, or `burrow authtoken add`.
+    #[command(verbatim_doc_comment)]
+    Http(HttpArgs),
+    /// Run every tunnel listed in a TOML file.
+    ///
+    /// Example file:
+    ///   edge = "localhost:4443"
+    ///   edge_ca = "edge-ca.pem"
+    ///   [[tunnel]]
+    ///   target = "3000"
+    ///   subdomain = "chat"
+    ///   [[tunnel]]
+    ///   target = "localhost:8080"
+    ///   host_header = "preserve"
+    #[command(verbatim_doc_comment)]
+    Start(StartArgs),
+    /// Store the agent token in the config file.
+    #[command(subcommand)]
+    Authtoken(AuthtokenCommand),
+}
+
+/// Options shared by `http` and `start`.
+#[derive(Debug, Args)]
+pub(crate) struct EdgeArgs {
+    /// Edge agent address (host:port); default from the config file, else localhost:4443.
+    #[arg(long)]
+    edge: Option<String>,
+    /// CA certificate (PEM) to trust for the edge, e.g. the file written by
+    /// `burrow-edge --self-signed-out`.
+    #[arg(long)]
+    edge_ca: Option<PathBuf>,
+    /// File holding the agent token (`-` for standard input).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct HttpArgs {
+    /// Local server: a port (3000), host:port, or http://host:port.
+    target: String,
+    /// Subdomain to bind; a random free one when omitted.
+    #[arg(long)]
+    subdomain: Option<String>,
+    /// Host header the local server sees: rewrite (its own host:port), preserve (the
+    /// visitor's), or a fixed value.
+    #[arg(long, default_value = "rewrite")]
+    host_header: String,
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct StartArgs {
+    /// The tunnels file.
+    #[arg(long, default_value = "burrow.toml")]
+    config: PathBuf,
+    #[command(flatten)]
+    edge: EdgeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum AuthtokenCommand {
+    /// Read an agent token from standard input (or --token-file) and save it.
+    Add {
+        /// File holding the token; standard input when omitted.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
+}
+
+/// The `burrow start` file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelsFile {
+    edge: Option<String>,
+    edge_ca: Option<PathBuf>,
+    #[serde(default)]
+    tunnel: Vec<TunnelEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TunnelEntry {
+    target: String,
+    subdomain: Option<String>,
+    host_header: Option<String>,
 }
 
 pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .try_init();
     match cmd {
-        AgentCommand::Http => anyhow::bail!("not implemented yet"),
+        AgentCommand::Http(a) => {
+            let spec = TunnelSpec {
+                key: "0".to_owned(),
+                subdomain: a.subdomain.clone().unwrap_or_default(),
+                target: Target::parse(&a.target)?,
+                host_header: HostHeader::parse(&a.host_header)?,
+            };
+            run_tunnels(&a.edge, None, vec![spec]).await
+        }
+        AgentCommand::Start(a) => {
+            let text = std::fs::read_to_string(&a.config)
+                .with_context(|| format!("cannot read {}", a.config.display()))?;
+            let file: TunnelsFile = toml::from_str(&text)
+                .with_context(|| format!("{} is not a valid tunnels file", a.config.display()))?;
+            anyhow::ensure!(
+                !file.tunnel.is_empty(),
+                "{} lists no [[tunnel]]",
+                a.config.display()
+            );
+            let mut specs = Vec::new();
+            for (i, t) in file.tunnel.iter().enumerate() {
+                specs.push(TunnelSpec {
+                    key: i.to_string(),
+                    subdomain: t.subdomain.clone().unwrap_or_default(),
+                    target: Target::parse(&t.target)
+                        .with_context(|| format!("tunnel {}", i + 1))?,
+                    host_header: HostHeader::parse(t.host_header.as_deref().unwrap_or("rewrite"))
+                        .with_context(|| format!("tunnel {}", i + 1))?,
+                });
+            }
+            let base = a.config.parent().unwrap_or(Path::new("."));
+            let file_edge = FileEdge {
+                edge: file.edge,
+                edge_ca: file.edge_ca.map(|p| base.join(p)),
+            };
+            run_tunnels(&a.edge, Some(file_edge), specs).await
+        }
+        AgentCommand::Authtoken(AuthtokenCommand::Add { token_file }) => {
+            let path = token_file.unwrap_or_else(|| PathBuf::from("-"));
+            let token = config::read_token_file(&path)?;
+            if !token.starts_with("brw_agent_") {
+                eprintln!("warning: this does not look like an agent token (brw_agent_…)");
+            }
+            let mut cfg = config::load()?;
+            cfg.authtoken = Some(token);
+            let saved = config::save(&cfg)?;
+            println!("Agent token saved to {}", saved.display());
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// Edge settings from a tunnels file.
+struct FileEdge {
+    edge: Option<String>,
+    edge_ca: Option<PathBuf>,
+}
+
+async fn run_tunnels(
+    args: &EdgeArgs,
+    file: Option<FileEdge>,
+    specs: Vec<TunnelSpec>,
+) -> anyhow::Result<ExitCode> {
+    let user = config::load()?;
+    let token = match (std::env::var(ENV_TOKEN), &args.token_file) {
+        (Ok(t), _) if !t.trim().is_empty() => t.trim().to_owned(),
+        (_, Some(f)) => config::read_token_file(f)?,
+        _ => user.authtoken.clone().context(
+            "no agent token: set BURROW_TOKEN, pass --token-file FILE, or run `burrow authtoken add`",
+        )?,
+    };
+    let (file_edge, file_ca) = match file {
+        Some(f) => (f.edge, f.edge_ca),
+        None => (None, None),
+    };
+    let edge = EdgeSpec {
+        addr: args
+            .edge
+            .clone()
+            .or(file_edge)
+            .or(user.edge.clone())
+            .unwrap_or_else(|| DEFAULT_EDGE.to_owned()),
+        ca: args.edge_ca.clone().or(file_ca),
+    };
+    let shutdown = CancellationToken::new();
+    let s = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    #[cfg(unix)]
+    {
+        let s = shutdown.clone();
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::spawn(async move {
+                term.recv().await;
+                s.cancel();
+            });
+        }
+    }
+    session::run(edge, token, specs, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }

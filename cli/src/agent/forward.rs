@@ -1,0 +1,489 @@
+//! Serving the edge's streams: each HTTP/2 stream is one visitor request, forwarded to the
+//! local server; an extended CONNECT stream is an upgrade (WebSocket) relayed byte for byte.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use burrow_edge::relay::{relay, RelayOptions};
+use burrow_proto::tunnel::{
+    CONTROL_CLOSED, CONTROL_READY, HEADER_AGENT_ERROR, HEADER_CONTROL, HEADER_REASON,
+    HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
+};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use super::target::{HostHeader, Target};
+
+/// Body type of responses the agent sends to the edge.
+pub(crate) type DownBody = BoxBody<Bytes, hyper::Error>;
+
+/// How long connecting to the local server may take.
+pub(crate) const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the local server may take to send its response head.
+pub(crate) const LOCAL_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Relay buffer size for upgraded connections.
+const RELAY_BUFFER: usize = 64 * 1024;
+/// After one direction of an upgraded connection ends, how long the other may continue.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One tunnel as the agent runs it.
+#[derive(Debug, Clone)]
+pub(crate) struct TunnelSpec {
+    /// Key echoed by the edge in `burrow-tunnel`.
+    pub(crate) key: String,
+    /// Wanted subdomain (empty: random).
+    pub(crate) subdomain: String,
+    pub(crate) target: Target,
+    pub(crate) host_header: HostHeader,
+}
+
+/// What the agent's serving side needs, shared by every stream of a connection.
+pub(crate) struct Forwarder {
+    pub(crate) tunnels: HashMap<String, TunnelSpec>,
+    pub(crate) client: Client<HttpConnector, Incoming>,
+    /// Called with the tunnel key when the edge ends a tunnel for good.
+    pub(crate) on_closed: Box<dyn Fn(&str, &str) + Send + Sync>,
+    /// Called once when the edge says the tunnels are routable.
+    pub(crate) on_ready: Box<dyn Fn() + Send + Sync>,
+}
+
+pub(crate) fn local_client() -> Client<HttpConnector, Incoming> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
+    connector.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+fn text(status: StatusCode, body: String) -> Response<DownBody> {
+    let mut r = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn empty(status: StatusCode) -> Response<DownBody> {
+    let mut r = Response::new(Empty::new().map_err(|n| match n {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+/// A 502 the edge turns into its "local server unreachable" page, with `reason`.
+fn agent_error(reason: &str) -> Response<DownBody> {
+    let mut r = text(StatusCode::BAD_GATEWAY, format!("{reason}\n"));
+    if let Ok(v) = HeaderValue::from_str(reason) {
+        r.headers_mut().insert(HEADER_AGENT_ERROR, v);
+    }
+    r
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+fn strip_internal(headers: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("burrow-"))
+        .cloned()
+        .collect();
+    for k in internal {
+        headers.remove(k);
+    }
+}
+
+fn set_host(headers: &mut HeaderMap, spec: &TunnelSpec) {
+    match &spec.host_header {
+        HostHeader::Preserve => {}
+        HostHeader::Rewrite => {
+            if let Ok(v) = HeaderValue::from_str(&spec.target.authority()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+        HostHeader::Value(v) => {
+            if let Ok(v) = HeaderValue::from_str(v) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+}
+
+fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => {
+            format!("connection refused by {target} (is the local server running?)")
+        }
+        std::io::ErrorKind::TimedOut => format!("connecting to {target} timed out"),
+        _ => format!("cannot connect to {target}: {e}"),
+    }
+}
+
+impl Forwarder {
+    /// Handles one stream from the edge.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<DownBody> {
+        if let Some(c) = req.headers().get(HEADER_CONTROL) {
+            return self.control(c.as_bytes(), &req);
+        }
+        let key = req
+            .headers()
+            .get(HEADER_TUNNEL)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let Some(spec) = self.tunnels.get(key).cloned() else {
+            return agent_error("the agent has no such tunnel");
+        };
+        if req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some()
+        {
+            self.upgrade(req, spec).await
+        } else {
+            self.plain(req, spec).await
+        }
+    }
+
+    fn control(&self, kind: &[u8], req: &Request<Incoming>) -> Response<DownBody> {
+        if kind == CONTROL_READY.as_bytes() {
+            (self.on_ready)();
+        } else if kind == CONTROL_CLOSED.as_bytes() {
+            let key = req
+                .headers()
+                .get(HEADER_TUNNEL)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            let reason = req
+                .headers()
+                .get(HEADER_REASON)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("ended by the edge");
+            (self.on_closed)(key, reason);
+        }
+        empty(StatusCode::NO_CONTENT)
+    }
+
+    async fn plain(&self, req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
+        let started = Instant::now();
+        let (mut parts, body) = req.into_parts();
+        let method = parts.method.clone();
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        let uri = format!("http://{}{}", spec.target.authority(), path);
+        let Ok(uri) = uri.parse() else {
+            return agent_error("the request target is not valid");
+        };
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        strip_hop_by_hop(&mut parts.headers);
+        strip_internal(&mut parts.headers);
+        set_host(&mut parts.headers, &spec);
+        let req = Request::from_parts(parts, body);
+        let resp = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)).await;
+        let resp = match resp {
+            Err(_) => {
+                let reason = format!(
+                    "{} did not answer within {} s",
+                    spec.target,
+                    LOCAL_RESPONSE_TIMEOUT.as_secs()
+                );
+                log_request(&method, &path, 502, started, 0, Some(&reason));
+                return agent_error(&reason);
+            }
+            Ok(Err(e)) => {
+                let reason = if e.is_connect() {
+                    let io = std::error::Error::source(&e)
+                        .and_then(find_io_error)
+                        .map(|io| connect_error_reason(&spec.target, io));
+                    io.unwrap_or_else(|| format!("cannot connect to {}", spec.target))
+                } else {
+                    format!("{} failed: {e}", spec.target)
+                };
+                log_request(&method, &path, 502, started, 0, Some(&reason));
+                return agent_error(&reason);
+            }
+            Ok(Ok(r)) => r,
+        };
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        strip_internal(&mut parts.headers);
+        let status = parts.status.as_u16();
+        let body = Logged {
+            inner: body,
+            bytes: 0,
+            line: Some(LogLine {
+                method,
+                path,
+                status,
+                started,
+            }),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    async fn upgrade(&self, mut req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
+        let started = Instant::now();
+        let edge_upgrade = hyper::upgrade::on(&mut req);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "/".to_owned());
+        let proto = req
+            .headers()
+            .get(HEADER_UPGRADE)
+            .cloned()
+            .or_else(|| {
+                req.extensions()
+                    .get::<hyper::ext::Protocol>()
+                    .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
+            })
+            .unwrap_or_else(|| HeaderValue::from_static("websocket"));
+
+        let addr = spec.target.authority();
+        let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
+        {
+            Err(_) => {
+                let r = format!("connecting to {} timed out", spec.target);
+                log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
+                return agent_error(&r);
+            }
+            Ok(Err(e)) => {
+                let r = connect_error_reason(&spec.target, &e);
+                log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
+                return agent_error(&r);
+            }
+            Ok(Ok(s)) => s,
+        };
+        let _ = tcp.set_nodelay(true);
+        let (mut sender, conn) =
+            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
+                Ok(x) => x,
+                Err(e) => return agent_error(&format!("{} failed: {e}", spec.target)),
+            };
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(err = %e, "local upgrade connection ended with an error");
+            }
+        });
+
+        let (mut parts, _body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        strip_internal(&mut parts.headers);
+        set_host(&mut parts.headers, &spec);
+        if !parts.headers.contains_key(header::HOST) {
+            if let Ok(v) = HeaderValue::from_str(&addr) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto);
+        let mut local_req = Request::new(Empty::<Bytes>::new());
+        *local_req.method_mut() = http::Method::GET;
+        *local_req.uri_mut() = match path.parse() {
+            Ok(u) => u,
+            Err(_) => return agent_error("the request target is not valid"),
+        };
+        *local_req.headers_mut() = parts.headers;
+
+        let resp = match tokio::time::timeout(
+            LOCAL_RESPONSE_TIMEOUT,
+            sender.send_request(local_req),
+        )
+        .await
+        {
+            Err(_) => {
+                return agent_error(&format!(
+                    "{} did not answer the upgrade within {} s",
+                    spec.target,
+                    LOCAL_RESPONSE_TIMEOUT.as_secs()
+                ))
+            }
+            Ok(Err(e)) => return agent_error(&format!("{} failed: {e}", spec.target)),
+            Ok(Ok(r)) => r,
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status();
+            if status.is_success() {
+                return agent_error(&format!(
+                    "{} answered {status} to an upgrade request without switching protocols",
+                    spec.target
+                ));
+            }
+            log_request(&http::Method::GET, &path, status.as_u16(), started, 0, None);
+            let (mut parts, body) = resp.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            strip_internal(&mut parts.headers);
+            return Response::from_parts(parts, body.boxed());
+        }
+
+        let mut resp = resp;
+        let local_upgrade = hyper::upgrade::on(&mut resp);
+        let mut headers = std::mem::take(resp.headers_mut());
+        let upgrade_value = headers.get(header::UPGRADE).cloned();
+        strip_hop_by_hop(&mut headers);
+        strip_internal(&mut headers);
+        headers.remove(header::CONTENT_LENGTH);
+        headers.insert(HEADER_STATUS, HeaderValue::from_static("101"));
+        if let Some(u) = upgrade_value {
+            headers.insert(HEADER_UPGRADE, u);
+        }
+        let mut out = empty(StatusCode::OK);
+        *out.headers_mut() = headers;
+
+        tokio::spawn(async move {
+            let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
+                (Ok(e), Ok(l)) => (e, l),
+                (e, l) => {
+                    tracing::debug!(edge_ok = e.is_ok(), local_ok = l.is_ok(), "upgrade failed");
+                    return;
+                }
+            };
+            let opts = RelayOptions {
+                buffer: RELAY_BUFFER,
+                ping_interval: None,
+                close_timeout: CLOSE_TIMEOUT,
+            };
+            // The edge's stream is the "visitor" side here: close frames toward it are
+            // unmasked (server to client), toward the local server masked.
+            let report = relay(TokioIo::new(edge), TokioIo::new(local), opts).await;
+            let close = report
+                .to_visitor
+                .close_code
+                .or(report.to_local.close_code)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "none".to_owned());
+            tracing::info!(
+                "WS  {path} {} ms, in {} msgs/{} B, out {} msgs/{} B, close {close}",
+                started.elapsed().as_millis(),
+                report.to_local.messages,
+                report.to_local.bytes,
+                report.to_visitor.messages,
+                report.to_visitor.bytes,
+            );
+        });
+        out
+    }
+}
+
+/// Finds the `io::Error` in an error's source chain.
+fn find_io_error<'a>(mut e: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    loop {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        e = e.source()?;
+    }
+}
+
+struct LogLine {
+    method: http::Method,
+    path: String,
+    status: u16,
+    started: Instant,
+}
+
+fn log_request(
+    method: &http::Method,
+    path: &str,
+    status: u16,
+    started: Instant,
+    bytes: u64,
+    error: Option<&str>,
+) {
+    match error {
+        Some(e) => tracing::warn!(
+            "{method} {path} {status} {} ms {bytes} B: {e}",
+            started.elapsed().as_millis()
+        ),
+        None => tracing::info!(
+            "{method} {path} {status} {} ms {bytes} B",
+            started.elapsed().as_millis()
+        ),
+    }
+}
+
+/// A response body that counts its bytes and logs the request's line when it ends.
+struct Logged {
+    inner: Incoming,
+    bytes: u64,
+    line: Option<LogLine>,
+}
+
+impl Logged {
+    fn finish(&mut self) {
+        if let Some(l) = self.line.take() {
+            log_request(&l.method, &l.path, l.status, l.started, self.bytes, None);
+        }
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.bytes += d.len() as u64;
+                }
+            }
+            Poll::Ready(None) => self.finish(),
+            _ => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,322 @@
+//! One agent process's connection to its edge: dial, TLS, handshake, serve HTTP/2, and
+//! reconnect with exponential backoff and jitter when the edge goes away.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use burrow_proto::tunnel::{read_message, write_message, ALPN, PROTOCOL_VERSION};
+use burrow_proto::v1 as pb;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+use super::forward::{local_client, Forwarder, TunnelSpec};
+
+/// How long dialing the edge (TCP + TLS) may take.
+const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// First reconnect delay.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest reconnect delay; small so a tunnel is back within about a second of the edge
+/// returning.
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// HTTP/2 per-stream window, in bytes.
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// HTTP/2 connection window, in bytes.
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 largest frame payload, in bytes.
+const MAX_FRAME: u32 = 65_536;
+/// Most concurrent streams (visitor requests) the edge may open.
+const MAX_STREAMS: u32 = 100_000;
+/// Interval of HTTP/2 PINGs toward the edge; a peer silent for two intervals is dead.
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
+/// Where and how to reach the edge.
+#[derive(Debug, Clone)]
+pub(crate) struct EdgeSpec {
+    /// `host:port` of the edge's agent listener.
+    pub(crate) addr: String,
+    /// Extra CA certificate (PEM) to trust, for self-signed edges.
+    pub(crate) ca: Option<PathBuf>,
+}
+
+/// Why a connection attempt failed.
+enum Failure {
+    /// Retrying cannot help (bad token, name refused, …).
+    Fatal(anyhow::Error),
+    /// Worth another try after a pause.
+    Retry(anyhow::Error),
+}
+
+fn tls_connector(edge: &EdgeSpec) -> anyhow::Result<TlsConnector> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &edge.ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("cannot read --edge-ca file {}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.with_context(|| format!("{} is not valid PEM", path.display()))?;
+                roots
+                    .add(cert)
+                    .with_context(|| format!("{} holds an unusable certificate", path.display()))?;
+            }
+            anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", path.display());
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for cert in native.certs {
+                let _ = roots.add(cert);
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "no trusted CA certificates found on this system; give --edge-ca FILE"
+            );
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("cannot set up TLS")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+fn server_name(addr: &str) -> anyhow::Result<ServerName<'static>> {
+    let host = match addr.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => addr,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    ServerName::try_from(host.to_owned())
+        .map_err(|_| anyhow::anyhow!("{host:?} is not a valid edge host name"))
+}
+
+/// Runs the tunnels until `shutdown` or a fatal error.
+pub(crate) async fn run(
+    edge: EdgeSpec,
+    token: String,
+    tunnels: Vec<TunnelSpec>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let connector = tls_connector(&edge)?;
+    let name = server_name(&edge.addr)?;
+    let instance = {
+        let b: [u8; 16] = rand::random();
+        b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+    };
+    // Tunnels the edge ended for good are removed from this list and never bound again.
+    let live: Arc<Mutex<Vec<TunnelSpec>>> = Arc::new(Mutex::new(tunnels));
+    let mut delay = BACKOFF_START;
+    let mut attempt_ok_once = false;
+    loop {
+        let specs = live.lock().map(|l| l.clone()).unwrap_or_default();
+        if specs.is_empty() {
+            anyhow::bail!("every tunnel was ended by the edge");
+        }
+        let outcome = connect_once(
+            &edge,
+            &connector,
+            &name,
+            &token,
+            &instance,
+            specs,
+            Arc::clone(&live),
+            &shutdown,
+            attempt_ok_once,
+        )
+        .await;
+        match outcome {
+            Ok(served) => {
+                if shutdown.is_cancelled() {
+                    return Ok(());
+                }
+                if served {
+                    attempt_ok_once = true;
+                    delay = BACKOFF_START;
+                }
+                eprintln!("connection to the edge lost; reconnecting");
+            }
+            Err(Failure::Fatal(e)) => return Err(e),
+            Err(Failure::Retry(e)) => {
+                eprintln!("cannot reach the edge at {}: {e:#}; retrying", edge.addr);
+            }
+        }
+        let jitter = rand::random::<f64>() * 0.5 + 0.5;
+        let pause = delay.mul_f64(jitter);
+        delay = (delay * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// One connection: returns `Ok(true)` when tunnels were served and then the connection ended.
+#[allow(clippy::too_many_arguments)]
+async fn connect_once(
+    edge: &EdgeSpec,
+    connector: &TlsConnector,
+    name: &ServerName<'static>,
+    token: &str,
+    instance: &str,
+    specs: Vec<TunnelSpec>,
+    live: Arc<Mutex<Vec<TunnelSpec>>>,
+    shutdown: &CancellationToken,
+    reconnecting: bool,
+) -> Result<bool, Failure> {
+    let dial = async {
+        let tcp = TcpStream::connect(&edge.addr)
+            .await
+            .with_context(|| format!("cannot connect to {}", edge.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let tls = connector
+            .connect(name.clone(), tcp)
+            .await
+            .context("TLS handshake with the edge failed")?;
+        Ok::<_, anyhow::Error>(tls)
+    };
+    let mut tls = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Err(_) => return Err(Failure::Retry(anyhow::anyhow!("timed out"))),
+        Ok(Err(e)) => {
+            let cert_problem = e.chain().any(|c| c.to_string().contains("certificate"));
+            return Err(if cert_problem {
+                Failure::Fatal(e.context(
+                    "the edge's certificate is not trusted (self-signed edges need --edge-ca FILE)",
+                ))
+            } else {
+                Failure::Retry(e)
+            });
+        }
+        Ok(Ok(t)) => t,
+    };
+    let hello = pb::AgentHello {
+        protocol_version: PROTOCOL_VERSION,
+        token: token.to_owned(),
+        tunnels: specs
+            .iter()
+            .map(|s| pb::TunnelRequest {
+                subdomain: s.subdomain.clone(),
+                local_addr: s.target.authority(),
+                key: s.key.clone(),
+            })
+            .collect(),
+        agent_instance: instance.to_owned(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    write_message(&mut tls, &hello)
+        .await
+        .map_err(|e| Failure::Retry(e.into()))?;
+    let answer: pb::EdgeHello = read_message(&mut tls)
+        .await
+        .map_err(|e| Failure::Retry(e.into()))?;
+    if !answer.error.is_empty() {
+        let err = anyhow::anyhow!("the edge refused the tunnel: {}", answer.error);
+        return Err(match answer.error_code.as_str() {
+            "UNAVAILABLE" | "INTERNAL" => Failure::Retry(err),
+            // Someone may still hold the name in a grace period after our own reconnect.
+            "ALREADY_EXISTS" if reconnecting => Failure::Retry(err),
+            _ => Failure::Fatal(err),
+        });
+    }
+
+    let mut urls = HashMap::new();
+    for b in &answer.tunnels {
+        let local = specs
+            .iter()
+            .find(|s| s.key == b.key)
+            .map(|s| s.target.authority())
+            .unwrap_or_default();
+        urls.insert(b.key.clone(), (local, b.public_urls.clone()));
+    }
+    let printed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let conn_cancel = shutdown.child_token();
+    let ready_urls = urls;
+    let printed2 = Arc::clone(&printed);
+    let team = answer.team.clone();
+    let closed_cancel = conn_cancel.clone();
+    let forwarder = Arc::new(Forwarder {
+        tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
+        client: local_client(),
+        on_ready: Box::new(move || {
+            if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                return;
+            }
+            let mut out = std::io::stdout().lock();
+            let mut keys: Vec<_> = ready_urls.keys().collect();
+            keys.sort();
+            for k in keys {
+                let (local, public) = &ready_urls[k];
+                for u in public {
+                    let _ = writeln!(out, "Forwarding {u} -> {local}");
+                }
+            }
+            if !team.is_empty() {
+                let _ = writeln!(out, "Team {team}; press Ctrl-C to stop");
+            }
+            let _ = out.flush();
+        }),
+        on_closed: Box::new(move |key, reason| {
+            eprintln!("tunnel ended by the edge: {reason}");
+            if let Ok(mut l) = live.lock() {
+                l.retain(|s| s.key != key);
+                if l.is_empty() {
+                    closed_cancel.cancel();
+                }
+            }
+        }),
+    });
+
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_concurrent_streams(MAX_STREAMS)
+        .max_send_buf_size(STREAM_WINDOW as usize)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE);
+    let fw = Arc::clone(&forwarder);
+    let service = service_fn(move |req| {
+        let fw = Arc::clone(&fw);
+        async move { Ok::<_, std::convert::Infallible>(fw.handle(req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    // Drive the connection on its own task (driving it here would slow every round trip).
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let cancel = conn_cancel.clone();
+    tokio::spawn(async move {
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            () = cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
+                }
+            }
+        };
+        let _ = done_tx.send(r);
+    });
+    let result = done_rx.await;
+    let served = printed.load(std::sync::atomic::Ordering::SeqCst);
+    if conn_cancel.is_cancelled() && !shutdown.is_cancelled() {
+        return Err(Failure::Fatal(anyhow::anyhow!(
+            "every tunnel was ended by the edge"
+        )));
+    }
+    if let Ok(Err(e)) = result {
+        tracing::debug!(err = %e, "edge connection ended with an error");
+    }
+    Ok(served)
+}

@@ -1,0 +1,317 @@
+//! Shared helpers of the tunnel tests: an in-process edge on 127.0.0.1:0, the real `burrow`
+//! agent binary, local servers, and a visitor that sends `Host: NAME.localhost:PORT`.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_edge::{Config, ControlConfig, Limits, Listeners, TlsIdentity};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::net::TcpListener;
+use tokio::process::{Child, Command};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+/// Longest an agent may take to print its public URL.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running in-process edge.
+pub struct Edge {
+    pub http: SocketAddr,
+    pub agent: SocketAddr,
+    /// PEM file of the edge's self-signed agent certificate, for `--edge-ca`.
+    pub ca_file: PathBuf,
+    pub shutdown: CancellationToken,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub dir: Arc<tempfile::TempDir>,
+}
+
+impl Edge {
+    /// Stops the edge and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// A self-signed identity for `localhost`.
+pub fn identity() -> TlsIdentity {
+    TlsIdentity::self_signed(&["localhost".to_owned(), "*.localhost".to_owned()]).unwrap()
+}
+
+/// Starts an edge with `control`, binding fresh ports unless `agent_addr` is given (to
+/// restart an edge on the same agent port).
+pub async fn start_edge(
+    control: ControlConfig,
+    identity: TlsIdentity,
+    agent_addr: Option<SocketAddr>,
+    tweak: impl FnOnce(&mut Limits),
+) -> Edge {
+    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = TcpListener::bind(agent_addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
+        .await
+        .unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let agent_addr = agent.local_addr().unwrap();
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let ca_file = dir.path().join("edge-ca.pem");
+    std::fs::write(&ca_file, &identity.cert_pem).unwrap();
+    let mut limits = Limits::default();
+    tweak(&mut limits);
+    let config = Config {
+        name: "test-edge".into(),
+        domain: "localhost".into(),
+        public_url_template: None,
+        agent_addr: None,
+        control,
+        agent_tls: identity.clone(),
+        visitor_tls: None,
+        limits,
+    };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(burrow_edge::run(
+        config,
+        Listeners {
+            http: Some(http),
+            https: None,
+            agent,
+        },
+        shutdown.clone(),
+    ));
+    Edge {
+        http: http_addr,
+        agent: agent_addr,
+        ca_file,
+        shutdown,
+        task,
+        dir,
+    }
+}
+
+/// Agent token used by standalone edges in tests.
+pub const STANDALONE_TOKEN: &str = "brw_agent_test_standalone_secret";
+
+pub async fn standalone_edge() -> Edge {
+    start_edge(
+        ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |_| {},
+    )
+    .await
+}
+
+/// A running `burrow` agent process.
+pub struct Agent {
+    pub child: Child,
+    /// Public URLs printed so far.
+    pub urls: Vec<String>,
+    /// Lines the agent printed on stdout after the URLs.
+    pub stdout: Arc<Mutex<Vec<String>>>,
+    /// Lines the agent printed on stderr.
+    pub stderr: Arc<Mutex<Vec<String>>>,
+    pub ready_rx: tokio::sync::mpsc::Receiver<String>,
+    _home: tempfile::TempDir,
+}
+
+impl Agent {
+    /// The subdomain of the first public URL.
+    pub fn subdomain(&self) -> String {
+        let u = &self.urls[0];
+        let host = u.split("://").nth(1).unwrap();
+        host.split('.').next().unwrap().to_owned()
+    }
+
+    /// Waits for the next "Forwarding" line (after a reconnect).
+    pub async fn next_ready(&mut self, timeout: Duration) -> Option<String> {
+        tokio::time::timeout(timeout, self.ready_rx.recv())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    pub async fn stderr_text(&self) -> String {
+        self.stderr.lock().await.join("\n")
+    }
+}
+
+/// Spawns `burrow <args>` with the token in `BURROW_TOKEN`, without waiting.
+pub fn spawn_agent(edge: &Edge, token: &str, args: &[&str]) -> (Child, tempfile::TempDir) {
+    let home = tempfile::tempdir().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(args)
+        .arg("--edge")
+        .arg(format!("localhost:{}", edge.agent.port()))
+        .arg("--edge-ca")
+        .arg(&edge.ca_file)
+        .env("BURROW_TOKEN", token)
+        .env("BURROW_CONFIG", home.path().join("config.toml"))
+        .env("BURROW_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, home)
+}
+
+/// Starts `burrow <args>` and waits until it prints its public URL(s), or fails with its
+/// stderr.
+pub async fn start_agent(edge: &Edge, token: &str, args: &[&str]) -> Agent {
+    match try_start_agent(edge, token, args).await {
+        Ok(a) => a,
+        Err(e) => panic!("agent did not come up: {e}"),
+    }
+}
+
+/// Like [`start_agent`], but returns the agent's error output (and exit) when it fails.
+pub async fn try_start_agent(edge: &Edge, token: &str, args: &[&str]) -> Result<Agent, String> {
+    let (mut child, home) = spawn_agent(edge, token, args);
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let err_lines = Arc::new(Mutex::new(Vec::new()));
+    let out_lines = Arc::new(Mutex::new(Vec::new()));
+    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel(64);
+    let (exit_tx, mut exit_rx) = tokio::sync::mpsc::channel::<()>(1);
+    {
+        let err_lines = Arc::clone(&err_lines);
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stderr).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                err_lines.lock().await.push(l);
+            }
+            let _ = exit_tx.send(()).await;
+        });
+    }
+    {
+        let out_lines = Arc::clone(&out_lines);
+        tokio::spawn(async move {
+            let mut r = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = r.next_line().await {
+                if let Some(rest) = l.strip_prefix("Forwarding ") {
+                    let url = rest.split(' ').next().unwrap_or("").to_owned();
+                    let _ = ready_tx.send(url).await;
+                }
+                out_lines.lock().await.push(l);
+            }
+        });
+    }
+    let first = tokio::select! {
+        u = ready_rx.recv() => u,
+        _ = exit_rx.recv() => None,
+        _ = tokio::time::sleep(AGENT_READY_TIMEOUT) => None,
+    };
+    let Some(first) = first else {
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        return Err(format!(
+            "exit {status:?}; stderr:\n{}",
+            err_lines.lock().await.join("\n")
+        ));
+    };
+    let mut urls = vec![first];
+    while let Ok(u) = ready_rx.try_recv() {
+        urls.push(u);
+    }
+    Ok(Agent {
+        child,
+        urls,
+        stdout: out_lines,
+        stderr: err_lines,
+        ready_rx,
+        _home: home,
+    })
+}
+
+/// A local HTTP test server: `/hello` says hello, `/echo` streams the request body back,
+/// `/headers` answers the request headers as `name: value` lines, `/status/N` answers N.
+pub async fn local_http_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(local_handler);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+type LocalBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+async fn local_handler(
+    req: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<LocalBody>, std::convert::Infallible> {
+    let full = |s: String| Full::new(Bytes::from(s)).map_err(|n| match n {}).boxed();
+    let path = req.uri().path().to_owned();
+    let resp = if path == "/hello" {
+        hyper::Response::new(full(format!("hello from {} {}", req.method(), req.uri())))
+    } else if path == "/echo" {
+        let mut r = hyper::Response::new(req.into_body().boxed());
+        r.headers_mut()
+            .insert("x-echo", http::HeaderValue::from_static("1"));
+        r
+    } else if path == "/headers" {
+        let mut s = String::new();
+        for (k, v) in req.headers() {
+            s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+        }
+        hyper::Response::new(full(s))
+    } else if let Some(code) = path.strip_prefix("/status/") {
+        let mut r = hyper::Response::new(full(format!("status {code}")));
+        *r.status_mut() = code.parse::<u16>().unwrap().try_into().unwrap();
+        r
+    } else {
+        let mut r = hyper::Response::new(full("not found".into()));
+        *r.status_mut() = http::StatusCode::NOT_FOUND;
+        r
+    };
+    Ok(resp)
+}
+
+/// Sends one request to the edge's HTTP listener as a visitor of `sub`.
+pub async fn visit(
+    edge: &Edge,
+    sub: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> (http::StatusCode, http::HeaderMap, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", format!("{sub}.localhost:{}", edge.http.port()));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(body.into())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .expect("the edge answered in time")
+        .unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, headers, body)
+}

@@ -1,0 +1,388 @@
+//! The agent listener: TLS, the `AgentHello`/`EdgeHello` handshake, binding names, then
+//! reversed-role HTTP/2 (the edge is the client) for as long as the agent stays.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use burrow_proto::tunnel::{
+    read_message, write_message, CONTROL_READY, HEADER_CONTROL, PROTOCOL_VERSION,
+};
+use burrow_proto::v1 as pb;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::AsyncWriteExt as _;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::control::{AgentInfo, ControlError, Grant};
+use crate::registry::{AgentSession, Counters, Route};
+use crate::State;
+
+/// Most attempts at finding a random free name.
+const RANDOM_NAME_ATTEMPTS: usize = 8;
+/// Length of a random subdomain (lower-case letters and digits).
+const RANDOM_NAME_LEN: usize = 10;
+
+/// Accepts agent connections until `shutdown`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(state.config.limits.max_agent_connections));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(err = %e, "cannot accept an agent connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let state = Arc::clone(&state);
+        let acceptor = acceptor.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            if let Err(e) = handle(stream, peer, acceptor, state, shutdown).await {
+                tracing::info!(%peer, err = %format!("{e:#}"), "agent connection ended");
+            }
+        });
+    }
+}
+
+/// A bound tunnel before it is routable.
+struct Bound {
+    key: String,
+    subdomain: String,
+    session_id: String,
+}
+
+async fn handle(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let limits = &state.config.limits;
+    let _ = stream.set_nodelay(true);
+    let mut tls = tokio::time::timeout(limits.agent_handshake_timeout, acceptor.accept(stream))
+        .await
+        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
+    let hello: pb::AgentHello = read_message(&mut tls).await?;
+    let span = tracing::info_span!("agent", %peer, instance = %hello.agent_instance);
+    let _enter = span.enter();
+    drop(_enter);
+
+    let (grant, bound) = match bind(&state, &hello, peer).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::info!(%peer, code = e.code(), err = %e, "agent refused");
+            let answer = pb::EdgeHello {
+                error: e.to_string(),
+                error_code: e.code().to_owned(),
+                edge_name: state.config.name.clone(),
+                ..Default::default()
+            };
+            write_message(&mut tls, &answer).await?;
+            let _ = tls.shutdown().await;
+            return Ok(());
+        }
+    };
+    let answer = pb::EdgeHello {
+        session_id: bound
+            .first()
+            .map(|b| b.session_id.clone())
+            .unwrap_or_default(),
+        tunnels: bound
+            .iter()
+            .map(|b| pb::BoundTunnel {
+                key: b.key.clone(),
+                subdomain: b.subdomain.clone(),
+                public_urls: state.public_urls(&b.subdomain),
+            })
+            .collect(),
+        team: grant.team_name.clone(),
+        edge_name: state.config.name.clone(),
+        limits: grant.limits,
+        ..Default::default()
+    };
+    if let Err(e) = write_message(&mut tls, &answer).await {
+        release(&state, &bound, false).await;
+        return Err(e.into());
+    }
+
+    // === HTTP/2, edge as client ===
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window)
+        .max_frame_size(limits.h2_max_frame_size)
+        .keep_alive_interval(limits.agent_keepalive_interval)
+        .keep_alive_timeout(limits.agent_keepalive_interval)
+        .keep_alive_while_idle(true)
+        .max_send_buf_size(limits.h2_stream_window as usize);
+    let (sender, conn) = match builder.handshake(TokioIo::new(tls)).await {
+        Ok(x) => x,
+        Err(e) => {
+            release(&state, &bound, false).await;
+            return Err(e.into());
+        }
+    };
+    let mut driver = tokio::spawn(conn);
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let agent = Arc::new(AgentSession {
+        id: state.registry.next_agent_id(),
+        token_id: grant.token_id.clone(),
+        cancel: shutdown.child_token(),
+        sender,
+        ready: ready_rx,
+    });
+    let routes: Vec<Arc<Route>> = bound
+        .iter()
+        .map(|b| {
+            Arc::new(Route {
+                subdomain: b.subdomain.clone(),
+                key: b.key.clone(),
+                session_id: b.session_id.clone(),
+                agent: Arc::clone(&agent),
+                counters: Counters::default(),
+            })
+        })
+        .collect();
+    state.registry.add_agent(Arc::clone(&agent));
+    state.registry.insert_routes(&routes);
+    for b in &bound {
+        tracing::info!(%peer, subdomain = %b.subdomain, team = %grant.team_name, "tunnel live");
+    }
+
+    // Tell the agent its tunnels are routable; its answer also proves the agent's SETTINGS
+    // (extended CONNECT) have arrived.
+    let probe = {
+        let mut sender = agent.sender.clone();
+        async move {
+            let req = http::Request::builder()
+                .method(http::Method::POST)
+                .uri("http://burrow.control/")
+                .header(HEADER_CONTROL, CONTROL_READY)
+                .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())?;
+            let resp = sender.send_request(req).await?;
+            anyhow::ensure!(
+                resp.status().is_success(),
+                "the agent answered {} to the ready message",
+                resp.status()
+            );
+            Ok::<_, anyhow::Error>(())
+        }
+    };
+
+    let outcome = tokio::select! {
+        r = &mut driver => Some(r),
+        () = agent.cancel.cancelled() => None,
+        r = tokio::time::timeout(limits.agent_handshake_timeout, probe) => {
+            match r {
+                Ok(Ok(())) => {
+                    let _ = ready_tx.send(true);
+                    tokio::select! {
+                        r = &mut driver => Some(r),
+                        () = agent.cancel.cancelled() => None,
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, err = %format!("{e:#}"), "agent did not acknowledge");
+                    None
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "agent did not acknowledge in time");
+                    None
+                }
+            }
+        }
+    };
+    // A graceful HTTP/2 shutdown by the agent (GOAWAY) is a clean goodbye; anything else
+    // (reset, timeout, edge shutdown) keeps the names held for the grace period.
+    let clean = matches!(outcome, Some(Ok(Ok(()))));
+    if outcome.is_none() {
+        driver.abort();
+    }
+    let grace = if clean {
+        None
+    } else {
+        Some(state.control.offline_grace())
+    };
+    let removed = state.registry.remove_routes_of(agent.id, grace);
+    state.registry.remove_agent(agent.id);
+    let removed: Vec<Bound> = removed
+        .iter()
+        .map(|r| Bound {
+            key: r.key.clone(),
+            subdomain: r.subdomain.clone(),
+            session_id: r.session_id.clone(),
+        })
+        .collect();
+    release(&state, &removed, clean).await;
+    tracing::info!(%peer, clean, "agent disconnected");
+    Ok(())
+}
+
+/// Closes the control-plane sessions of `bound`.
+async fn release(state: &State, bound: &[Bound], clean: bool) {
+    for b in bound {
+        state.control.close_session(&b.session_id, clean).await;
+    }
+}
+
+/// Authorizes the agent and claims each requested name.
+async fn bind(
+    state: &State,
+    hello: &pb::AgentHello,
+    peer: SocketAddr,
+) -> Result<(Grant, Vec<Bound>), ControlError> {
+    if hello.protocol_version != PROTOCOL_VERSION {
+        return Err(ControlError::FailedPrecondition(format!(
+            "this edge speaks tunnel protocol version {PROTOCOL_VERSION}, the agent speaks {}; upgrade burrow",
+            hello.protocol_version
+        )));
+    }
+    if hello.tunnels.is_empty() {
+        return Err(ControlError::InvalidArgument(
+            "the agent asked for no tunnels".to_owned(),
+        ));
+    }
+    let max = state.config.limits.max_tunnels_per_agent;
+    if hello.tunnels.len() > max {
+        return Err(ControlError::FailedPrecondition(format!(
+            "at most {max} tunnels per agent connection"
+        )));
+    }
+    let named: Vec<String> = hello
+        .tunnels
+        .iter()
+        .filter(|t| !t.subdomain.is_empty())
+        .map(|t| t.subdomain.clone())
+        .collect();
+    let grant = state.control.authorize(&hello.token, &named).await?;
+    if let Some(max) = grant
+        .limits
+        .as_ref()
+        .map(|l| l.max_tunnels_per_session as usize)
+        .filter(|m| *m > 0)
+    {
+        if hello.tunnels.len() > max {
+            return Err(ControlError::FailedPrecondition(format!(
+                "your plan allows at most {max} tunnels per agent"
+            )));
+        }
+    }
+    let mut allowed = grant.allowed.iter();
+    let mut bound: Vec<Bound> = Vec::new();
+    for t in &hello.tunnels {
+        let info = AgentInfo {
+            instance: hello.agent_instance.clone(),
+            version: hello.agent_version.clone(),
+            addr: peer.to_string(),
+            local_addr: t.local_addr.clone(),
+        };
+        let result = if t.subdomain.is_empty() {
+            claim_random(state, &grant, &info).await
+        } else {
+            match allowed.next() {
+                Some(name) => state
+                    .control
+                    .open_session(&grant, name, &info)
+                    .await
+                    .map(|id| (name.clone(), id))
+                    .map_err(|e| explain_claim(e, name)),
+                None => Err(ControlError::Internal),
+            }
+        };
+        match result {
+            Ok((subdomain, session_id)) => {
+                if bound.iter().any(|b| b.subdomain == subdomain) {
+                    release(state, &bound, true).await;
+                    return Err(ControlError::InvalidArgument(format!(
+                        "{subdomain} is asked for twice"
+                    )));
+                }
+                bound.push(Bound {
+                    key: t.key.clone(),
+                    subdomain,
+                    session_id,
+                });
+            }
+            Err(e) => {
+                release(state, &bound, true).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((grant, bound))
+}
+
+/// Turns a claim refusal into a sentence naming the subdomain.
+fn explain_claim(e: ControlError, name: &str) -> ControlError {
+    match e {
+        ControlError::AlreadyExists(m) if m.is_empty() => ControlError::AlreadyExists(format!(
+            "{name} is in use by another live tunnel; choose another --subdomain"
+        )),
+        other => other,
+    }
+}
+
+async fn claim_random(
+    state: &State,
+    grant: &Grant,
+    info: &AgentInfo,
+) -> Result<(String, String), ControlError> {
+    // A scope like `demo-*` confines names to that prefix.
+    let prefix = grant
+        .scopes
+        .iter()
+        .find_map(|s| s.strip_suffix('*'))
+        .unwrap_or("")
+        .to_owned();
+    let mut last = None;
+    for _ in 0..RANDOM_NAME_ATTEMPTS {
+        let name = format!("{prefix}{}", random_label(RANDOM_NAME_LEN));
+        if state.registry.is_bound(&name) {
+            continue;
+        }
+        match state.control.open_session(grant, &name, info).await {
+            Ok(id) => return Ok((name, id)),
+            Err(e @ (ControlError::AlreadyExists(_) | ControlError::PermissionDenied(_))) => {
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        ControlError::Unavailable("no free random subdomain found; retrying".to_owned())
+    }))
+}
+
+fn random_label(len: usize) -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    (0..len)
+        .map(|i| {
+            // Start with a letter so the name never looks like a number.
+            let n = if i == 0 { 26 } else { ALPHABET.len() };
+            ALPHABET[rand::random::<usize>() % n] as char
+        })
+        .collect()
+}

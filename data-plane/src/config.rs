@@ -1,0 +1,215 @@
+//! The edge's typed configuration, validated before any socket is bound.
+
+use std::time::Duration;
+
+use secrecy::SecretString;
+
+use crate::tls::TlsIdentity;
+
+/// Everything an edge needs to run. Build it directly in tests; `main` builds it from flags.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Stable name of this edge (shown in `burrow tunnel list`; the control plane keys
+    /// re-registrations by it).
+    pub name: String,
+    /// Domain tunnels live under: visitors reach `<subdomain>.<domain>`.
+    pub domain: String,
+    /// Public visitor URL template with `{sub}` for the subdomain. `None` derives
+    /// `http://{sub}.<domain>:<visitor port>` (and an `https://` one when HTTPS is served).
+    pub public_url_template: Option<String>,
+    /// Where agents should connect, as announced to the control plane (host:port). `None`
+    /// announces the agent listener's bound address.
+    pub agent_addr: Option<String>,
+    /// Who authorizes agents.
+    pub control: ControlConfig,
+    /// Certificate the agent listener presents.
+    pub agent_tls: TlsIdentity,
+    /// Certificate the HTTPS visitor listener presents (required when an HTTPS listener is
+    /// given to [`crate::run`]).
+    pub visitor_tls: Option<TlsIdentity>,
+    /// Every limit and timeout.
+    pub limits: Limits,
+}
+
+/// Who decides which agents may connect and which names they may bind.
+#[derive(Debug, Clone)]
+pub enum ControlConfig {
+    /// The real control plane, reached over gRPC with an edge token.
+    Remote {
+        /// Control-plane URL (`http://127.0.0.1:50051`, `https://api.example.com`).
+        url: String,
+        /// The edge token (`brw_edge_…`).
+        edge_token: SecretString,
+    },
+    /// No control plane: a fixed list of agent tokens, all of one team, any free name
+    /// first-come. For trying Burrow on one machine; nothing is recorded.
+    Standalone {
+        /// Agent tokens that may connect.
+        agent_tokens: Vec<SecretString>,
+    },
+}
+
+/// Limits and timeouts. Each one bounds memory or time an outsider can make the edge spend.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Most visitor connections open at once; the next visitor waits for a free slot.
+    pub max_visitor_connections: usize,
+    /// Most agent connections open at once.
+    pub max_agent_connections: usize,
+    /// Most tunnels one agent connection may bind.
+    pub max_tunnels_per_agent: usize,
+    /// Largest visitor request head (request line + headers), in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most headers in one visitor request; more gets 431.
+    pub max_headers: usize,
+    /// How long a visitor may take to send a complete request head (slowloris defence).
+    pub header_read_timeout: Duration,
+    /// How long the TLS handshake plus the agent's hello may take.
+    pub agent_handshake_timeout: Duration,
+    /// How long the edge waits for the agent's response head to a visitor request.
+    pub upstream_response_timeout: Duration,
+    /// HTTP/2 per-stream flow-control window toward the agent, in bytes.
+    pub h2_stream_window: u32,
+    /// HTTP/2 connection flow-control window toward the agent, in bytes.
+    pub h2_connection_window: u32,
+    /// HTTP/2 largest frame payload, in bytes (16 KiB – 16 MiB).
+    pub h2_max_frame_size: u32,
+    /// Interval of HTTP/2 PINGs on agent connections; a peer silent for this long twice is
+    /// dead.
+    pub agent_keepalive_interval: Duration,
+    /// Size of each relay buffer for upgraded (WebSocket) connections, in bytes.
+    pub relay_buffer_bytes: usize,
+    /// Idle time after which the edge pings a visitor WebSocket at a frame boundary; `None`
+    /// disables keepalive pings.
+    pub ws_ping_interval: Option<Duration>,
+    /// After one direction of a WebSocket ends, how long the other may keep going before the
+    /// edge drops the connection.
+    pub ws_close_timeout: Duration,
+    /// How long a cached `AuthorizeAgent` answer is trusted at most (the control plane's own
+    /// expiry may be shorter).
+    pub authorization_cache_ttl: Duration,
+    /// Most cached `AuthorizeAgent` answers.
+    pub authorization_cache_entries: usize,
+    /// How long a disconnected tunnel shows the "offline" page (503) rather than "unknown"
+    /// (404). The control plane's reconnect grace, when it announces one, wins.
+    pub offline_grace: Duration,
+    /// How long shutdown waits for in-flight connections.
+    pub drain_timeout: Duration,
+    /// Timeout of each call to the control plane.
+    pub control_call_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_visitor_connections: 10_000,
+            max_agent_connections: 1_000,
+            max_tunnels_per_agent: 16,
+            max_header_bytes: 16 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(10),
+            agent_handshake_timeout: Duration::from_secs(10),
+            upstream_response_timeout: Duration::from_secs(120),
+            h2_stream_window: 4 * 1024 * 1024,
+            h2_connection_window: 16 * 1024 * 1024,
+            h2_max_frame_size: 65_536,
+            agent_keepalive_interval: Duration::from_secs(10),
+            relay_buffer_bytes: 64 * 1024,
+            ws_ping_interval: Some(Duration::from_secs(30)),
+            ws_close_timeout: Duration::from_secs(5),
+            authorization_cache_ttl: Duration::from_secs(600),
+            authorization_cache_entries: 10_000,
+            offline_grace: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(10),
+            control_call_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot work, with a sentence saying why.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid edge configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl Config {
+    /// Checks every field; call before binding anything.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError(m.to_owned()));
+        if self.name.trim().is_empty() {
+            return bad("the edge name is empty");
+        }
+        let domain = self.domain.trim_end_matches('.');
+        if domain.is_empty()
+            || !domain.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+        {
+            return bad(&format!("domain {:?} is not a valid DNS name", self.domain));
+        }
+        if let Some(t) = &self.public_url_template {
+            if !t.contains("{sub}") {
+                return bad("the public URL template must contain {sub}");
+            }
+        }
+        match &self.control {
+            ControlConfig::Remote { url, .. } => {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return bad(&format!(
+                        "control-plane URL {url:?} must start with http:// or https://"
+                    ));
+                }
+            }
+            ControlConfig::Standalone { agent_tokens } => {
+                if agent_tokens.is_empty() {
+                    return bad("standalone mode needs at least one agent token");
+                }
+            }
+        }
+        let l = &self.limits;
+        let positive = [
+            (l.max_visitor_connections, "max_visitor_connections"),
+            (l.max_agent_connections, "max_agent_connections"),
+            (l.max_tunnels_per_agent, "max_tunnels_per_agent"),
+            (l.max_headers, "max_headers"),
+            (l.relay_buffer_bytes, "relay_buffer_bytes"),
+            (l.authorization_cache_entries, "authorization_cache_entries"),
+        ];
+        for (v, name) in positive {
+            if v == 0 {
+                return bad(&format!("{name} must be at least 1"));
+            }
+        }
+        if l.max_header_bytes < 8192 {
+            return bad("max_header_bytes must be at least 8192");
+        }
+        if !(16_384..=16_777_215).contains(&l.h2_max_frame_size) {
+            return bad("h2_max_frame_size must be between 16384 and 16777215");
+        }
+        let max_window = (1u32 << 31) - 1;
+        if l.h2_stream_window < 65_535 || l.h2_stream_window > max_window {
+            return bad("h2_stream_window must be between 65535 and 2^31-1");
+        }
+        if l.h2_connection_window < 65_535 || l.h2_connection_window > max_window {
+            return bad("h2_connection_window must be between 65535 and 2^31-1");
+        }
+        let durations = [
+            (l.header_read_timeout, "header_read_timeout"),
+            (l.agent_handshake_timeout, "agent_handshake_timeout"),
+            (l.upstream_response_timeout, "upstream_response_timeout"),
+            (l.agent_keepalive_interval, "agent_keepalive_interval"),
+            (l.ws_close_timeout, "ws_close_timeout"),
+            (l.control_call_timeout, "control_call_timeout"),
+        ];
+        for (d, name) in durations {
+            if d.is_zero() {
+                return bad(&format!("{name} must be longer than zero"));
+            }
+        }
+        if l.ws_ping_interval.is_some_and(|d| d.is_zero()) {
+            return bad("ws_ping_interval must be longer than zero (or disabled)");
+        }
+        Ok(())
+    }
+}

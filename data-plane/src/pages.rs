@@ -1,0 +1,88 @@
+//! Error pages the edge itself answers with. Plain, short, and never a stack trace.
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+
+use crate::registry::UpBody;
+
+/// Escapes text for HTML.
+fn escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '&' => "&amp;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            '\'' => "&#39;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+/// A small HTML page with `status`, a title and one explaining sentence.
+pub(crate) fn page(status: StatusCode, title: &str, sentence: &str) -> Response<UpBody> {
+    let body = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {t}</title></head>\n<body><h1>{t}</h1>\n<p>{s}</p>\n<hr><p><small>burrow edge</small></p></body></html>\n",
+        status = status.as_u16(),
+        t = escape(title),
+        s = escape(sentence),
+    );
+    let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    resp.headers_mut().insert(
+        header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+pub(crate) fn unknown_tunnel(sub: &str, domain: &str) -> Response<UpBody> {
+    page(
+        StatusCode::NOT_FOUND,
+        "Tunnel not found",
+        &format!("There is no tunnel named {sub:?} on {domain}. Check the address, or start one with `burrow http <port> --subdomain {sub}`."),
+    )
+}
+
+pub(crate) fn no_tunnel_host(host: &str, domain: &str) -> Response<UpBody> {
+    page(
+        StatusCode::NOT_FOUND,
+        "Not a tunnel address",
+        &format!("{host:?} is not an address under {domain}; tunnels live at NAME.{domain}."),
+    )
+}
+
+pub(crate) fn tunnel_offline(sub: &str) -> Response<UpBody> {
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Tunnel offline",
+        &format!(
+            "The tunnel {sub:?} is offline: its agent disconnected. It may be back in a moment."
+        ),
+    )
+}
+
+pub(crate) fn agent_timeout(sub: &str) -> Response<UpBody> {
+    page(
+        StatusCode::GATEWAY_TIMEOUT,
+        "Tunnel timed out",
+        &format!("The agent of tunnel {sub:?} did not answer in time."),
+    )
+}
+
+pub(crate) fn local_failure(sub: &str, reason: &str) -> Response<UpBody> {
+    page(
+        StatusCode::BAD_GATEWAY,
+        "Local server unreachable",
+        &format!("The tunnel {sub:?} is online, but its local server failed: {reason}."),
+    )
+}
+
+pub(crate) fn bad_request(sentence: &str) -> Response<UpBody> {
+    page(StatusCode::BAD_REQUEST, "Bad request", sentence)
+}

@@ -1,0 +1,475 @@
+//! The visitor listener: parses HTTP/1.1 with hyper, routes by `Host`, and forwards each
+//! request as one HTTP/2 stream to the agent that holds the tunnel.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burrow_proto::tunnel::{
+    HEADER_AGENT_ERROR, HEADER_PEER, HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
+};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::registry::{Route, UpBody};
+use crate::relay::{relay, RelayOptions};
+use crate::{pages, State};
+
+/// How long a WebSocket upgrade waits for the agent's HTTP/2 settings on a brand-new agent
+/// connection.
+const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// Accepts visitor connections until `shutdown`. `tls` makes it the HTTPS listener.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(state.config.limits.max_visitor_connections));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(err = %e, "cannot accept a visitor connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let state = Arc::clone(&state);
+        let shutdown = shutdown.clone();
+        let tls = tls.clone();
+        let t2 = tracker.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            state
+                .registry
+                .visitor_connections
+                .fetch_add(1, Ordering::Relaxed);
+            match tls {
+                None => serve_connection(stream, peer, scheme, state.clone(), shutdown, t2).await,
+                Some(acceptor) => {
+                    let timeout = state.config.limits.header_read_timeout;
+                    match tokio::time::timeout(timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => {
+                            serve_connection(s, peer, scheme, state.clone(), shutdown, t2).await
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, err = %e, "visitor TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "visitor TLS handshake timed out"),
+                    }
+                }
+            }
+            state
+                .registry
+                .visitor_connections
+                .fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn serve_connection<I>(
+    io: I,
+    peer: SocketAddr,
+    scheme: &'static str,
+    state: Arc<State>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = &state.config.limits;
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .max_headers(limits.max_headers)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes.max(8192) * 4)
+        .header_read_timeout(limits.header_read_timeout);
+    let svc_state = Arc::clone(&state);
+    let svc = service_fn(move |req| {
+        let state = Arc::clone(&svc_state);
+        let tracker = tracker.clone();
+        async move { Ok::<_, Infallible>(handle(req, peer, scheme, state, tracker).await) }
+    });
+    let conn = builder
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, err = %e, "visitor connection ended with an error");
+            }
+        }
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(state.config.limits.drain_timeout, conn).await;
+        }
+    }
+}
+
+/// The tunnel name in `host` (`Chat.Example.com:8080` → `chat`), if it is one label directly
+/// under `domain`. Case-insensitive; the port is ignored.
+pub(crate) fn subdomain_of(host: &str, domain: &str) -> Option<String> {
+    let host = host.trim().to_ascii_lowercase();
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_owned(),
+        _ => host,
+    };
+    let host = host.trim_end_matches('.');
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let sub = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    if sub.is_empty() || sub.contains('.') {
+        return None;
+    }
+    Some(sub.to_owned())
+}
+
+/// Whether the request asks for a protocol upgrade (RFC 9110 §7.8).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
+    let wants = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !wants {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().to_owned())
+        .filter(|v| !v.is_empty())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection` header names, plus
+/// `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        header::CONNECTION,
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+/// Removes every `burrow-*` header: only the edge and agent may set those.
+fn strip_internal(headers: &mut HeaderMap) {
+    let internal: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| k.as_str().starts_with("burrow-"))
+        .cloned()
+        .collect();
+    for k in internal {
+        headers.remove(k);
+    }
+}
+
+async fn handle(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    scheme: &'static str,
+    state: Arc<State>,
+    tracker: TaskTracker,
+) -> Response<UpBody> {
+    let started = Instant::now();
+    let domain = &state.config.domain;
+    // RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    let Some(host) = host else {
+        return pages::bad_request("The request has no Host header.");
+    };
+    let Some(sub) = subdomain_of(&host, domain) else {
+        return pages::no_tunnel_host(&host, domain);
+    };
+    let Some(route) = state.registry.route(&sub) else {
+        if state.registry.is_offline(&sub) {
+            return pages::tunnel_offline(&sub);
+        }
+        return pages::unknown_tunnel(&sub, domain);
+    };
+
+    let upgrade = upgrade_protocol(req.headers());
+    if upgrade.is_some() {
+        let has_body = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || req.headers().contains_key(header::TRANSFER_ENCODING);
+        if has_body {
+            return pages::bad_request("An upgrade request must not carry a body.");
+        }
+    }
+    let visitor_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".to_owned());
+    let mut headers = parts.headers;
+    strip_hop_by_hop(&mut headers);
+    strip_internal(&mut headers);
+    for h in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
+        headers.remove(h);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        headers.insert("x-forwarded-host", v.clone());
+        headers.insert(header::HOST, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&route.key) {
+        headers.insert(HEADER_TUNNEL, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert(HEADER_PEER, v);
+    }
+    let authority = format!("{sub}.{domain}");
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(authority.as_str())
+        .path_and_query(path.as_str())
+        .build();
+    let Ok(uri) = uri else {
+        return pages::bad_request("The request target is not valid.");
+    };
+    let mut up = Request::new(match upgrade {
+        Some(_) => Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
+        None => body.boxed(),
+    });
+    *up.uri_mut() = uri;
+    *up.headers_mut() = headers;
+    if let Some(proto) = &upgrade {
+        *up.method_mut() = http::Method::CONNECT;
+        if let Ok(v) = HeaderValue::from_str(proto) {
+            up.headers_mut().insert(HEADER_UPGRADE, v);
+        }
+        let token = proto
+            .split(',')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        up.extensions_mut()
+            .insert(hyper::ext::Protocol::from(token.as_str()));
+    } else {
+        *up.method_mut() = method.clone();
+    }
+
+    let counters = &route.counters;
+    counters.connections_total.fetch_add(1, Ordering::Relaxed);
+    counters.connections_open.fetch_add(1, Ordering::Relaxed);
+    let resp = forward(&route, up, upgrade.is_some(), &state).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(page) => {
+            counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+            return *page;
+        }
+    };
+    let mut resp = resp;
+    if let Some(reason) = resp.headers().get(HEADER_AGENT_ERROR) {
+        counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+        let reason = reason.to_str().unwrap_or("unknown error").to_owned();
+        return pages::local_failure(&sub, &reason);
+    }
+
+    let switching = upgrade.is_some()
+        && resp.status().is_success()
+        && resp
+            .headers()
+            .get(HEADER_STATUS)
+            .is_some_and(|v| v.as_bytes() == b"101");
+    if let (true, Some(visitor_upgrade)) = (switching, visitor_upgrade) {
+        let agent_upgrade = hyper::upgrade::on(&mut resp);
+        let proto = resp.headers().get(HEADER_UPGRADE).cloned().or_else(|| {
+            upgrade
+                .as_deref()
+                .and_then(|u| HeaderValue::from_str(u).ok())
+        });
+        let mut out = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+        *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let mut h = std::mem::take(resp.headers_mut());
+        strip_hop_by_hop(&mut h);
+        strip_internal(&mut h);
+        h.remove(header::CONTENT_LENGTH);
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = proto {
+            h.insert(header::UPGRADE, p);
+        }
+        *out.headers_mut() = h;
+        let opts = RelayOptions {
+            buffer: state.config.limits.relay_buffer_bytes,
+            ping_interval: state.config.limits.ws_ping_interval,
+            close_timeout: state.config.limits.ws_close_timeout,
+        };
+        let route = Arc::clone(&route);
+        tracker.spawn(async move {
+            let (v, a) = match tokio::join!(visitor_upgrade, agent_upgrade) {
+                (Ok(v), Ok(a)) => (v, a),
+                (v, a) => {
+                    tracing::debug!(
+                        visitor_ok = v.is_ok(),
+                        agent_ok = a.is_ok(),
+                        "upgrade failed"
+                    );
+                    route
+                        .counters
+                        .connections_open
+                        .fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            };
+            let report = relay(TokioIo::new(v), TokioIo::new(a), opts).await;
+            let c = &route.counters;
+            c.connections_open.fetch_sub(1, Ordering::Relaxed);
+            c.bytes_in
+                .fetch_add(report.to_local.bytes, Ordering::Relaxed);
+            c.bytes_out
+                .fetch_add(report.to_visitor.bytes, Ordering::Relaxed);
+            c.websocket_messages.fetch_add(
+                report.to_local.messages + report.to_visitor.messages,
+                Ordering::Relaxed,
+            );
+            tracing::debug!(
+                subdomain = %route.subdomain,
+                %peer,
+                messages_in = report.to_local.messages,
+                messages_out = report.to_visitor.messages,
+                close = ?report.to_visitor.close_code.or(report.to_local.close_code),
+                "websocket closed"
+            );
+        });
+        tracing::debug!(subdomain = %sub, %peer, %method, path, "websocket open");
+        return out;
+    }
+
+    counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    strip_internal(&mut parts.headers);
+    tracing::debug!(
+        subdomain = %sub,
+        %peer,
+        %method,
+        path,
+        status = parts.status.as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Sends `up` to the route's agent; an `Err` is the page to show instead.
+async fn forward(
+    route: &Route,
+    up: Request<UpBody>,
+    upgrade: bool,
+    state: &State,
+) -> Result<Response<Incoming>, Box<Response<UpBody>>> {
+    let agent = &route.agent;
+    let mut sender = agent.sender.clone();
+    if upgrade && !*agent.ready.borrow() {
+        let mut ready = agent.ready.clone();
+        let _ = tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await;
+    }
+    let timeout = state.config.limits.upstream_response_timeout;
+    match tokio::time::timeout(timeout, sender.send_request(up)).await {
+        Err(_) => Err(Box::new(pages::agent_timeout(&route.subdomain))),
+        Ok(Err(e)) => {
+            tracing::info!(subdomain = %route.subdomain, err = %e, "cannot reach the agent");
+            Err(Box::new(pages::tunnel_offline(&route.subdomain)))
+        }
+        Ok(Ok(r)) => Ok(r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_subdomain_is_found_case_insensitively_and_without_the_port() {
+        assert_eq!(
+            subdomain_of("Chat.Localhost:8080", "localhost").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(
+            subdomain_of("chat.example.com.", "example.com").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(subdomain_of("example.com", "example.com"), None);
+        assert_eq!(subdomain_of("a.b.example.com", "example.com"), None);
+        assert_eq!(subdomain_of("chatexample.com", "example.com"), None);
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-private"),
+        );
+        h.insert("x-private", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-end-to-end"));
+    }
+}

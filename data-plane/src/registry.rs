@@ -1,0 +1,282 @@
+//! Live state of the edge: agent sessions and the route table (subdomain → tunnel).
+//!
+//! Teardown is by ownership: an agent session owns a child [`CancellationToken`]; cancelling it
+//! ends the agent's connection task, which removes the session's routes.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use burrow_proto::tunnel::{CONTROL_CLOSED, HEADER_CONTROL, HEADER_REASON, HEADER_TUNNEL};
+use burrow_proto::v1 as pb;
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::http2::SendRequest;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Body type of requests the edge sends to agents.
+pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
+
+/// Most names remembered as "recently offline"; older ones are forgotten first.
+const MAX_OFFLINE_NAMES: usize = 100_000;
+
+/// Checks and case-folds one subdomain label (RFC 1035 label, lower case).
+pub(crate) fn normalize_subdomain(s: &str) -> Result<String, String> {
+    let l = s.to_ascii_lowercase();
+    let ok = !l.is_empty()
+        && l.len() <= 63
+        && l.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !l.starts_with('-')
+        && !l.ends_with('-');
+    if ok {
+        Ok(l)
+    } else {
+        Err(format!(
+            "{s:?} is not a valid subdomain: use 1-63 letters, digits or hyphens, not starting or ending with a hyphen"
+        ))
+    }
+}
+
+/// Live counters of one tunnel.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connections_total: AtomicU64,
+    pub(crate) connections_open: AtomicU64,
+    pub(crate) bytes_in: AtomicU64,
+    pub(crate) bytes_out: AtomicU64,
+    pub(crate) websocket_messages: AtomicU64,
+}
+
+/// One agent connection.
+pub(crate) struct AgentSession {
+    /// Edge-local id.
+    pub(crate) id: u64,
+    pub(crate) token_id: String,
+    /// Cancelled to end the agent connection.
+    pub(crate) cancel: CancellationToken,
+    /// Opens streams to the agent.
+    pub(crate) sender: SendRequest<UpBody>,
+    /// Becomes true once the agent has acknowledged its settings (extended CONNECT usable).
+    pub(crate) ready: watch::Receiver<bool>,
+}
+
+/// One bound tunnel.
+pub(crate) struct Route {
+    pub(crate) subdomain: String,
+    /// The agent's key for this tunnel, echoed in `burrow-tunnel`.
+    pub(crate) key: String,
+    /// Control-plane session id.
+    pub(crate) session_id: String,
+    pub(crate) agent: Arc<AgentSession>,
+    pub(crate) counters: Counters,
+}
+
+/// Totals for the heartbeat.
+pub(crate) struct Counts {
+    pub(crate) agent_sessions: u32,
+    pub(crate) tunnels: u32,
+    pub(crate) visitor_connections: u64,
+}
+
+/// The edge's live state.
+#[derive(Default)]
+pub(crate) struct Registry {
+    routes: RwLock<HashMap<String, Arc<Route>>>,
+    /// Names whose tunnel vanished recently, with when to forget them.
+    offline: Mutex<HashMap<String, Instant>>,
+    agents: Mutex<HashMap<u64, Arc<AgentSession>>>,
+    next_agent_id: AtomicU64,
+    /// Open visitor connections.
+    pub(crate) visitor_connections: AtomicU64,
+}
+
+impl Registry {
+    pub(crate) fn next_agent_id(&self) -> u64 {
+        self.next_agent_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The route for `subdomain`, if live.
+    pub(crate) fn route(&self, subdomain: &str) -> Option<Arc<Route>> {
+        self.routes.read().ok()?.get(subdomain).cloned()
+    }
+
+    /// Whether `subdomain` had a tunnel that vanished within the grace period.
+    pub(crate) fn is_offline(&self, subdomain: &str) -> bool {
+        self.offline
+            .lock()
+            .ok()
+            .and_then(|m| m.get(subdomain).copied())
+            .is_some_and(|until| until > Instant::now())
+    }
+
+    /// Whether a name is bound on this edge right now.
+    pub(crate) fn is_bound(&self, subdomain: &str) -> bool {
+        self.route(subdomain).is_some()
+    }
+
+    pub(crate) fn add_agent(&self, agent: Arc<AgentSession>) {
+        if let Ok(mut a) = self.agents.lock() {
+            a.insert(agent.id, agent);
+        }
+    }
+
+    pub(crate) fn remove_agent(&self, id: u64) {
+        if let Ok(mut a) = self.agents.lock() {
+            a.remove(&id);
+        }
+    }
+
+    /// Installs routes, replacing any older route of the same name (a reconnecting agent
+    /// takes its names over at once).
+    pub(crate) fn insert_routes(&self, routes: &[Arc<Route>]) {
+        if let Ok(mut table) = self.routes.write() {
+            for r in routes {
+                table.insert(r.subdomain.clone(), Arc::clone(r));
+            }
+        }
+        if let Ok(mut off) = self.offline.lock() {
+            for r in routes {
+                off.remove(&r.subdomain);
+            }
+        }
+    }
+
+    /// Removes the routes of agent `agent_id` that are still its own; marks them offline for
+    /// `grace` when given. Returns the removed routes.
+    pub(crate) fn remove_routes_of(
+        &self,
+        agent_id: u64,
+        grace: Option<Duration>,
+    ) -> Vec<Arc<Route>> {
+        let mut removed = Vec::new();
+        if let Ok(mut table) = self.routes.write() {
+            table.retain(|_, r| {
+                if r.agent.id == agent_id {
+                    removed.push(Arc::clone(r));
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if let (Some(grace), Ok(mut off)) = (grace, self.offline.lock()) {
+            let now = Instant::now();
+            if off.len() >= MAX_OFFLINE_NAMES {
+                off.retain(|_, until| *until > now);
+            }
+            if off.len() < MAX_OFFLINE_NAMES {
+                for r in &removed {
+                    off.insert(r.subdomain.clone(), now + grace);
+                }
+            }
+        }
+        removed
+    }
+
+    /// Ends the tunnel recorded as `session_id`: tells its agent why, then unroutes it.
+    pub(crate) async fn end_tunnel(&self, session_id: &str, reason: &str) {
+        let route = self
+            .routes
+            .read()
+            .ok()
+            .and_then(|t| t.values().find(|r| r.session_id == session_id).cloned());
+        let Some(route) = route else { return };
+        if let Ok(mut table) = self.routes.write() {
+            if table
+                .get(&route.subdomain)
+                .is_some_and(|r| Arc::ptr_eq(r, &route))
+            {
+                table.remove(&route.subdomain);
+            }
+        }
+        tell_closed(&route, reason).await;
+        tracing::info!(subdomain = %route.subdomain, reason, "tunnel ended");
+        let agent_has_more = self
+            .routes
+            .read()
+            .map(|t| t.values().any(|r| r.agent.id == route.agent.id))
+            .unwrap_or(false);
+        if !agent_has_more {
+            route.agent.cancel.cancel();
+        }
+    }
+
+    /// Ends every agent connection that authenticated with `token_id`.
+    pub(crate) async fn end_token(&self, token_id: &str, reason: &str) {
+        let routes: Vec<Arc<Route>> = self
+            .routes
+            .read()
+            .map(|t| {
+                t.values()
+                    .filter(|r| r.agent.token_id == token_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for r in &routes {
+            tell_closed(r, reason).await;
+        }
+        let agents: Vec<Arc<AgentSession>> = self
+            .agents
+            .lock()
+            .map(|a| {
+                a.values()
+                    .filter(|s| s.token_id == token_id)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for a in agents {
+            tracing::info!(reason, "ending agent connection");
+            a.cancel.cancel();
+        }
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            agent_sessions: self.agents.lock().map(|a| a.len()).unwrap_or(0) as u32,
+            tunnels: self.routes.read().map(|t| t.len()).unwrap_or(0) as u32,
+            visitor_connections: self.visitor_connections.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Counters of every live tunnel, for `ReportTunnelStats`.
+    pub(crate) fn stats(&self) -> Vec<pb::TunnelStats> {
+        let Ok(t) = self.routes.read() else {
+            return Vec::new();
+        };
+        t.values()
+            .filter(|r| !r.session_id.starts_with("local-"))
+            .map(|r| pb::TunnelStats {
+                session_id: r.session_id.clone(),
+                connections_total: r.counters.connections_total.load(Ordering::Relaxed),
+                connections_open: r.counters.connections_open.load(Ordering::Relaxed),
+                bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
+                bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
+                websocket_messages: r.counters.websocket_messages.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// Sends the agent a `closed` control message for `route` (best effort, bounded in time).
+async fn tell_closed(route: &Route, reason: &str) {
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("http://burrow.control/")
+        .header(HEADER_CONTROL, CONTROL_CLOSED)
+        .header(HEADER_TUNNEL, route.key.as_str())
+        .header(
+            HEADER_REASON,
+            http::HeaderValue::from_str(reason)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("ended")),
+        )
+        .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+    let Ok(req) = req else { return };
+    let mut sender = route.agent.sender.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+}

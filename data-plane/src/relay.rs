@@ -1,0 +1,149 @@
+//! Relaying an upgraded (WebSocket) connection between a visitor and an agent stream.
+//!
+//! Bytes pass unchanged in both directions. A [`FrameObserver`] follows each direction so the
+//! edge knows frame boundaries: when one side vanishes without a close frame, the other side
+//! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
+//! never inside a frame. The same boundary lets the edge ping an idle visitor.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::frame::{
+    client_close_frame, server_close_frame, FrameObserver, FrameStats, SERVER_PING_FRAME,
+};
+
+/// Close code for "going away" (RFC 6455 §7.4.1).
+pub const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for "internal error" (RFC 6455 §7.4.1).
+pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+
+/// How a pump ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    /// The source reached end of stream.
+    Eof,
+    /// Reading the source failed.
+    ReadError,
+    /// Writing the destination failed.
+    WriteError,
+}
+
+/// What went through one relayed connection.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RelayReport {
+    /// Visitor → local server.
+    pub to_local: FrameStats,
+    /// Local server → visitor.
+    pub to_visitor: FrameStats,
+}
+
+/// Options of one relay.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayOptions {
+    pub buffer: usize,
+    pub ping_interval: Option<Duration>,
+    pub close_timeout: Duration,
+}
+
+/// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
+/// outlived `close_timeout`).
+pub async fn relay<V, A>(visitor: V, agent: A, opts: RelayOptions) -> RelayReport
+where
+    V: AsyncRead + AsyncWrite + Send + 'static,
+    A: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (vr, vw) = tokio::io::split(visitor);
+    let (ar, aw) = tokio::io::split(agent);
+    let up = pump(vr, aw, Direction::ToLocal, opts);
+    let down = pump(ar, vw, Direction::ToVisitor, opts);
+    tokio::pin!(up, down);
+    let (to_local, to_visitor) = tokio::select! {
+        u = &mut up => {
+            let d = tokio::time::timeout(opts.close_timeout, &mut down).await;
+            (u, d.unwrap_or_default())
+        }
+        d = &mut down => {
+            let u = tokio::time::timeout(opts.close_timeout, &mut up).await;
+            (u.unwrap_or_default(), d)
+        }
+    };
+    RelayReport {
+        to_local,
+        to_visitor,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// Visitor → local server: frames are masked (client to server).
+    ToLocal,
+    /// Local server → visitor: frames are unmasked.
+    ToVisitor,
+}
+
+async fn pump<R, W>(mut src: R, mut dst: W, dir: Direction, opts: RelayOptions) -> FrameStats
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; opts.buffer];
+    let mut observer = FrameObserver::new();
+    let ping = if dir == Direction::ToVisitor {
+        opts.ping_interval
+    } else {
+        None
+    };
+    let idle = tokio::time::sleep(ping.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(idle);
+    let end = loop {
+        let read = tokio::select! {
+            r = src.read(&mut buf) => r,
+            () = &mut idle, if ping.is_some() => {
+                // Keepalive toward the visitor, only between frames.
+                if observer.at_boundary()
+                    && !observer.stats().closed
+                    && (dst.write_all(&SERVER_PING_FRAME).await.is_err()
+                        || dst.flush().await.is_err())
+                {
+                    break End::WriteError;
+                }
+                if let Some(p) = ping {
+                    idle.as_mut().reset(tokio::time::Instant::now() + p);
+                }
+                continue;
+            }
+        };
+        match read {
+            Ok(0) => break End::Eof,
+            Ok(n) => {
+                observer.observe(&buf[..n]);
+                if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
+                    break End::WriteError;
+                }
+                if let Some(p) = ping {
+                    idle.as_mut().reset(tokio::time::Instant::now() + p);
+                }
+            }
+            Err(_) => break End::ReadError,
+        }
+    };
+    // The source vanished without a close frame: tell the destination, if we can do so
+    // without cutting a frame in half.
+    if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
+        let code = if end == End::Eof {
+            CLOSE_GOING_AWAY
+        } else {
+            CLOSE_INTERNAL_ERROR
+        };
+        let _ = match dir {
+            Direction::ToVisitor => dst.write_all(&server_close_frame(code)).await,
+            Direction::ToLocal => {
+                dst.write_all(&client_close_frame(code, rand::random()))
+                    .await
+            }
+        };
+    }
+    let _ = dst.shutdown().await;
+    observer.stats()
+}

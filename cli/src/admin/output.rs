@@ -158,6 +158,7 @@ pub(crate) fn bytes(n: u64) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
 

@@ -24,7 +24,7 @@ pub(crate) enum ReservationCommand {
     /// Reserve a subdomain for a team: only its agents may bind it (owners and admins).
     #[command(after_help = "Examples:
   burrow reservation create chat --team web
-  burrow reservation create Docs --team web      # names are case-folded: `docs`")]
+  burrow reservation create Chat --team web      # names are case-folded: `chat`")]
     Create {
         /// One DNS label: 1–63 of a-z, 0-9 and '-', no leading or trailing hyphen.
         subdomain: String,

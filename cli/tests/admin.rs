@@ -1,0 +1,836 @@
+//! The admin side of the `burrow` binary, run as a real process against a real control plane
+//! served in-process on `127.0.0.1:0`, with a fresh PostgreSQL database per test.
+//!
+//! Each run gets its own `HOME` and `BURROW_CONFIG` in a temporary directory, and the
+//! `BURROW_*` variables of the surrounding environment are removed, so nothing leaks in from
+//! the machine running the tests.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use sqlx::PgPool;
+use tokio::io::AsyncWriteExt as _;
+use tokio_util::sync::CancellationToken;
+
+/// Longest one `burrow` run may take before the test fails instead of hanging.
+const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How fast an unreachable API must be reported.
+const UNREACHABLE_REPORTED_WITHIN: Duration = Duration::from_secs(6);
+
+const ADMIN_EMAIL: &str = "admin@example.com";
+const ALICE_EMAIL: &str = "alice@example.com";
+const ALICE_PASSWORD: &str = "correct horse battery staple";
+
+/// A control plane on an ephemeral port and a private home for the `burrow` runs.
+struct App {
+    api: String,
+    admin_token: String,
+    home: tempfile::TempDir,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// The result of one `burrow` run.
+#[derive(Debug)]
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn ok(&self) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "burrow failed\nstdout: {}\nstderr: {}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    /// Asserts a failure reported as exactly one line on stderr, and returns that line.
+    fn failed_with_one_line(&self) -> &str {
+        assert_ne!(self.code, Some(0), "burrow succeeded: {}", self.stdout);
+        assert!(self.code.is_some(), "burrow was killed by a signal");
+        let line = self.stderr.trim_end();
+        assert_eq!(
+            line.lines().count(),
+            1,
+            "expected one line on stderr, got: {:?}",
+            self.stderr
+        );
+        line
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+/// One `burrow` invocation being set up.
+struct Burrow<'a> {
+    app: &'a App,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    stdin: Option<String>,
+}
+
+impl Burrow<'_> {
+    fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Runs as the platform admin (token from `BURROW_TOKEN`).
+    fn by_admin(self) -> Self {
+        let token = self.app.admin_token.clone();
+        self.env("BURROW_TOKEN", &token)
+    }
+
+    fn stdin(mut self, text: &str) -> Self {
+        self.stdin = Some(text.to_owned());
+        self
+    }
+
+    async fn run(self) -> Run {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"));
+        cmd.args(&self.args)
+            .env_remove("BURROW_TOKEN")
+            .env_remove("BURROW_API")
+            .env_remove("BURROW_CA_CERT")
+            .env_remove("BURROW_TIMEOUT")
+            .env_remove("XDG_CONFIG_HOME")
+            .env("HOME", self.app.home.path())
+            .env("BURROW_CONFIG", self.app.config_path())
+            .stdin(if self.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn burrow");
+        if let Some(text) = self.stdin {
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(text.as_bytes()).await.expect("write stdin");
+            drop(stdin);
+        }
+        let out = tokio::time::timeout(RUN_TIMEOUT, child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("burrow {:?} did not finish in time", self.args))
+            .expect("wait for burrow");
+        Run {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+impl App {
+    fn config_path(&self) -> PathBuf {
+        self.home.path().join("burrow-config.toml")
+    }
+
+    /// `burrow ARGS… --api <this control plane>`.
+    fn burrow(&self, args: &[&str]) -> Burrow<'_> {
+        let mut args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        args.push("--api".into());
+        args.push(self.api.clone());
+        Burrow {
+            app: self,
+            args,
+            env: Vec::new(),
+            stdin: None,
+        }
+    }
+
+    /// `burrow ARGS…` with no `--api`: the address must come from the config file.
+    fn burrow_bare(&self, args: &[&str]) -> Burrow<'_> {
+        Burrow {
+            app: self,
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Vec::new(),
+            stdin: None,
+        }
+    }
+
+    /// Creates Alice (with a password) through the CLI, as the admin.
+    async fn create_alice(&self) {
+        self.burrow(&["account", "create", ALICE_EMAIL, "--password-stdin"])
+            .by_admin()
+            .stdin(&format!("{ALICE_PASSWORD}\n"))
+            .run()
+            .await
+            .ok();
+    }
+
+    /// Logs Alice in, which saves the API address and her token in the config file.
+    async fn login_alice(&self) -> Run {
+        self.burrow(&["login", "--email", ALICE_EMAIL, "--password-stdin"])
+            .stdin(&format!("{ALICE_PASSWORD}\n"))
+            .run()
+            .await
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(15), self.server).await;
+    }
+}
+
+/// Starts the control plane on `127.0.0.1:0` over `pool` and bootstraps a platform admin.
+async fn spawn_app(pool: PgPool) -> App {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let admin_token = burrow_control::bootstrap_admin(&pool, ADMIN_EMAIL)
+        .await
+        .expect("bootstrap");
+    let shutdown = CancellationToken::new();
+    let config = burrow_control::Config {
+        shutdown_grace: Duration::from_secs(2),
+        ..burrow_control::Config::default()
+    };
+    let server = tokio::spawn(burrow_control::run(
+        config,
+        pool,
+        listener,
+        shutdown.clone(),
+    ));
+    App {
+        api: format!("http://{addr}"),
+        admin_token,
+        home: tempfile::tempdir().expect("tempdir"),
+        shutdown,
+        server,
+    }
+}
+
+// === login, config file, logout ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn login_writes_a_0600_config_file_that_later_commands_use(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+
+    let login = app.login_alice().await;
+    login.ok();
+    assert!(login.stdout.contains(ALICE_EMAIL), "{}", login.stdout);
+
+    let path = app.config_path();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&path)
+            .expect("config")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "config file mode");
+    }
+    let text = std::fs::read_to_string(&path).expect("read config");
+    let saved: toml::Value = toml::from_str(&text).expect("config is TOML");
+    assert_eq!(saved["api"].as_str(), Some(app.api.as_str()));
+    let token = saved["token"].as_str().expect("token saved");
+    assert!(token.starts_with("brw_api_"), "saved token kind");
+    assert!(
+        !login.stdout.contains(token) && !login.stderr.contains(token),
+        "login must not print the token"
+    );
+
+    // No --api and no BURROW_TOKEN: both come from the config file.
+    let who = app.burrow_bare(&["whoami", "--output", "json"]).run().await;
+    who.ok();
+    let who = who.json();
+    assert_eq!(who["account"]["email"], ALICE_EMAIL);
+    assert_eq!(who["api"], app.api.as_str());
+    assert_eq!(who["token_source"], "config file");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn login_with_a_wrong_password_fails_with_one_line_and_saves_nothing(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    let run = app
+        .burrow(&["login", "--email", ALICE_EMAIL, "--password-stdin"])
+        .stdin("not the password\n")
+        .run()
+        .await;
+    let line = run.failed_with_one_line();
+    assert!(line.contains("wrong email or password"), "{line}");
+    assert!(!app.config_path().exists(), "a failed login wrote a config");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn login_with_a_token_file_saves_the_bootstrap_token(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let token_file = app.home.path().join("admin.token");
+    std::fs::write(&token_file, format!("{}\n", app.admin_token)).expect("write token");
+    let token_file = token_file.to_str().expect("utf-8 path");
+    app.burrow(&["login", "--token-file", token_file])
+        .run()
+        .await
+        .ok();
+    let who = app.burrow_bare(&["whoami", "-o", "json"]).run().await;
+    who.ok();
+    assert_eq!(who.json()["account"]["platform_admin"], true);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn logout_revokes_the_saved_token(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    app.login_alice().await.ok();
+    let text = std::fs::read_to_string(app.config_path()).expect("config");
+    let saved: toml::Value = toml::from_str(&text).expect("toml");
+    let token = saved["token"].as_str().expect("token").to_owned();
+
+    let out = app.burrow_bare(&["logout"]).run().await;
+    out.ok();
+    assert!(out.stdout.contains("revoked"), "{}", out.stdout);
+    let text = std::fs::read_to_string(app.config_path()).expect("config");
+    assert!(
+        !text.contains(&token),
+        "the token stayed in the config file"
+    );
+
+    let refused = app
+        .burrow(&["whoami"])
+        .env("BURROW_TOKEN", &token)
+        .run()
+        .await;
+    let line = refused.failed_with_one_line();
+    assert!(line.contains("not logged in or token invalid"), "{line}");
+    app.stop().await;
+}
+
+// === the admin walk-through ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn an_admin_creates_a_team_member_reservation_and_agent_token_then_revokes_it(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+
+    let team = app
+        .burrow(&["team", "create", "web", "--display-name", "Web team"])
+        .by_admin()
+        .run()
+        .await;
+    team.ok();
+    assert!(team.stdout.contains("web"), "{}", team.stdout);
+
+    app.burrow(&["team", "add-member", "web", ALICE_EMAIL, "--role", "admin"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let members = app
+        .burrow(&["team", "get", "web", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    members.ok();
+    let members = members.json();
+    let alice = members["members"]
+        .as_array()
+        .expect("members")
+        .iter()
+        .find(|m| m["email"] == ALICE_EMAIL)
+        .expect("alice is a member");
+    assert_eq!(alice["role"], "admin");
+
+    // Alice, now a team admin, reserves a name and makes an agent token with her own login.
+    app.login_alice().await.ok();
+    let reserved = app
+        .burrow_bare(&["reservation", "create", "Chat", "--team", "web"])
+        .run()
+        .await;
+    reserved.ok();
+    assert!(reserved.stdout.contains("chat"), "{}", reserved.stdout);
+    let listed = app
+        .burrow_bare(&["reservation", "list", "-o", "json"])
+        .run()
+        .await;
+    listed.ok();
+    let listed = listed.json();
+    assert_eq!(listed[0]["subdomain"], "chat");
+    assert_eq!(listed[0]["team"], "web");
+
+    let created = app
+        .burrow_bare(&[
+            "token",
+            "create",
+            "laptop",
+            "--kind",
+            "agent",
+            "--team",
+            "web",
+            "--expires-in",
+            "30d",
+            "--scope",
+            "pr-*",
+            "--scope",
+            "chat",
+        ])
+        .run()
+        .await;
+    created.ok();
+    let secret = created
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("brw_agent_"))
+        .expect("the secret is printed once")
+        .trim()
+        .to_owned();
+    assert!(
+        created.stderr.contains("shown only this once"),
+        "no warning to store the secret: {}",
+        created.stderr
+    );
+
+    let list = app
+        .burrow_bare(&["token", "list", "--team", "web"])
+        .run()
+        .await;
+    list.ok();
+    assert!(list.stdout.contains("laptop"), "{}", list.stdout);
+    assert!(!list.stdout.contains(&secret), "token list shows a secret");
+    let list_json = app
+        .burrow_bare(&["token", "list", "--team", "web", "-o", "json"])
+        .run()
+        .await;
+    list_json.ok();
+    assert!(
+        !list_json.stdout.contains(&secret),
+        "JSON list shows a secret"
+    );
+    let tokens = list_json.json();
+    let laptop = tokens
+        .as_array()
+        .expect("array")
+        .iter()
+        .find(|t| t["name"] == "laptop")
+        .expect("laptop token listed");
+    assert!(laptop.get("secret").is_none());
+    assert_eq!(laptop["kind"], "agent");
+    assert_eq!(laptop["team"], "web");
+    assert_eq!(laptop["status"], "active");
+    let mut scopes: Vec<&str> = laptop["scopes"]
+        .as_array()
+        .expect("scopes")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    scopes.sort_unstable();
+    assert_eq!(scopes, ["chat", "pr-*"]);
+    assert!(laptop["expires_at"].is_string(), "expiry shown");
+    let id = laptop["id"].as_str().expect("id").to_owned();
+
+    let revoked = app
+        .burrow_bare(&["token", "revoke", &id, "-o", "json"])
+        .run()
+        .await;
+    revoked.ok();
+    assert_eq!(revoked.json()["status"], "revoked");
+    let active = app
+        .burrow_bare(&["token", "list", "--team", "web", "-o", "json"])
+        .run()
+        .await;
+    active.ok();
+    assert!(
+        !active.stdout.contains(&id),
+        "a revoked token is listed as active"
+    );
+    let all = app
+        .burrow_bare(&["token", "list", "--team", "web", "--all", "-o", "json"])
+        .run()
+        .await;
+    all.ok();
+    assert!(all.stdout.contains(&id), "--all lists revoked tokens");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn json_output_parses_with_stable_field_names(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.burrow(&["team", "create", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    app.burrow(&["reservation", "create", "handbook", "--team", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+
+    let teams = app
+        .burrow(&["team", "list", "--output", "json"])
+        .by_admin()
+        .run()
+        .await;
+    teams.ok();
+    let teams = teams.json();
+    let web = &teams[0];
+    for field in ["id", "name", "display_name", "my_role", "created_at"] {
+        assert!(web.get(field).is_some(), "team.{field} missing: {web}");
+    }
+    assert_eq!(web["name"], "web");
+    assert_eq!(web["my_role"], "owner");
+
+    let accounts = app
+        .burrow(&["account", "list", "--output", "json"])
+        .by_admin()
+        .run()
+        .await;
+    accounts.ok();
+    let accounts = accounts.json();
+    let admin = &accounts[0];
+    for field in [
+        "id",
+        "email",
+        "display_name",
+        "platform_admin",
+        "disabled",
+        "has_password",
+        "created_at",
+    ] {
+        assert!(
+            admin.get(field).is_some(),
+            "account.{field} missing: {admin}"
+        );
+    }
+
+    let reservations = app
+        .burrow(&["reservation", "list", "--team", "web", "--output", "json"])
+        .by_admin()
+        .run()
+        .await;
+    reservations.ok();
+    let r = &reservations.json()[0];
+    for field in ["id", "subdomain", "team", "created_by", "created_at"] {
+        assert!(r.get(field).is_some(), "reservation.{field} missing: {r}");
+    }
+
+    let created = app
+        .burrow(&["token", "create", "ci", "--kind", "api", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    created.ok();
+    let created = created.json();
+    assert!(created["secret"]
+        .as_str()
+        .expect("secret")
+        .starts_with("brw_api_"));
+    assert_eq!(created["token"]["kind"], "api");
+    assert!(created["token"]["team"].is_null());
+
+    let tunnels = app
+        .burrow(&["tunnel", "list", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    tunnels.ok();
+    assert_eq!(tunnels.json(), serde_json::json!([]));
+    app.stop().await;
+}
+
+// === failures: one line, non-zero ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn commands_without_a_valid_token_exit_non_zero_with_one_line(pool: PgPool) {
+    let app = spawn_app(pool).await;
+
+    let none = app.burrow(&["team", "list"]).run().await;
+    let line = none.failed_with_one_line();
+    assert!(line.contains("not logged in"), "{line}");
+    assert!(line.contains("burrow login"), "{line}");
+
+    let forged = "brw_api_00000000000000000000000000_notarealsecretnotarealsecret";
+    let bad = app
+        .burrow(&["reservation", "list"])
+        .env("BURROW_TOKEN", forged)
+        .run()
+        .await;
+    let line = bad.failed_with_one_line();
+    assert!(line.contains("not logged in or token invalid"), "{line}");
+    assert!(!line.contains(forged), "the error echoes the token: {line}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn acting_on_another_team_exits_non_zero_with_one_line(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    app.burrow(&["team", "create", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    app.login_alice().await.ok();
+
+    // Alice is in no team: she may neither reserve for `web` nor add herself to it.
+    let reserve = app
+        .burrow_bare(&["reservation", "create", "chat", "--team", "web"])
+        .run()
+        .await;
+    let line = reserve.failed_with_one_line();
+    assert!(
+        line.contains("permission denied") || line.contains("not found"),
+        "{line}"
+    );
+    let join = app
+        .burrow_bare(&["team", "add-member", "web", ALICE_EMAIL])
+        .run()
+        .await;
+    let line = join.failed_with_one_line();
+    assert!(
+        line.contains("permission denied") || line.contains("not found"),
+        "{line}"
+    );
+    let token = app
+        .burrow_bare(&["token", "create", "sneaky", "--team", "web"])
+        .run()
+        .await;
+    token.failed_with_one_line();
+    assert!(!token.stdout.contains("brw_"), "a secret was printed");
+
+    // Nothing happened: the admin still sees no reservation.
+    let list = app
+        .burrow(&["reservation", "list", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    list.ok();
+    assert_eq!(list.json(), serde_json::json!([]));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn bad_input_is_reported_in_one_line_naming_the_problem(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.burrow(&["team", "create", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let bad = app
+        .burrow(&["reservation", "create", "no_underscores", "--team", "web"])
+        .by_admin()
+        .run()
+        .await;
+    let line = bad.failed_with_one_line();
+    assert!(line.contains("invalid request"), "{line}");
+
+    app.burrow(&["reservation", "create", "chat", "--team", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let again = app
+        .burrow(&["reservation", "create", "chat", "--team", "web"])
+        .by_admin()
+        .run()
+        .await;
+    let line = again.failed_with_one_line();
+    assert!(
+        line.contains("already exists") && line.contains("chat"),
+        "{line}"
+    );
+
+    let duration = app
+        .burrow(&[
+            "token",
+            "create",
+            "x",
+            "--kind",
+            "api",
+            "--expires-in",
+            "30",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    assert_eq!(duration.code, Some(2), "usage errors exit 2");
+    assert!(
+        duration.stderr.contains("needs a unit"),
+        "{}",
+        duration.stderr
+    );
+    app.stop().await;
+}
+
+// === secrets on the command line ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_token_is_never_accepted_as_an_argument(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let secret = app.admin_token.clone();
+    for args in [
+        vec!["whoami".to_owned(), "--token".to_owned(), secret.clone()],
+        vec![
+            "team".to_owned(),
+            "list".to_owned(),
+            format!("--token={secret}"),
+        ],
+    ] {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let run = app.burrow(&args).run().await;
+        let line = run.failed_with_one_line();
+        assert!(line.contains("--token-file"), "{line}");
+        assert!(!line.contains(&secret), "the refusal echoes the token");
+        assert!(!run.stdout.contains(&secret));
+    }
+    assert!(!app.config_path().exists(), "a refused token was saved");
+
+    // The supported ways: a file, or standard input.
+    let from_stdin = app
+        .burrow(&["whoami", "--token-file", "-", "-o", "json"])
+        .stdin(&format!("{secret}\n"))
+        .run()
+        .await;
+    from_stdin.ok();
+    assert_eq!(from_stdin.json()["token_source"], "--token-file");
+    assert!(
+        !from_stdin.stdout.contains(&secret),
+        "whoami shows the token"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_password_is_never_accepted_as_an_argument(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let run = app
+        .burrow(&[
+            "login",
+            "--email",
+            ALICE_EMAIL,
+            "--password",
+            "hunter2hunter2",
+        ])
+        .run()
+        .await;
+    let line = run.failed_with_one_line();
+    assert!(line.contains("--password-stdin"), "{line}");
+    assert!(!line.contains("hunter2hunter2"));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_saved_token_is_not_sent_to_another_api(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    app.login_alice().await.ok();
+    // Another address for the same server: the saved token was not saved for it.
+    let other = app.api.replace("127.0.0.1", "localhost");
+    let run = app.burrow_bare(&["whoami", "--api", &other]).run().await;
+    let line = run.failed_with_one_line();
+    assert!(line.contains("not logged in to"), "{line}");
+    app.stop().await;
+}
+
+// === reaching the API ===
+
+#[tokio::test]
+async fn an_unreachable_api_fails_quickly_with_a_clear_message() {
+    // A port that was free a moment ago and has no listener now.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let home = tempfile::tempdir().expect("tempdir");
+    let api = format!("http://{addr}");
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        RUN_TIMEOUT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args(["team", "list", "--api", &api])
+            .env("BURROW_TOKEN", "brw_api_x_y")
+            .env("HOME", home.path())
+            .env("BURROW_CONFIG", home.path().join("c.toml"))
+            .env_remove("XDG_CONFIG_HOME")
+            .env_remove("BURROW_TIMEOUT")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("burrow hung")
+    .expect("run burrow");
+    assert!(
+        started.elapsed() < UNREACHABLE_REPORTED_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let line = run.failed_with_one_line();
+    assert!(
+        line.contains(&format!("cannot reach the Burrow API at {api}")),
+        "{line}"
+    );
+}
+
+#[tokio::test]
+async fn every_admin_subcommand_has_help_with_examples() {
+    let commands: &[&[&str]] = &[
+        &["login"],
+        &["logout"],
+        &["whoami"],
+        &["account", "create"],
+        &["account", "get"],
+        &["account", "list"],
+        &["account", "disable"],
+        &["account", "set-password"],
+        &["team", "create"],
+        &["team", "get"],
+        &["team", "list"],
+        &["team", "add-member"],
+        &["team", "remove-member"],
+        &["team", "set-role"],
+        &["token", "create"],
+        &["token", "list"],
+        &["token", "revoke"],
+        &["token", "rotate"],
+        &["reservation", "create"],
+        &["reservation", "list"],
+        &["reservation", "release"],
+        &["reservation", "transfer"],
+        &["tunnel", "list"],
+        &["tunnel", "watch"],
+        &["tunnel", "kill"],
+    ];
+    for args in commands {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args(*args)
+            .arg("--help")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run burrow");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?} --help failed");
+        assert!(
+            text.contains("Examples:\n  burrow "),
+            "{args:?} --help has no examples:\n{text}"
+        );
+    }
+}

@@ -49,12 +49,15 @@ pub(crate) struct TunnelSpec {
     pub(crate) host_header: HostHeader,
 }
 
+/// Callback for a tunnel the edge ended for good: `(key, reason)`.
+pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
+
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
     pub(crate) tunnels: HashMap<String, TunnelSpec>,
     pub(crate) client: Client<HttpConnector, Incoming>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
-    pub(crate) on_closed: Box<dyn Fn(&str, &str) + Send + Sync>,
+    pub(crate) on_closed: OnClosed,
     /// Called once when the edge says the tunnels are routable.
     pub(crate) on_ready: Box<dyn Fn() + Send + Sync>,
 }

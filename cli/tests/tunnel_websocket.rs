@@ -1,0 +1,562 @@
+//! WebSocket through a real tunnel: an in-process standalone edge, the real `burrow` binary,
+//! and a local tokio-tungstenite echo server (or a raw TCP server where a WebSocket library
+//! would get in the way).
+
+#![allow(clippy::unwrap_used)]
+
+mod tunnel_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt as _, StreamExt as _};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Mutex};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::{CloseFrame, Frame};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tunnel_support::*;
+
+/// How long any single WebSocket step may take.
+const STEP: Duration = Duration::from_secs(30);
+
+/// What the local echo server saw.
+#[derive(Default)]
+struct Seen {
+    /// Request line target and headers of each upgrade request.
+    requests: Vec<(String, Vec<(String, String)>)>,
+    /// Close frames received from visitors.
+    closes: Vec<Option<(u16, String)>>,
+}
+
+fn ws_config() -> WebSocketConfig {
+    let mut c = WebSocketConfig::default();
+    c.max_message_size = Some(64 << 20);
+    c.max_frame_size = Some(32 << 20);
+    c
+}
+
+/// A local echo server: echoes text and binary messages; `close-me` makes it close with
+/// 4001 "bye server"; `die` makes it drop the TCP connection without a close frame. Picks
+/// `superchat` when offered.
+async fn local_echo_server() -> (std::net::SocketAddr, Arc<Mutex<Seen>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let seen2 = Arc::clone(&seen);
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            let seen = Arc::clone(&seen2);
+            tokio::spawn(async move {
+                let (tx, mut rx) = mpsc::channel(1);
+                let cb = move |req: &Request, mut resp: Response| {
+                    let headers = req
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                        .collect::<Vec<_>>();
+                    let offered = req
+                        .headers()
+                        .get("sec-websocket-protocol")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("");
+                    if offered.split(',').any(|p| p.trim() == "superchat") {
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", "superchat".parse().unwrap());
+                    }
+                    let _ = tx.try_send((req.uri().to_string(), headers));
+                    Ok(resp)
+                };
+                let Ok(mut ws) =
+                    tokio_tungstenite::accept_hdr_async_with_config(s, cb, Some(ws_config())).await
+                else {
+                    return;
+                };
+                if let Some(r) = rx.recv().await {
+                    seen.lock().await.requests.push(r);
+                }
+                while let Some(Ok(msg)) = ws.next().await {
+                    match msg {
+                        Message::Text(t) if t.as_str() == "close-me" => {
+                            let _ = ws
+                                .send(Message::Close(Some(CloseFrame {
+                                    code: CloseCode::from(4001),
+                                    reason: "bye server".into(),
+                                })))
+                                .await;
+                        }
+                        Message::Text(t) if t.as_str() == "die" => return,
+                        Message::Text(_) | Message::Binary(_) => {
+                            if ws.send(msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        Message::Close(c) => {
+                            seen.lock()
+                                .await
+                                .closes
+                                .push(c.map(|c| (u16::from(c.code), c.reason.to_string())));
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket to `sub` through the edge with extra request headers.
+async fn connect(
+    edge: &Edge,
+    sub: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+) -> (Ws, http::Response<Option<Vec<u8>>>) {
+    let url = format!("ws://{sub}.localhost:{}{path}", edge.http.port());
+    let mut req = url.into_client_request().unwrap();
+    for (k, v) in extra {
+        req.headers_mut().insert(
+            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+            v.parse().unwrap(),
+        );
+    }
+    let tcp = TcpStream::connect(edge.http).await.unwrap();
+    let (ws, resp) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async_with_config(
+            req,
+            MaybeTlsStream::Plain(tcp),
+            Some(ws_config()),
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    (ws, resp)
+}
+
+async fn next(ws: &mut Ws) -> Message {
+    loop {
+        let m = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("the stream is open")
+            .expect("a valid message");
+        // The edge's keepalive pings are not the local server's doing.
+        if matches!(m, Message::Ping(_)) {
+            continue;
+        }
+        return m;
+    }
+}
+
+async fn tunnel_to_echo() -> (Edge, Agent, Arc<Mutex<Seen>>, String) {
+    let (local, seen) = local_echo_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "ws"],
+    )
+    .await;
+    (edge, agent, seen, "ws".to_owned())
+}
+
+#[tokio::test]
+async fn text_binary_and_empty_messages_of_every_boundary_size_echo_through_the_tunnel() {
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, resp) = connect(&edge, &sub, "/socket", &[]).await;
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("hello")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("hello"));
+    ws.send(Message::text("")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text(""));
+    ws.send(Message::binary(Vec::new())).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::binary(Vec::new()));
+    for size in [1usize, 125, 126, 127, 65_535, 65_536, 1 << 20, 16 << 20] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        ws.send(Message::binary(payload.clone())).await.unwrap();
+        match next(&mut ws).await {
+            Message::Binary(b) => assert!(
+                b[..] == payload[..],
+                "binary message of {size} bytes differs"
+            ),
+            other => panic!("expected binary for {size}, got {other:?}"),
+        }
+        let text = "x".repeat(size.min(1 << 20));
+        ws.send(Message::text(text.clone())).await.unwrap();
+        assert_eq!(next(&mut ws).await, Message::text(text), "text of {size}");
+    }
+}
+
+#[tokio::test]
+async fn a_fragmented_message_arrives_whole_and_a_ping_gets_its_pong() {
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;
+    ws.send(Message::Frame(Frame::message(
+        "frag",
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        "men",
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await
+    .unwrap();
+    // A control frame may sit between fragments (RFC 6455 §5.4).
+    ws.send(Message::Ping(b"mid".to_vec().into()))
+        .await
+        .unwrap();
+    ws.send(Message::Frame(Frame::message(
+        "ted",
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await
+    .unwrap();
+    let mut got_pong = false;
+    let mut got_text = false;
+    while !(got_pong && got_text) {
+        match next(&mut ws).await {
+            Message::Pong(p) => {
+                assert_eq!(&p[..], b"mid");
+                got_pong = true;
+            }
+            Message::Text(t) => {
+                assert_eq!(t.as_str(), "fragmented");
+                got_text = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_close_from_the_visitor_reaches_the_local_server_with_code_and_reason() {
+    let (edge, _agent, seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: CloseCode::from(4000),
+        reason: "bye client".into(),
+    })))
+    .await
+    .unwrap();
+    // The server echoes the close; the stream then ends.
+    match next(&mut ws).await {
+        Message::Close(Some(c)) => assert_eq!(u16::from(c.code), 4000),
+        other => panic!("expected the close echo, got {other:?}"),
+    }
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Some(c) = seen.lock().await.closes.first().cloned() {
+            assert_eq!(c, Some((4000, "bye client".to_owned())));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the local server never saw the close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_close_from_the_local_server_reaches_the_visitor_with_code_and_reason() {
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;
+    ws.send(Message::text("close-me")).await.unwrap();
+    match next(&mut ws).await {
+        Message::Close(Some(c)) => {
+            assert_eq!(u16::from(c.code), 4001);
+            assert_eq!(c.reason.as_str(), "bye server");
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn the_upgrade_request_reaches_the_local_server_with_every_header_and_the_subprotocol_comes_back(
+) {
+    let (edge, _agent, seen, sub) = tunnel_to_echo().await;
+    let (mut ws, resp) = connect(
+        &edge,
+        &sub,
+        "/socket?room=1&x=%20y",
+        &[
+            ("sec-websocket-protocol", "chat, superchat"),
+            (
+                "sec-websocket-extensions",
+                "permessage-deflate; client_max_window_bits",
+            ),
+            ("origin", "http://example.com"),
+            ("cookie", "session=abc"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        resp.headers().get("sec-websocket-protocol").unwrap(),
+        "superchat"
+    );
+    ws.send(Message::text("x")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("x"));
+    let seen = seen.lock().await;
+    let (target, headers) = &seen.requests[0];
+    assert_eq!(target, "/socket?room=1&x=%20y");
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("{name} missing in {headers:?}"))
+    };
+    assert_eq!(get("sec-websocket-protocol"), "chat, superchat");
+    assert_eq!(
+        get("sec-websocket-extensions"),
+        "permessage-deflate; client_max_window_bits"
+    );
+    assert_eq!(get("origin"), "http://example.com");
+    assert_eq!(get("cookie"), "session=abc");
+    assert_eq!(get("sec-websocket-version"), "13");
+    assert!(!get("sec-websocket-key").is_empty());
+}
+
+/// A raw local server: answers the upgrade with `extra` response headers, then records every
+/// byte it receives and sends `to_send`.
+async fn raw_local_server(
+    extra: &'static str,
+    to_send: Vec<u8>,
+) -> (std::net::SocketAddr, mpsc::Receiver<(String, Vec<u8>)>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        let head = String::from_utf8(head).unwrap();
+        let key = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("sec-websocket-key")
+                    .then(|| v.trim().to_owned())
+            })
+            .unwrap();
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let resp = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+        );
+        s.write_all(resp.as_bytes()).await.unwrap();
+        s.write_all(&to_send).await.unwrap();
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                }
+            }
+        })
+        .await;
+        let _ = tx.send((head, got)).await;
+    });
+    (addr, rx)
+}
+
+/// Unusual frames: RSV1 set (what permessage-deflate sends), a reserved opcode, invalid UTF-8
+/// in a text frame, a close without a code.
+fn odd_frames(masked: bool) -> Vec<u8> {
+    let mask = [0x12, 0x34, 0x56, 0x78];
+    let mut out = Vec::new();
+    let mut push = |first: u8, payload: &[u8]| {
+        out.push(first);
+        let m = if masked { 0x80 } else { 0 };
+        out.push(m | payload.len() as u8);
+        if masked {
+            out.extend_from_slice(&mask);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        } else {
+            out.extend_from_slice(payload);
+        }
+    };
+    push(0xC1, &[0xf2, 0x48, 0xcd, 0xc9, 0xc9, 0x07, 0x00]); // RSV1 text ("Hello" deflated)
+    push(0x83, b"reserved opcode");
+    push(0x81, &[0xff, 0xfe, 0xfd]); // invalid UTF-8
+    push(0x88, b""); // close, no code
+    out
+}
+
+#[tokio::test]
+async fn after_the_101_bytes_pass_unchanged_both_ways_so_permessage_deflate_just_works() {
+    let from_server = odd_frames(false);
+    let (local, mut rx) = raw_local_server(
+        "Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        from_server.clone(),
+    )
+    .await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "raw"],
+    )
+    .await;
+
+    let mut v = TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: raw.localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n",
+        edge.http.port()
+    );
+    v.write_all(req.as_bytes()).await.unwrap();
+    let from_client = odd_frames(true);
+    // Sent right behind the request: must not reach the local server before its 101.
+    v.write_all(&from_client).await.unwrap();
+
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(STEP, v.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(
+        head.contains("sec-websocket-extensions: permessage-deflate"),
+        "{head}"
+    );
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
+    let mut got = vec![0u8; from_server.len()];
+    tokio::time::timeout(STEP, v.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, from_server, "server → visitor bytes changed");
+    drop(v);
+    let (req_head, at_server) = tokio::time::timeout(STEP, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        req_head
+            .to_ascii_lowercase()
+            .contains("sec-websocket-extensions: permessage-deflate; client_max_window_bits"),
+        "{req_head}"
+    );
+    assert_eq!(
+        &at_server[..from_client.len()],
+        &from_client[..],
+        "visitor → server bytes changed"
+    );
+}
+
+#[tokio::test]
+async fn when_the_local_server_drops_the_connection_the_visitor_gets_a_close_frame() {
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;
+    ws.send(Message::text("die")).await.unwrap();
+    match next(&mut ws).await {
+        Message::Close(Some(c)) => assert!(
+            [1001u16, 1011].contains(&u16::from(c.code)),
+            "close code {}",
+            c.code
+        ),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn when_the_agent_goes_away_the_visitor_gets_a_close_frame() {
+    let (edge, mut agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;
+    ws.send(Message::text("before")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("before"));
+    agent.child.kill().await.unwrap();
+    match next(&mut ws).await {
+        Message::Close(Some(c)) => assert!(
+            [1001u16, 1011].contains(&u16::from(c.code)),
+            "close code {}",
+            c.code
+        ),
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_error_answer_to_an_upgrade_reaches_the_visitor_with_its_body() {
+    let local = local_http_server().await; // answers 404 "not found" to /nope
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "noup"],
+    )
+    .await;
+    let (status, _, body) = visit(
+        &edge,
+        "noup",
+        "GET",
+        "/nope",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(&body[..], b"not found");
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_websockets_share_the_tunnel_without_cross_talk() {
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let edge = Arc::new(edge);
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let edge = Arc::clone(&edge);
+        let sub = sub.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut ws, _) = connect(&edge, &sub, &format!("/c{i}"), &[]).await;
+            for j in 0..5 {
+                let msg = format!("conn {i} msg {j}");
+                ws.send(Message::text(msg.clone())).await.unwrap();
+                assert_eq!(next(&mut ws).await, Message::text(msg));
+            }
+            ws.close(None).await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

@@ -2,7 +2,7 @@
 //! and a local tokio-tungstenite echo server (or a raw TCP server where a WebSocket library
 //! would get in the way).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::result_large_err, clippy::collapsible_match)]
 
 mod tunnel_support;
 

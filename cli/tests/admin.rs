@@ -318,6 +318,24 @@ async fn logout_revokes_the_saved_token(pool: PgPool) {
     app.stop().await;
 }
 
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn logout_keeps_a_token_saved_from_a_file_valid(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.burrow(&["login", "--token-file", "-"])
+        .stdin(&app.admin_token)
+        .run()
+        .await
+        .ok();
+    let out = app.burrow_bare(&["logout"]).run().await;
+    out.ok();
+    assert!(out.stderr.contains("stays valid"), "{}", out.stderr);
+    let text = std::fs::read_to_string(app.config_path()).expect("config");
+    assert!(!text.contains(&app.admin_token), "the token stayed saved");
+    // The bootstrap admin's only token still works.
+    app.burrow(&["whoami"]).by_admin().run().await.ok();
+    app.stop().await;
+}
+
 // === the admin walk-through ===
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]

@@ -24,17 +24,20 @@ pub(crate) struct LoginArgs {
     /// Read the password from the first line of standard input instead of the terminal.
     #[arg(long)]
     pub(crate) password_stdin: bool,
-    /// A name for the API token this login creates, shown by `burrow token list`.
-    #[arg(long, value_name = "NAME")]
-    pub(crate) token_name: Option<String>,
 }
+
+/// Start of the name of every token `burrow login` creates; `burrow logout` revokes only
+/// those, so a token saved with `login --token-file` (say, the bootstrap admin's only one)
+/// is forgotten locally but stays valid.
+const LOGIN_TOKEN_NAME: &str = "burrow login";
 
 /// `burrow logout`.
 #[derive(Debug, Args)]
 pub(crate) struct LogoutArgs {
     #[command(flatten)]
     pub(crate) api: ApiArgs,
-    /// Only forget the token locally; do not revoke it on the API.
+    /// Only forget the token locally; do not revoke it on the API. (Tokens not created by
+    /// `burrow login`, e.g. saved with `login --token-file`, are never revoked by logout.)
     #[arg(long)]
     pub(crate) keep_token: bool,
 }
@@ -128,9 +131,7 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
                 .login(LoginRequest {
                     email: email.clone(),
                     password,
-                    token_name: args
-                        .token_name
-                        .unwrap_or_else(|| format!("burrow login on {}", host_name())),
+                    token_name: format!("{LOGIN_TOKEN_NAME} on {}", host_name()),
                 })
                 .await
                 .map_err(|s| {
@@ -186,7 +187,7 @@ pub(crate) async fn logout(args: LogoutArgs) -> anyhow::Result<()> {
         }
         return Ok(());
     };
-    let mut revoked = false;
+    let mut revoked = Revoked::No;
     let mut warning = None;
     if !args.keep_token {
         match revoke_own(&args.api, &saved, token).await {
@@ -194,6 +195,13 @@ pub(crate) async fn logout(args: LogoutArgs) -> anyhow::Result<()> {
             Err(e) => warning = Some(format!("{e:#}")),
         }
     }
+    if let Revoked::NotFromLogin(id) = &revoked {
+        eprintln!(
+            "note: the saved token was not created by `burrow login`, so it stays valid \
+             (revoke it with `burrow token revoke {id}`)"
+        );
+    }
+    let revoked = revoked == Revoked::Yes;
     saved.token = None;
     let path = config::save(&saved)?;
     if let Some(w) = &warning {
@@ -216,12 +224,23 @@ pub(crate) async fn logout(args: LogoutArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Revokes the saved token: finds its id by its public prefix among the caller's tokens.
+/// What `logout` did with the saved token on the API.
+#[derive(Debug, PartialEq, Eq)]
+enum Revoked {
+    Yes,
+    /// Not found among the caller's active tokens (already revoked or expired).
+    No,
+    /// Not created by `burrow login`; left valid. Carries its id.
+    NotFromLogin(String),
+}
+
+/// Revokes the saved token if `burrow login` created it: finds it by its public prefix among
+/// the caller's tokens.
 async fn revoke_own(
     args: &ApiArgs,
     saved: &config::UserConfig,
     token: String,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<Revoked> {
     let address = args.api_address(saved)?;
     let saved_api = saved.api.as_deref().map(super::client::normalize_api);
     anyhow::ensure!(
@@ -241,13 +260,16 @@ async fn revoke_own(
         .iter()
         .find(|t| !t.prefix.is_empty() && token.starts_with(&t.prefix))
     else {
-        return Ok(false);
+        return Ok(Revoked::No);
     };
+    if !own.name.starts_with(LOGIN_TOKEN_NAME) {
+        return Ok(Revoked::NotFromLogin(own.id.clone()));
+    }
     api.tokens()
         .revoke_token(RevokeTokenRequest { id: own.id.clone() })
         .await
         .map_err(|s| api.error(s))?;
-    Ok(true)
+    Ok(Revoked::Yes)
 }
 
 /// Shows who the token in force belongs to and their teams.

@@ -1,0 +1,1757 @@
+//! The control plane end to end: a real tonic server on 127.0.0.1:0, a fresh PostgreSQL
+//! database per test, driven through the generated clients.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use burrow_control::{Config, Metrics};
+use burrow_proto::v1::{
+    self, account_service_client::AccountServiceClient, edge_service_client::EdgeServiceClient,
+    reservation_service_client::ReservationServiceClient, team_service_client::TeamServiceClient,
+    token_service_client::TokenServiceClient, tunnel_service_client::TunnelServiceClient,
+};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+// === spawn_app ===
+
+struct TestApp {
+    addr: SocketAddr,
+    channel: Channel,
+    pool: PgPool,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+    admin: String,
+}
+
+fn test_config() -> Config {
+    Config {
+        change_poll_interval: Duration::from_millis(200),
+        reconnect_grace: Duration::from_secs(60),
+        ..Config::default()
+    }
+}
+
+async fn spawn_app(pool: PgPool) -> TestApp {
+    spawn_app_with(pool, test_config()).await
+}
+
+async fn spawn_app_with(pool: PgPool, config: Config) -> TestApp {
+    let admin = burrow_control::bootstrap_admin(&pool, "admin@example.com")
+        .await
+        .unwrap();
+    let server_pool = burrow_control::pool_options(&config)
+        .connect_with((*pool.connect_options()).clone())
+        .await
+        .unwrap();
+    serve(server_pool, pool, config, admin).await
+}
+
+async fn serve(server_pool: PgPool, pool: PgPool, config: Config, admin: String) -> TestApp {
+    let metrics = config.metrics.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(burrow_control::run(
+        config,
+        server_pool,
+        listener,
+        shutdown.clone(),
+    ));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    TestApp {
+        addr,
+        channel,
+        pool,
+        metrics,
+        shutdown,
+        server,
+        admin,
+    }
+}
+
+/// A request carrying `token` as its bearer credential.
+fn req<T>(token: &str, message: T) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+/// A request without credentials.
+fn none<T: Default>() -> Request<T> {
+    Request::new(T::default())
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, Status>) -> Code {
+    match result {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(status) => status.code(),
+    }
+}
+
+/// A person with an account, an API token and (optionally) their own team.
+struct User {
+    id: String,
+    email: String,
+    token: String,
+}
+
+impl TestApp {
+    fn accounts(&self) -> AccountServiceClient<Channel> {
+        AccountServiceClient::new(self.channel.clone())
+    }
+    fn teams(&self) -> TeamServiceClient<Channel> {
+        TeamServiceClient::new(self.channel.clone())
+    }
+    fn tokens(&self) -> TokenServiceClient<Channel> {
+        TokenServiceClient::new(self.channel.clone())
+    }
+    fn reservations(&self) -> ReservationServiceClient<Channel> {
+        ReservationServiceClient::new(self.channel.clone())
+    }
+    fn edges(&self) -> EdgeServiceClient<Channel> {
+        EdgeServiceClient::new(self.channel.clone())
+    }
+    fn tunnels(&self) -> TunnelServiceClient<Channel> {
+        TunnelServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates an account (by the admin) and logs it in.
+    async fn user(&self, email: &str) -> User {
+        let account = self
+            .accounts()
+            .create_account(req(
+                &self.admin,
+                v1::CreateAccountRequest {
+                    email: email.into(),
+                    display_name: email.into(),
+                    password: "correct horse battery".into(),
+                    platform_admin: false,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let login = self
+            .accounts()
+            .login(Request::new(v1::LoginRequest {
+                email: email.into(),
+                password: "correct horse battery".into(),
+                token_name: "test".into(),
+            }))
+            .await
+            .unwrap()
+            .into_inner();
+        User {
+            id: account.id,
+            email: email.into(),
+            token: login.token,
+        }
+    }
+
+    /// Creates an account that owns team `team`.
+    async fn owner(&self, email: &str, team: &str) -> User {
+        let user = self.user(email).await;
+        self.teams()
+            .create_team(req(
+                &user.token,
+                v1::CreateTeamRequest {
+                    name: team.into(),
+                    display_name: String::new(),
+                },
+            ))
+            .await
+            .unwrap();
+        user
+    }
+
+    async fn agent_token(
+        &self,
+        user: &User,
+        team: &str,
+        scopes: &[&str],
+    ) -> v1::CreateTokenResponse {
+        self.tokens()
+            .create_token(req(
+                &user.token,
+                v1::CreateTokenRequest {
+                    kind: v1::TokenKind::Agent as i32,
+                    name: "laptop".into(),
+                    team: team.into(),
+                    expires_in_seconds: 0,
+                    scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn reserve(
+        &self,
+        user: &User,
+        team: &str,
+        subdomain: &str,
+    ) -> Result<v1::Reservation, Status> {
+        self.reservations()
+            .reserve(req(
+                &user.token,
+                v1::ReserveRequest {
+                    team: team.into(),
+                    subdomain: subdomain.into(),
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// An edge token and a registered edge.
+    async fn edge(&self) -> (String, String) {
+        let token = burrow_control::create_edge_token(&self.pool, "edge-1")
+            .await
+            .unwrap();
+        let registered = self
+            .edges()
+            .register_edge(req(
+                &token,
+                v1::RegisterEdgeRequest {
+                    name: "edge-1".into(),
+                    domain: "localhost".into(),
+                    public_url_template: "http://{sub}.localhost:8080".into(),
+                    agent_addr: "127.0.0.1:7443".into(),
+                    internal_addr: String::new(),
+                    version: "test".into(),
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        (token, registered.edge_id)
+    }
+
+    async fn authorize(
+        &self,
+        edge_token: &str,
+        agent_token: &str,
+        names: &[&str],
+    ) -> Result<v1::AuthorizeAgentResponse, Status> {
+        self.edges()
+            .authorize_agent(req(
+                edge_token,
+                v1::AuthorizeAgentRequest {
+                    agent_token: agent_token.into(),
+                    requested_subdomains: names.iter().map(|s| (*s).to_owned()).collect(),
+                    edge_id: String::new(),
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn open(
+        &self,
+        edge_token: &str,
+        edge_id: &str,
+        agent: &v1::AuthorizeAgentResponse,
+        subdomain: &str,
+    ) -> Result<v1::TunnelSession, Status> {
+        self.edges()
+            .open_tunnel_session(req(
+                edge_token,
+                v1::OpenTunnelSessionRequest {
+                    edge_id: edge_id.into(),
+                    token_id: agent.token_id.clone(),
+                    team_id: agent.team_id.clone(),
+                    subdomain: subdomain.into(),
+                    agent_instance: "instance-1".into(),
+                    agent_version: "test".into(),
+                    agent_addr: "127.0.0.1:50000".into(),
+                    local_addr: "localhost:3000".into(),
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn close(&self, edge_token: &str, session: &str, clean: bool) {
+        self.edges()
+            .close_tunnel_session(req(
+                edge_token,
+                v1::CloseTunnelSessionRequest {
+                    session_id: session.into(),
+                    clean,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn list_reservations(&self, token: &str) -> Result<Vec<String>, Status> {
+        self.reservations()
+            .list_reservations(req(token, v1::ListReservationsRequest::default()))
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .reservations
+                    .into_iter()
+                    .map(|r| r.subdomain)
+                    .collect()
+            })
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.server)
+            .await
+            .expect("server drains within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+// === authentication ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn every_method_refuses_calls_without_a_token(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut codes = vec![
+        code(app.accounts().create_account(none()).await),
+        code(app.accounts().get_account(none()).await),
+        code(app.accounts().list_accounts(none()).await),
+        code(app.accounts().disable_account(none()).await),
+        code(app.accounts().set_password(none()).await),
+        code(app.teams().create_team(none()).await),
+        code(app.teams().get_team(none()).await),
+        code(app.teams().list_teams(none()).await),
+        code(app.teams().add_member(none()).await),
+        code(app.teams().remove_member(none()).await),
+        code(app.teams().set_role(none()).await),
+        code(app.tokens().create_token(none()).await),
+        code(app.tokens().list_tokens(none()).await),
+        code(app.tokens().revoke_token(none()).await),
+        code(app.tokens().rotate_token(none()).await),
+        code(app.reservations().reserve(none()).await),
+        code(app.reservations().list_reservations(none()).await),
+        code(app.reservations().release(none()).await),
+        code(app.reservations().transfer(none()).await),
+        code(app.tunnels().list_tunnels(none()).await),
+        code(app.tunnels().kill_tunnel(none()).await),
+        code(app.edges().register_edge(none()).await),
+        code(app.edges().heartbeat(none()).await),
+        code(app.edges().authorize_agent(none()).await),
+        code(app.edges().open_tunnel_session(none()).await),
+        code(app.edges().close_tunnel_session(none()).await),
+        code(app.edges().report_tunnel_stats(none()).await),
+    ];
+    codes.push(code(app.tunnels().watch_tunnels(none()).await.map(|_| ())));
+    codes.push(code(app.edges().watch(none()).await.map(|_| ())));
+    assert_eq!(codes.len(), 29);
+    assert!(
+        codes.iter().all(|c| *c == Code::Unauthenticated),
+        "{codes:?}"
+    );
+    // Login is the one method that needs no token; with a wrong password it is refused.
+    let login = app
+        .accounts()
+        .login(Request::new(v1::LoginRequest {
+            email: "admin@example.com".into(),
+            password: "not the password".into(),
+            token_name: String::new(),
+        }))
+        .await;
+    assert_eq!(code(login), Code::Unauthenticated);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn malformed_and_mistyped_tokens_are_refused_before_any_argon2_work(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let before = app.metrics.argon2_verifications();
+    let mut mistyped = app.admin.clone().into_bytes();
+    let i = mistyped.len() - 12;
+    mistyped[i] = if mistyped[i] == b'A' { b'B' } else { b'A' };
+    let mistyped = String::from_utf8(mistyped).unwrap();
+    for bad in [
+        "garbage",
+        "brw_api_",
+        "brw_api_aaaaaaaaaaaa_short",
+        mistyped.as_str(),
+    ] {
+        let status = app
+            .list_reservations(bad)
+            .await
+            .expect_err("a bad token must be refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{bad}");
+    }
+    let checksum = app.list_reservations(&mistyped).await.unwrap_err();
+    assert!(
+        checksum.message().contains("checksum"),
+        "{}",
+        checksum.message()
+    );
+    assert_eq!(app.metrics.argon2_verifications(), before);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_well_formed_unknown_token_is_refused_after_a_dummy_verification(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let before = app.metrics.argon2_verifications();
+    let unknown =
+        burrow_control::token::TokenText::generate(burrow_control::token::TokenKind::Api).expose();
+    let status = app.list_reservations(&unknown).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert_eq!(app.metrics.argon2_verifications(), before + 1);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn argon2_runs_once_per_token_however_many_concurrent_calls_use_it(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let before = app.metrics.argon2_verifications();
+    let calls = (0..50).map(|_| app.list_reservations(&alice.token));
+    for result in futures::future::join_all(calls).await {
+        result.unwrap();
+    }
+    // The login token was verified once by create_team already; nothing more was needed.
+    assert_eq!(app.metrics.argon2_verifications(), before);
+    let fresh = app.user("bob@example.com").await;
+    let before = app.metrics.argon2_verifications();
+    let calls = (0..50).map(|_| app.list_reservations(&fresh.token));
+    for result in futures::future::join_all(calls).await {
+        result.unwrap();
+    }
+    assert_eq!(app.metrics.argon2_verifications(), before + 1);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_revoked_token_is_refused_on_the_next_call(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let extra = app
+        .tokens()
+        .create_token(req(
+            &alice.token,
+            v1::CreateTokenRequest {
+                kind: v1::TokenKind::Api as i32,
+                name: "ci".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    app.list_reservations(&extra.secret).await.unwrap();
+    let token_id = extra.token.unwrap().id;
+    let revoked = app
+        .tokens()
+        .revoke_token(req(&alice.token, v1::RevokeTokenRequest { id: token_id }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked_at.is_some());
+    let status = app.list_reservations(&extra.secret).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    assert!(status.message().contains("revoked"), "{}", status.message());
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_rotated_tokens_old_secret_works_only_during_the_overlap(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let first = app
+        .tokens()
+        .create_token(req(
+            &alice.token,
+            v1::CreateTokenRequest {
+                kind: v1::TokenKind::Api as i32,
+                name: "ci".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = first.token.unwrap().id;
+    let rotate = |overlap| {
+        let mut client = app.tokens();
+        let request = req(
+            &alice.token,
+            v1::RotateTokenRequest {
+                id: id.clone(),
+                overlap_seconds: overlap,
+            },
+        );
+        async move { client.rotate_token(request).await }
+    };
+    let second = rotate(3600).await.unwrap().into_inner();
+    assert_ne!(second.secret, first.secret);
+    assert!(second.secret.contains(&id));
+    app.list_reservations(&first.secret).await.unwrap();
+    app.list_reservations(&second.secret).await.unwrap();
+    let third = rotate(0).await.unwrap().into_inner();
+    assert_eq!(
+        app.list_reservations(&first.secret)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    assert_eq!(
+        app.list_reservations(&second.secret)
+            .await
+            .unwrap_err()
+            .code(),
+        Code::Unauthenticated
+    );
+    app.list_reservations(&third.secret).await.unwrap();
+    let too_long = rotate(8 * 24 * 3600).await.unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert!(too_long.message().contains("overlap_seconds"));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn repeated_failures_from_one_address_are_rate_limited(pool: PgPool) {
+    let config = Config {
+        max_failed_auth_per_peer: 3,
+        ..test_config()
+    };
+    let app = spawn_app_with(pool, config).await;
+    for _ in 0..3 {
+        let status = app.list_reservations("brw_api_nope").await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+    let status = app.list_reservations(&app.admin).await.unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_disabled_accounts_tokens_stop_working_at_once(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    app.list_reservations(&alice.token).await.unwrap();
+    app.accounts()
+        .disable_account(req(
+            &app.admin,
+            v1::DisableAccountRequest {
+                account: alice.email.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let status = app.list_reservations(&alice.token).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    let login = app
+        .accounts()
+        .login(Request::new(v1::LoginRequest {
+            email: alice.email.clone(),
+            password: "correct horse battery".into(),
+            token_name: String::new(),
+        }))
+        .await;
+    assert_eq!(code(login), Code::Unauthenticated);
+    app.stop().await;
+}
+
+// === secrets at rest and in logs ===
+
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn stored_hashes_are_argon2id_and_no_secret_is_in_the_database_or_the_logs(pool: PgPool) {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let rotated = app
+        .tokens()
+        .rotate_token(req(
+            &alice.token,
+            v1::RotateTokenRequest {
+                id: agent.token.clone().unwrap().id,
+                overlap_seconds: 60,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let (edge_token, _) = app.edge().await;
+    app.authorize(&edge_token, &rotated.secret, &["chat"])
+        .await
+        .unwrap();
+    // A failing call too, so error paths are in the logs.
+    let _ = app.list_reservations(&agent.secret).await;
+
+    let hashes: Vec<(String, Option<String>)> =
+        sqlx::query_as("SELECT secret_hash, previous_hash FROM api_tokens")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(hashes.len() >= 4);
+    for (hash, previous) in &hashes {
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        if let Some(previous) = previous {
+            assert!(previous.starts_with("$argon2id$"), "{previous}");
+        }
+    }
+    let password: String =
+        sqlx::query_scalar("SELECT password_hash FROM accounts WHERE email = 'alice@example.com'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(password.starts_with("$argon2id$"));
+
+    // Every secret part of every token handed out, and the password.
+    let secrets: Vec<String> = [
+        &app.admin,
+        &alice.token,
+        &agent.secret,
+        &rotated.secret,
+        &edge_token,
+    ]
+    .iter()
+    .map(|t| {
+        burrow_control::token::TokenText::parse(t)
+            .unwrap()
+            .secret()
+            .to_owned()
+    })
+    .chain(["correct horse battery".to_owned()])
+    .collect();
+    let columns: Vec<(String, String)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text FROM information_schema.columns
+         WHERE table_schema = 'public' AND data_type IN ('text', 'jsonb', 'ARRAY', 'character varying')",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(columns.len() > 20, "{columns:?}");
+    for (table, column) in &columns {
+        for secret in &secrets {
+            let found: i64 = sqlx::query_scalar(&format!(
+                "SELECT count(*) FROM \"{table}\" WHERE \"{column}\"::text LIKE '%' || $1 || '%'"
+            ))
+            .bind(secret)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            assert_eq!(found, 0, "a secret is stored in {table}.{column}");
+        }
+    }
+    app.stop().await;
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(!logs.is_empty());
+    for secret in &secrets {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a secret appears in the logs"
+        );
+    }
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn bootstrap_refuses_a_second_run(pool: PgPool) {
+    let first = burrow_control::bootstrap_admin(&pool, "root@example.com").await;
+    assert!(first.unwrap().starts_with("brw_api_"));
+    let second = burrow_control::bootstrap_admin(&pool, "other@example.com").await;
+    assert!(matches!(
+        second,
+        Err(burrow_control::BootstrapError::AdminExists)
+    ));
+    let admins: i64 = sqlx::query_scalar("SELECT count(*) FROM accounts WHERE platform_admin")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(admins, 1);
+}
+
+// === isolation between teams ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn nobody_sees_or_changes_another_teams_things(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    let alice_agent = app.agent_token(&alice, "acme", &[]).await;
+    let alice_agent_id = alice_agent.token.clone().unwrap().id;
+    let (edge_token, edge_id) = app.edge().await;
+    let auth = app
+        .authorize(&edge_token, &alice_agent.secret, &["chat"])
+        .await
+        .unwrap();
+    app.open(&edge_token, &edge_id, &auth, "chat")
+        .await
+        .unwrap();
+
+    // Team service.
+    assert_eq!(
+        code(
+            app.teams()
+                .get_team(req(
+                    &bob.token,
+                    v1::GetTeamRequest {
+                        team: "acme".into()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.teams()
+                .add_member(req(
+                    &bob.token,
+                    v1::AddMemberRequest {
+                        team: "acme".into(),
+                        account: bob.email.clone(),
+                        role: 0
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.teams()
+                .remove_member(req(
+                    &bob.token,
+                    v1::RemoveMemberRequest {
+                        team: "acme".into(),
+                        account: alice.email.clone()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.teams()
+                .set_role(req(
+                    &bob.token,
+                    v1::SetRoleRequest {
+                        team: "acme".into(),
+                        account: alice.email.clone(),
+                        role: v1::Role::Member as i32
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    let teams = app
+        .teams()
+        .list_teams(req(&bob.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        teams
+            .teams
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>(),
+        ["globex"]
+    );
+    assert_eq!(
+        code(
+            app.teams()
+                .list_teams(req(&bob.token, v1::ListTeamsRequest { all: true }))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+
+    // Account service.
+    assert_eq!(
+        code(
+            app.accounts()
+                .get_account(req(
+                    &bob.token,
+                    v1::GetAccountRequest {
+                        account: alice.id.clone()
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+    let accounts = app
+        .accounts()
+        .list_accounts(req(&bob.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        accounts
+            .accounts
+            .iter()
+            .map(|a| a.email.as_str())
+            .collect::<Vec<_>>(),
+        ["bob@example.com"]
+    );
+    assert_eq!(
+        code(
+            app.accounts()
+                .create_account(req(
+                    &bob.token,
+                    v1::CreateAccountRequest {
+                        email: "mallory@example.com".into(),
+                        ..Default::default()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.accounts()
+                .disable_account(req(
+                    &bob.token,
+                    v1::DisableAccountRequest {
+                        account: alice.email.clone()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.accounts()
+                .set_password(req(
+                    &bob.token,
+                    v1::SetPasswordRequest {
+                        account: alice.email.clone(),
+                        password: "new password 1".into()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+
+    // Token service.
+    assert_eq!(
+        code(
+            app.tokens()
+                .create_token(req(
+                    &bob.token,
+                    v1::CreateTokenRequest {
+                        kind: v1::TokenKind::Agent as i32,
+                        name: "sneaky".into(),
+                        team: "acme".into(),
+                        ..Default::default()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.tokens()
+                .create_token(req(
+                    &bob.token,
+                    v1::CreateTokenRequest {
+                        kind: v1::TokenKind::Edge as i32,
+                        name: "sneaky".into(),
+                        ..Default::default()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.tokens()
+                .list_tokens(req(
+                    &bob.token,
+                    v1::ListTokensRequest {
+                        team: "acme".into(),
+                        include_inactive: true
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    let listed = app
+        .tokens()
+        .list_tokens(req(&bob.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.tokens.iter().all(|t| t.id != alice_agent_id));
+    assert!(listed.tokens.iter().all(|t| t.created_by == bob.email));
+    assert_eq!(
+        code(
+            app.tokens()
+                .revoke_token(req(
+                    &bob.token,
+                    v1::RevokeTokenRequest {
+                        id: alice_agent_id.clone()
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            app.tokens()
+                .rotate_token(req(
+                    &bob.token,
+                    v1::RotateTokenRequest {
+                        id: alice_agent_id.clone(),
+                        overlap_seconds: 0
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // Reservation service.
+    assert_eq!(
+        code(app.reserve(&bob, "acme", "other").await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.reservations()
+                .list_reservations(req(
+                    &bob.token,
+                    v1::ListReservationsRequest {
+                        team: "acme".into()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert!(app.list_reservations(&bob.token).await.unwrap().is_empty());
+    assert_eq!(
+        code(
+            app.reservations()
+                .release(req(
+                    &bob.token,
+                    v1::ReleaseRequest {
+                        subdomain: "chat".into()
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(
+            app.reservations()
+                .transfer(req(
+                    &bob.token,
+                    v1::TransferRequest {
+                        subdomain: "chat".into(),
+                        to_team: "globex".into()
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+
+    // Tunnel service.
+    let tunnels = app
+        .tunnels()
+        .list_tunnels(req(&bob.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tunnels.tunnels.is_empty());
+    assert_eq!(
+        code(
+            app.tunnels()
+                .list_tunnels(req(
+                    &bob.token,
+                    v1::ListTunnelsRequest {
+                        team: "acme".into()
+                    }
+                ))
+                .await
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.tunnels()
+                .watch_tunnels(req(
+                    &bob.token,
+                    v1::WatchTunnelsRequest {
+                        team: "acme".into()
+                    }
+                ))
+                .await
+                .map(|_| ())
+        ),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(
+            app.tunnels()
+                .kill_tunnel(req(
+                    &bob.token,
+                    v1::KillTunnelRequest {
+                        subdomain: "chat".into()
+                    }
+                ))
+                .await
+        ),
+        Code::NotFound
+    );
+    // Alice still has everything.
+    assert_eq!(app.list_reservations(&alice.token).await.unwrap(), ["chat"]);
+    let tunnels = app
+        .tunnels()
+        .list_tunnels(req(&alice.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tunnels.tunnels.len(), 1);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn agent_and_edge_tokens_are_refused_where_they_do_not_belong(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let (edge_token, _) = app.edge().await;
+    for token in [&agent.secret, &edge_token] {
+        let status = app.list_reservations(token).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::PermissionDenied,
+            "{}",
+            status.message()
+        );
+        let status = app
+            .tokens()
+            .create_token(req(
+                token,
+                v1::CreateTokenRequest {
+                    kind: v1::TokenKind::Api as i32,
+                    name: "escalate".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+    for token in [&agent.secret, &alice.token, &app.admin] {
+        let status = app
+            .edges()
+            .heartbeat(req(token, v1::HeartbeatRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+        let status = app
+            .edges()
+            .watch(req(token, v1::WatchRequest::default()))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::PermissionDenied);
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn team_roles_limit_who_manages_members(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let carol = app.user("carol@example.com").await;
+    let dave = app.user("dave@example.com").await;
+    let add = |by: &User, who: &User, role: v1::Role| {
+        let mut client = app.teams();
+        let request = req(
+            &by.token,
+            v1::AddMemberRequest {
+                team: "acme".into(),
+                account: who.email.clone(),
+                role: role as i32,
+            },
+        );
+        async move { client.add_member(request).await }
+    };
+    add(&alice, &carol, v1::Role::Admin).await.unwrap();
+    // An admin may add members but not owners.
+    assert_eq!(
+        code(add(&carol, &dave, v1::Role::Owner).await),
+        Code::PermissionDenied
+    );
+    add(&carol, &dave, v1::Role::Member).await.unwrap();
+    assert_eq!(
+        code(add(&carol, &dave, v1::Role::Member).await),
+        Code::AlreadyExists
+    );
+    // A member may not reserve, an admin may.
+    assert_eq!(
+        code(app.reserve(&dave, "acme", "docs-site").await),
+        Code::PermissionDenied
+    );
+    app.reserve(&carol, "acme", "docs-site").await.unwrap();
+    // The last owner cannot leave or be demoted.
+    let leave = app
+        .teams()
+        .remove_member(req(
+            &alice.token,
+            v1::RemoveMemberRequest {
+                team: "acme".into(),
+                account: alice.email.clone(),
+            },
+        ))
+        .await;
+    assert_eq!(code(leave), Code::FailedPrecondition);
+    // Anyone may leave.
+    app.teams()
+        .remove_member(req(
+            &dave.token,
+            v1::RemoveMemberRequest {
+                team: "acme".into(),
+                account: dave.email.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let team = app
+        .teams()
+        .get_team(req(
+            &alice.token,
+            v1::GetTeamRequest {
+                team: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(team.members.len(), 2);
+    assert_eq!(team.my_role, v1::Role::Owner as i32);
+    app.stop().await;
+}
+
+// === reservations ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn fifty_concurrent_reservations_of_one_name_have_exactly_one_winner(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let mut owners = Vec::new();
+    for i in 0..5 {
+        owners.push(
+            app.owner(&format!("owner{i}@example.com"), &format!("team-{i}"))
+                .await,
+        );
+    }
+    for round in 0..20 {
+        let name = format!("race-{round}");
+        let teams: Vec<String> = (0..50)
+            .map(|i| format!("team-{}", i % owners.len()))
+            .collect();
+        let attempts = (0..50).map(|i| app.reserve(&owners[i % owners.len()], &teams[i], &name));
+        let results = futures::future::join_all(attempts).await;
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "round {round}");
+        for result in results.into_iter().filter_map(Result::err) {
+            assert_eq!(result.code(), Code::AlreadyExists);
+            assert!(result.message().contains(&name), "{}", result.message());
+        }
+    }
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM reservations")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 20);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn bad_subdomains_get_invalid_argument_naming_the_field(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    for bad in [
+        "",
+        "-chat",
+        "chat-",
+        "a.b",
+        "under_score",
+        "www",
+        "ADMIN",
+        &"x".repeat(64),
+    ] {
+        let status = app.reserve(&alice, "acme", bad).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{bad}");
+        assert!(
+            status.message().starts_with("subdomain:"),
+            "{}",
+            status.message()
+        );
+    }
+    let reserved = app.reserve(&alice, "acme", "Chat").await.unwrap();
+    assert_eq!(reserved.subdomain, "chat");
+    assert_eq!(reserved.team, "acme");
+    let status = app.reserve(&alice, "nope", "chat2").await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn every_mutation_writes_one_audit_row(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    app.teams()
+        .add_member(req(
+            &bob.token,
+            v1::AddMemberRequest {
+                team: "globex".into(),
+                account: alice.email.clone(),
+                role: v1::Role::Admin as i32,
+            },
+        ))
+        .await
+        .unwrap();
+    let count = |action: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM audit_log WHERE action = $1")
+                .bind(action)
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    assert_eq!(count("reservation.reserve").await, 1);
+    app.reservations()
+        .transfer(req(
+            &alice.token,
+            v1::TransferRequest {
+                subdomain: "chat".into(),
+                to_team: "globex".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(count("reservation.transfer").await, 1);
+    app.reservations()
+        .release(req(
+            &bob.token,
+            v1::ReleaseRequest {
+                subdomain: "chat".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert_eq!(count("reservation.release").await, 1);
+    assert_eq!(count("team.create").await, 2);
+    assert_eq!(count("team.add_member").await, 1);
+    assert_eq!(count("account.create").await, 2);
+    // A refused mutation leaves no audit row.
+    let _ = app.reserve(&alice, "acme", "www").await;
+    assert_eq!(count("reservation.reserve").await, 1);
+    app.stop().await;
+}
+
+// === edges: authorization, sessions, watch ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn authorize_agent_applies_reservations_scopes_and_the_reserved_list(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    app.reserve(&bob, "globex", "shop").await.unwrap();
+    let (edge_token, _) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+
+    let ok = app
+        .authorize(&edge_token, &agent.secret, &["Chat", "free-name"])
+        .await
+        .unwrap();
+    assert_eq!(ok.team_name, "acme");
+    assert_eq!(ok.allowed.len(), 2);
+    assert_eq!(
+        (ok.allowed[0].subdomain.as_str(), ok.allowed[0].reserved),
+        ("chat", true)
+    );
+    assert_eq!(
+        (ok.allowed[1].subdomain.as_str(), ok.allowed[1].reserved),
+        ("free-name", false)
+    );
+    assert!(ok.limits.is_some());
+    let expires = ok.expires_at.unwrap().seconds;
+    let now = chrono::Utc::now().timestamp();
+    assert!(expires > now && expires <= now + 601);
+
+    let other = app
+        .authorize(&edge_token, &agent.secret, &["shop"])
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), Code::PermissionDenied);
+    assert!(other.message().contains("shop"), "{}", other.message());
+    let reserved = app
+        .authorize(&edge_token, &agent.secret, &["www"])
+        .await
+        .unwrap_err();
+    assert_eq!(reserved.code(), Code::InvalidArgument);
+
+    let scoped = app.agent_token(&alice, "acme", &["pr-*"]).await;
+    let ok = app
+        .authorize(&edge_token, &scoped.secret, &["pr-12"])
+        .await
+        .unwrap();
+    assert_eq!(ok.scopes, ["pr-*"]);
+    let denied = app
+        .authorize(&edge_token, &scoped.secret, &["chat"])
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    assert!(denied.message().contains("chat"));
+
+    let not_agent = app
+        .authorize(&edge_token, &alice.token, &["x"])
+        .await
+        .unwrap_err();
+    assert_eq!(not_agent.code(), Code::Unauthenticated);
+    let garbage = app
+        .authorize(&edge_token, "brw_agent_x", &["x"])
+        .await
+        .unwrap_err();
+    assert_eq!(garbage.code(), Code::Unauthenticated);
+    app.tokens()
+        .revoke_token(req(
+            &alice.token,
+            v1::RevokeTokenRequest {
+                id: agent.token.unwrap().id,
+            },
+        ))
+        .await
+        .unwrap();
+    let revoked = app
+        .authorize(&edge_token, &agent.secret, &["chat"])
+        .await
+        .unwrap_err();
+    assert_eq!(revoked.code(), Code::Unauthenticated);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_live_subdomain_is_refused_to_another_team_and_taken_over_by_the_same_team(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    let (edge, edge_id) = app.edge().await;
+    let a1 = app.agent_token(&alice, "acme", &[]).await;
+    let a2 = app.agent_token(&alice, "acme", &[]).await;
+    let b1 = app.agent_token(&bob, "globex", &[]).await;
+    let auth_a1 = app.authorize(&edge, &a1.secret, &["demo"]).await.unwrap();
+    let auth_a2 = app.authorize(&edge, &a2.secret, &["demo"]).await.unwrap();
+    let auth_b1 = app.authorize(&edge, &b1.secret, &["demo"]).await.unwrap();
+
+    let first = app.open(&edge, &edge_id, &auth_a1, "demo").await.unwrap();
+    assert_eq!(first.public_url, "http://demo.localhost:8080");
+    assert_eq!(first.team, "acme");
+    let refused = app
+        .open(&edge, &edge_id, &auth_b1, "demo")
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::AlreadyExists);
+    assert!(refused.message().contains("demo"));
+    // Another agent of the same team takes over at once.
+    let second = app.open(&edge, &edge_id, &auth_a2, "demo").await.unwrap();
+    assert_ne!(second.id, first.id);
+    let live: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM tunnel_sessions WHERE subdomain = 'demo' AND ended_at IS NULL",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(live, 1);
+    // A clean close frees the name for anyone at once.
+    app.close(&edge, &second.id, true).await;
+    app.open(&edge, &edge_id, &auth_b1, "demo").await.unwrap();
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn an_unclean_close_holds_the_name_for_its_team_during_the_grace_period(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    let (edge, edge_id) = app.edge().await;
+    let a = app.agent_token(&alice, "acme", &[]).await;
+    let b = app.agent_token(&bob, "globex", &[]).await;
+    let auth_a = app.authorize(&edge, &a.secret, &["demo"]).await.unwrap();
+    let auth_b = app.authorize(&edge, &b.secret, &["demo"]).await.unwrap();
+
+    let session = app.open(&edge, &edge_id, &auth_a, "demo").await.unwrap();
+    app.close(&edge, &session.id, false).await;
+    let held = app
+        .open(&edge, &edge_id, &auth_b, "demo")
+        .await
+        .unwrap_err();
+    assert_eq!(held.code(), Code::AlreadyExists);
+    assert!(held.message().contains("frees up"), "{}", held.message());
+    // The same team reclaims at once.
+    let again = app.open(&edge, &edge_id, &auth_a, "demo").await.unwrap();
+    app.close(&edge, &again.id, true).await;
+    // After a clean close nothing holds it any more.
+    app.open(&edge, &edge_id, &auth_b, "demo").await.unwrap();
+
+    // When the grace period is over, the name is free: pretend it passed.
+    let s2 = app.open(&edge, &edge_id, &auth_b, "other").await.unwrap();
+    app.close(&edge, &s2.id, false).await;
+    assert_eq!(
+        app.open(&edge, &edge_id, &auth_a, "other")
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    sqlx::query("UPDATE tunnel_sessions SET grace_until = now() - interval '1 second' WHERE subdomain = 'other'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.open(&edge, &edge_id, &auth_a, "other").await.unwrap();
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_reservation_of_another_team_cannot_be_opened(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    let (edge, edge_id) = app.edge().await;
+    let b = app.agent_token(&bob, "globex", &[]).await;
+    let auth_b = app.authorize(&edge, &b.secret, &["free"]).await.unwrap();
+    let status = app
+        .open(&edge, &edge_id, &auth_b, "chat")
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    app.stop().await;
+}
+
+async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::watch_event::Event {
+    tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("an event within 5 s")
+        .unwrap()
+        .expect("the stream stays open")
+        .event
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn watch_starts_with_hello_then_pushes_revocations_reservations_and_kills(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge, edge_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let auth = app
+        .authorize(&edge, &agent.secret, &["demo"])
+        .await
+        .unwrap();
+    let session = app.open(&edge, &edge_id, &auth, "demo").await.unwrap();
+
+    let mut stream = app
+        .edges()
+        .watch(req(
+            &edge,
+            v1::WatchRequest {
+                edge_id: edge_id.clone(),
+                after_revision: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let v1::watch_event::Event::Hello(hello) = next_event(&mut stream).await else {
+        panic!("the first event must be Hello");
+    };
+    assert!(hello.current_revision > 0);
+
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::ReservationChanged(c) => {
+            assert_eq!(c.subdomain, "chat");
+            assert_eq!(c.team_id, auth.team_id);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    app.tunnels()
+        .kill_tunnel(req(
+            &alice.token,
+            v1::KillTunnelRequest {
+                subdomain: "demo".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::TunnelKilled(k) => {
+            assert_eq!(k.session_id, session.id);
+            assert_eq!(k.subdomain, "demo");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    app.tokens()
+        .revoke_token(req(
+            &alice.token,
+            v1::RevokeTokenRequest {
+                id: auth.token_id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::TokenRevoked(r) => assert_eq!(r.token_id, auth.token_id),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Resuming from the Hello revision replays the same three events.
+    let mut resumed = app
+        .edges()
+        .watch(req(
+            &edge,
+            v1::WatchRequest {
+                edge_id,
+                after_revision: hello.current_revision,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut resumed).await,
+        v1::watch_event::Event::Hello(_)
+    ));
+    assert!(matches!(
+        next_event(&mut resumed).await,
+        v1::watch_event::Event::ReservationChanged(_)
+    ));
+    assert!(matches!(
+        next_event(&mut resumed).await,
+        v1::watch_event::Event::TunnelKilled(_)
+    ));
+    assert!(matches!(
+        next_event(&mut resumed).await,
+        v1::watch_event::Event::TokenRevoked(_)
+    ));
+    // Shutdown ends open streams instead of waiting for them.
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn tunnels_are_listed_watched_and_killed_for_their_team(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge, edge_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let auth = app
+        .authorize(&edge, &agent.secret, &["demo"])
+        .await
+        .unwrap();
+    let mut events = app
+        .tunnels()
+        .watch_tunnels(req(&alice.token, v1::WatchTunnelsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    let session = app.open(&edge, &edge_id, &auth, "demo").await.unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(started.kind, v1::tunnel_event::Kind::Started as i32);
+    assert_eq!(started.tunnel.unwrap().subdomain, "demo");
+
+    app.edges()
+        .report_tunnel_stats(req(
+            &edge,
+            v1::ReportTunnelStatsRequest {
+                edge_id: edge_id.clone(),
+                stats: vec![v1::TunnelStats {
+                    session_id: session.id.clone(),
+                    connections_total: 7,
+                    connections_open: 2,
+                    bytes_in: 100,
+                    bytes_out: 200,
+                    websocket_messages: 3,
+                }],
+            },
+        ))
+        .await
+        .unwrap();
+    let listed = app
+        .tunnels()
+        .list_tunnels(req(&alice.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .tunnels;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].connections_total, 7);
+    assert_eq!(listed[0].bytes_out, 200);
+    assert_eq!(listed[0].edge_name, "edge-1");
+
+    app.tunnels()
+        .kill_tunnel(req(
+            &alice.token,
+            v1::KillTunnelRequest {
+                subdomain: "demo".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended.kind, v1::tunnel_event::Kind::Ended as i32);
+    let listed = app
+        .tunnels()
+        .list_tunnels(req(&alice.token, Default::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .tunnels;
+    assert!(listed.is_empty());
+    let again = app
+        .tunnels()
+        .kill_tunnel(req(
+            &alice.token,
+            v1::KillTunnelRequest {
+                subdomain: "demo".into(),
+            },
+        ))
+        .await;
+    assert_eq!(code(again), Code::NotFound);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn heartbeats_need_a_registered_edge(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let (edge, edge_id) = app.edge().await;
+    app.edges()
+        .heartbeat(req(
+            &edge,
+            v1::HeartbeatRequest {
+                edge_id,
+                agent_sessions: 1,
+                tunnels: 2,
+                visitor_connections: 3,
+            },
+        ))
+        .await
+        .unwrap();
+    let unknown = app
+        .edges()
+        .heartbeat(req(
+            &edge,
+            v1::HeartbeatRequest {
+                edge_id: uuid::Uuid::new_v4().to_string(),
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(code(unknown), Code::NotFound);
+    let malformed = app
+        .edges()
+        .heartbeat(req(
+            &edge,
+            v1::HeartbeatRequest {
+                edge_id: "nope".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(malformed.code(), Code::InvalidArgument);
+    assert!(malformed.message().starts_with("edge_id:"));
+    app.stop().await;
+}
+
+// === failure modes ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_dead_database_gives_unavailable_within_a_second(pool: PgPool) {
+    let admin = burrow_control::bootstrap_admin(&pool, "admin@example.com")
+        .await
+        .unwrap();
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let config = Config {
+        db_acquire_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let dead = burrow_control::pool_options(&config)
+        .connect_lazy(&format!("postgres://postgres@127.0.0.1:{port}/none"))
+        .unwrap();
+    let app = serve(dead, pool, config, admin).await;
+    let started = Instant::now();
+    let status = app.list_reservations(&app.admin).await.unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(status.code(), Code::Unavailable, "{}", status.message());
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    assert!(status.message().contains("unavailable"));
+    let _ = app.addr;
+    app.stop().await;
+}

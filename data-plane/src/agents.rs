@@ -150,6 +150,7 @@ async fn handle(
     let agent = Arc::new(AgentSession {
         id: state.registry.next_agent_id(),
         token_id: grant.token_id.clone(),
+        team_id: grant.team_id.clone(),
         cancel: shutdown.child_token(),
         sender,
         ready: ready_rx,
@@ -303,6 +304,16 @@ async fn bind(
             claim_random(state, &grant, &info).await
         } else {
             match allowed.next() {
+                Some(name)
+                    if state
+                        .registry
+                        .holder_team(name)
+                        .is_some_and(|t| t != grant.team_id) =>
+                {
+                    Err(ControlError::AlreadyExists(format!(
+                        "subdomain {name:?} is in use by another team's tunnel"
+                    )))
+                }
                 Some(name) => state
                     .control
                     .open_session(&grant, name, &info)

@@ -358,7 +358,16 @@ impl Control {
         };
         match client.clone().open_tunnel_session(req).await {
             Ok(s) => Ok(s.into_inner().id),
-            Err(status) => Err(ControlError::from(status)),
+            Err(status) => match ControlError::from(status) {
+                // The agent was authorized (possibly from the cache): serve it unrecorded
+                // rather than take a known agent offline during an outage. The edge itself
+                // still refuses a name another team holds here.
+                ControlError::Unavailable(_) => {
+                    tracing::warn!(%subdomain, "control plane unreachable; binding without recording the session");
+                    Ok(local_session_id())
+                }
+                e => Err(e),
+            },
         }
     }
 

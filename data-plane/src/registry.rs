@@ -56,6 +56,8 @@ pub(crate) struct AgentSession {
     /// Edge-local id.
     pub(crate) id: u64,
     pub(crate) token_id: String,
+    /// Team the agent's token belongs to.
+    pub(crate) team_id: String,
     /// Cancelled to end the agent connection.
     pub(crate) cancel: CancellationToken,
     /// Opens streams to the agent.
@@ -111,6 +113,11 @@ impl Registry {
             .ok()
             .and_then(|m| m.get(subdomain).copied())
             .is_some_and(|until| until > Instant::now())
+    }
+
+    /// The team whose live tunnel holds `subdomain` on this edge, if any.
+    pub(crate) fn holder_team(&self, subdomain: &str) -> Option<String> {
+        self.route(subdomain).map(|r| r.agent.team_id.clone())
     }
 
     /// Whether a name is bound on this edge right now.

@@ -315,3 +315,4 @@ pub async fn visit(
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, headers, body)
 }
+pub mod control;

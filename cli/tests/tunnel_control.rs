@@ -1,0 +1,186 @@
+//! Tunnels governed by the real control plane: in-process control plane over a fresh
+//! PostgreSQL database, an in-process edge registered with it, and the real `burrow` binary.
+
+#![allow(clippy::unwrap_used)]
+
+mod tunnel_support;
+
+use std::time::Duration;
+
+use sqlx::PgPool;
+use tunnel_support::control::*;
+use tunnel_support::*;
+
+async fn edge_for(cp: &ControlPlane) -> Edge {
+    start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await
+}
+
+/// Waits for the agent process to exit; returns its stderr.
+async fn exits(agent: &mut Agent, within: Duration) -> String {
+    let status = tokio::time::timeout(within, agent.child.wait())
+        .await
+        .expect("the agent exits")
+        .unwrap();
+    assert!(!status.success(), "the agent should fail");
+    // Let the stderr reader drain.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    agent.stderr_text().await
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_teams_agent_binds_its_reserved_name_and_serves_http(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let owner = cp.owner("ann@example.com", "web").await;
+    cp.reserve(&owner, "shop").await;
+    let (_, secret) = cp.agent_token(&owner).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "shop"]).await;
+    let (status, _, body) = visit(&edge, "shop", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"hello from GET /hello");
+    let live = cp.list(&owner).await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].subdomain, "shop");
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn binding_another_teams_reservation_is_refused_at_the_agent_with_a_reason(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    cp.reserve(&ann, "shop").await;
+    let bob = cp.owner("bob@example.com", "other").await;
+    let (_, secret) = cp.agent_token(&bob).await;
+    let edge = edge_for(&cp).await;
+    let err = try_start_agent(&edge, &secret, &["http", "3000", "--subdomain", "shop"])
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("reserved by another team"), "{err}");
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn binding_a_name_live_in_another_teams_session_is_refused_at_the_agent_with_a_reason(
+    pool: PgPool,
+) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let bob = cp.owner("bob@example.com", "other").await;
+    let (_, ann_secret) = cp.agent_token(&ann).await;
+    let (_, bob_secret) = cp.agent_token(&bob).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let _ann_agent = start_agent(&edge, &ann_secret, &["http", &port, "--subdomain", "demo"]).await;
+    let err = try_start_agent(&edge, &bob_secret, &["http", &port, "--subdomain", "demo"])
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("demo"), "{err}");
+    assert!(
+        err.to_lowercase().contains("in use") || err.contains("live"),
+        "{err}"
+    );
+    // Ann's tunnel is untouched.
+    let (status, _, _) = visit(&edge, "demo", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn after_an_unclean_disconnect_the_team_reclaims_its_name_at_once_and_nobody_else_can(
+    pool: PgPool,
+) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let bob = cp.owner("bob@example.com", "other").await;
+    let (_, ann_secret) = cp.agent_token(&ann).await;
+    let (_, bob_secret) = cp.agent_token(&bob).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut first = start_agent(&edge, &ann_secret, &["http", &port, "--subdomain", "keep"]).await;
+    first.child.kill().await.unwrap();
+    first.child.wait().await.unwrap();
+    // Within the grace period another team is refused…
+    let err = try_start_agent(&edge, &bob_secret, &["http", &port, "--subdomain", "keep"])
+        .await
+        .err()
+        .unwrap();
+    assert!(err.contains("keep"), "{err}");
+    // …while the same team takes it back at once.
+    let _second = start_agent(&edge, &ann_secret, &["http", &port, "--subdomain", "keep"]).await;
+    let (status, _, _) = visit(&edge, "keep", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_random_name_is_bound_when_no_subdomain_is_asked_for(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let agent = start_agent(&edge, &secret, &["http", &port]).await;
+    let sub = agent.subdomain();
+    let (status, _, _) = visit(&edge, &sub, "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn revoking_the_agent_token_ends_its_live_tunnel(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let (token_id, secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "gone"]).await;
+    cp.revoke(&ann, &token_id).await;
+    let err = exits(&mut agent, Duration::from_secs(20)).await;
+    assert!(
+        err.contains("revoked")
+            || err.contains("not valid")
+            || err.contains("UNAUTH")
+            || err.contains("token"),
+        "{err}"
+    );
+    let (status, _, _) = visit(&edge, "gone", "GET", "/hello", &[], "").await;
+    assert_ne!(status, 200);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn killing_a_tunnel_through_the_api_tells_its_agent_why(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "bye"]).await;
+    cp.kill(&ann, "bye").await;
+    let err = exits(&mut agent, Duration::from_secs(20)).await;
+    assert!(err.contains("ended"), "{err}");
+    let (status, _, _) = visit(&edge, "bye", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 404);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn live_tunnels_and_known_agents_keep_working_while_the_control_plane_is_down(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "steady"]).await;
+    cp.stop().await;
+    let (status, _, _) = visit(&edge, "steady", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "a live tunnel survives the outage");
+    // The same agent reconnects on its cached authorization.
+    agent.child.kill().await.unwrap();
+    let _again = start_agent(&edge, &secret, &["http", &port, "--subdomain", "steady"]).await;
+    let (status, _, _) = visit(&edge, "steady", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "a cached agent reconnects during the outage");
+}

@@ -190,6 +190,23 @@ impl App {
 
 /// Starts the control plane on `127.0.0.1:0` over `pool` and bootstraps a platform admin.
 async fn spawn_app(pool: PgPool) -> App {
+    spawn_app_with(pool, None).await
+}
+
+/// A self-signed certificate for `127.0.0.1`, written as PEM files into `dir`.
+fn self_signed_tls(dir: &std::path::Path) -> burrow_control::TlsFiles {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+        .expect("generate certificate");
+    let cert = dir.join("api.crt");
+    let key = dir.join("api.key");
+    std::fs::write(&cert, ck.cert.pem()).expect("write cert");
+    std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
+    burrow_control::TlsFiles { cert, key }
+}
+
+/// [`spawn_app`], serving TLS with `tls` when given (the API address is then `https://`).
+async fn spawn_app_with(pool: PgPool, tls: Option<burrow_control::TlsFiles>) -> App {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -200,6 +217,7 @@ async fn spawn_app(pool: PgPool) -> App {
     let shutdown = CancellationToken::new();
     let config = burrow_control::Config {
         shutdown_grace: Duration::from_secs(2),
+        tls,
         ..burrow_control::Config::default()
     };
     let server = tokio::spawn(burrow_control::run(
@@ -209,7 +227,7 @@ async fn spawn_app(pool: PgPool) -> App {
         shutdown.clone(),
     ));
     App {
-        api: format!("http://{addr}"),
+        api: format!("{scheme}://{addr}"),
         admin_token,
         home: tempfile::tempdir().expect("tempdir"),
         shutdown,
@@ -710,6 +728,7 @@ async fn a_token_is_never_accepted_as_an_argument(pool: PgPool) {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let run = app.burrow(&args).run().await;
         let line = run.failed_with_one_line();
+        assert_eq!(run.code, Some(2), "a usage mistake exits 2");
         assert!(line.contains("--token-file"), "{line}");
         assert!(!line.contains(&secret), "the refusal echoes the token");
         assert!(!run.stdout.contains(&secret));
@@ -764,6 +783,47 @@ async fn a_saved_token_is_not_sent_to_another_api(pool: PgPool) {
 }
 
 // === reaching the API ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn an_https_api_is_verified_against_the_given_ca_certificate(pool: PgPool) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let tls = self_signed_tls(certs.path());
+    let ca = tls.cert.to_str().expect("utf-8 path").to_owned();
+    let app = spawn_app_with(pool, Some(tls)).await;
+    assert!(app.api.starts_with("https://"));
+
+    let trusted = app
+        .burrow(&["whoami", "--ca-cert", &ca, "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    trusted.ok();
+    assert_eq!(trusted.json()["account"]["email"], ADMIN_EMAIL);
+
+    // Without the CA the self-signed certificate is not trusted: a clear refusal, no call.
+    let untrusted = app.burrow(&["whoami"]).by_admin().run().await;
+    let line = untrusted.failed_with_one_line();
+    assert!(
+        line.contains("cannot reach the Burrow API at https://"),
+        "{line}"
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_plain_http_client_is_not_sent_to_a_tls_api_unnoticed(pool: PgPool) {
+    let certs = tempfile::tempdir().expect("tempdir");
+    let app = spawn_app_with(pool, Some(self_signed_tls(certs.path()))).await;
+    let plain = app.api.replace("https://", "http://");
+    let run = app
+        .burrow_bare(&["whoami", "--api", &plain])
+        .by_admin()
+        .run()
+        .await;
+    let line = run.failed_with_one_line();
+    assert!(line.contains(&plain), "{line}");
+    app.stop().await;
+}
 
 #[tokio::test]
 async fn an_unreachable_api_fails_quickly_with_a_clear_message() {

@@ -135,10 +135,10 @@ impl ApiArgs {
     /// Refuses a `--token` argument before anything else happens.
     pub(crate) fn check(&self) -> anyhow::Result<()> {
         if self.refused_token.is_some() {
-            anyhow::bail!(TOKEN_ARGUMENT_REFUSED);
+            usage!("{TOKEN_ARGUMENT_REFUSED}");
         }
         if self.refused_password.is_some() {
-            anyhow::bail!(PASSWORD_ARGUMENT_REFUSED);
+            usage!("{PASSWORD_ARGUMENT_REFUSED}");
         }
         Ok(())
     }
@@ -279,7 +279,7 @@ impl Api {
                 .tls_config(tls)
                 .map_err(|e| anyhow::anyhow!("cannot set up TLS for {address}: {e}"))?;
         } else if args.ca_cert.is_some() {
-            anyhow::bail!("--ca-cert needs an https:// API address, not {address}");
+            usage!("--ca-cert needs an https:// API address, not {address}");
         }
         let channel = endpoint.connect().await.map_err(|e| {
             anyhow::anyhow!(

@@ -27,6 +27,22 @@ macro_rules! outln {
     }};
 }
 
+/// Exit status for command-line mistakes, as clap uses for its own.
+const EXIT_USAGE: u8 = 2;
+
+/// A mistake on the command line that clap cannot see (a token given as an argument, an agent
+/// token without `--team`, …): reported like clap's own, with exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct UsageError(pub(crate) String);
+
+/// `bail!` for [`UsageError`]s.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        return Err(anyhow::Error::new($crate::admin::UsageError(format!($($arg)*))))
+    };
+}
+
 mod account;
 mod client;
 mod duration;
@@ -95,8 +111,22 @@ The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, els
     Tunnel(Box<tunnel::TunnelArgs>),
 }
 
-/// Runs one admin command. Errors come back as one sentence for `main` to print.
+/// Runs one admin command. Errors come back as one sentence for `main` to print; usage
+/// mistakes are printed here and exit with status 2.
 pub(crate) async fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
+    match dispatch(cmd).await {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => match e.downcast_ref::<UsageError>() {
+            Some(usage) => {
+                eprintln!("error: {usage}");
+                Ok(ExitCode::from(EXIT_USAGE))
+            }
+            None => Err(e),
+        },
+    }
+}
+
+async fn dispatch(cmd: AdminCommand) -> anyhow::Result<()> {
     match cmd {
         AdminCommand::Login(args) => session::login(*args).await?,
         AdminCommand::Logout(args) => session::logout(*args).await?,
@@ -107,7 +137,7 @@ pub(crate) async fn run(cmd: AdminCommand) -> anyhow::Result<ExitCode> {
         AdminCommand::Reservation(args) => reservation::run(*args).await?,
         AdminCommand::Tunnel(args) => tunnel::run(*args).await?,
     }
-    Ok(ExitCode::SUCCESS)
+    Ok(())
 }
 
 /// Resolves address and token, refuses early without a token, and connects.

@@ -234,11 +234,11 @@ pub(crate) async fn run(args: TokenArgs) -> anyhow::Result<()> {
     let output = args.api.output;
     if let TokenCommand::Create { kind, team, .. } = &args.command {
         match (kind, team) {
-            (KindArg::Agent, None) => anyhow::bail!(
+            (KindArg::Agent, None) => usage!(
                 "agent tokens belong to a team: pass --team TEAM (or --kind api for an API token)"
             ),
             (KindArg::Api | KindArg::Edge, Some(_)) => {
-                anyhow::bail!("--team is only for agent tokens")
+                usage!("--team is only for agent tokens")
             }
             _ => {}
         }
@@ -247,11 +247,9 @@ pub(crate) async fn run(args: TokenArgs) -> anyhow::Result<()> {
         overlap: Some(o), ..
     } = &args.command
     {
-        anyhow::ensure!(
-            *o <= MAX_ROTATE_OVERLAP,
-            "--overlap is at most 7d, not {}s",
-            o.as_secs()
-        );
+        if *o > MAX_ROTATE_OVERLAP {
+            usage!("--overlap is at most 7d, not {}s", o.as_secs());
+        }
     }
     let api = super::connect(&args.api).await?;
     let mut client = api.tokens();

@@ -501,6 +501,220 @@ async fn an_admin_creates_a_team_member_reservation_and_agent_token_then_revokes
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn rotating_a_token_prints_a_new_secret_and_refuses_the_old_one(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let created = app
+        .burrow(&["token", "create", "ci", "--kind", "api", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    created.ok();
+    let created = created.json();
+    let old = created["secret"].as_str().expect("secret").to_owned();
+    let id = created["token"]["id"].as_str().expect("id").to_owned();
+    app.burrow(&["whoami"])
+        .env("BURROW_TOKEN", &old)
+        .run()
+        .await
+        .ok();
+
+    let rotated = app.burrow(&["token", "rotate", &id]).by_admin().run().await;
+    rotated.ok();
+    let new = rotated
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("brw_api_"))
+        .expect("the new secret is printed")
+        .trim()
+        .to_owned();
+    assert_ne!(new, old);
+    assert!(rotated.stderr.contains("shown only this once"));
+
+    let refused = app
+        .burrow(&["whoami"])
+        .env("BURROW_TOKEN", &old)
+        .run()
+        .await;
+    let line = refused.failed_with_one_line();
+    assert!(line.contains("not logged in or token invalid"), "{line}");
+    app.burrow(&["whoami"])
+        .env("BURROW_TOKEN", &new)
+        .run()
+        .await
+        .ok();
+
+    let too_long = app
+        .burrow(&["token", "rotate", &id, "--overlap", "8d"])
+        .by_admin()
+        .run()
+        .await;
+    assert_eq!(too_long.code, Some(2));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn roles_transfers_releases_and_disabling_work_through_the_cli(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    for team in ["web", "mobile"] {
+        app.burrow(&["team", "create", team])
+            .by_admin()
+            .run()
+            .await
+            .ok();
+    }
+    app.burrow(&["team", "add-member", "web", ALICE_EMAIL])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let promoted = app
+        .burrow(&[
+            "team",
+            "set-role",
+            "web",
+            ALICE_EMAIL,
+            "owner",
+            "-o",
+            "json",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    promoted.ok();
+    assert_eq!(promoted.json()["role"], "owner");
+
+    app.burrow(&["reservation", "create", "chat", "--team", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let moved = app
+        .burrow(&[
+            "reservation",
+            "transfer",
+            "chat",
+            "--to",
+            "mobile",
+            "-o",
+            "json",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    moved.ok();
+    assert_eq!(moved.json()["team"], "mobile");
+    app.burrow(&["reservation", "release", "chat"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let none = app
+        .burrow(&["reservation", "list", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    none.ok();
+    assert_eq!(none.json(), serde_json::json!([]));
+    let gone = app
+        .burrow(&["reservation", "release", "chat"])
+        .by_admin()
+        .run()
+        .await;
+    assert!(gone.failed_with_one_line().contains("not found"));
+
+    app.burrow(&["team", "remove-member", "web", ALICE_EMAIL])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let team = app
+        .burrow(&["team", "get", "web", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    team.ok();
+    assert!(
+        !team.stdout.contains(ALICE_EMAIL),
+        "alice is still a member"
+    );
+
+    // Disabling Alice stops her saved login at once.
+    app.login_alice().await.ok();
+    app.burrow_bare(&["whoami"]).run().await.ok();
+    let disabled = app
+        .burrow(&["account", "disable", ALICE_EMAIL, "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    disabled.ok();
+    assert_eq!(disabled.json()["disabled"], true);
+    let refused = app.burrow_bare(&["whoami"]).run().await;
+    refused.failed_with_one_line();
+    let got = app
+        .burrow(&["account", "get", ALICE_EMAIL, "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    got.ok();
+    assert_eq!(got.json()["disabled"], true);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn killing_a_tunnel_that_is_not_live_is_not_found(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let run = app
+        .burrow(&["tunnel", "kill", "nothing-here"])
+        .by_admin()
+        .run()
+        .await;
+    let line = run.failed_with_one_line();
+    assert!(line.contains("not found"), "{line}");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn tunnel_watch_says_so_when_the_api_ends_the_stream(pool: PgPool) {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let app = spawn_app(pool).await;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["tunnel", "watch", "--api", &app.api])
+        .env("BURROW_TOKEN", &app.admin_token)
+        .env("HOME", app.home.path())
+        .env("BURROW_CONFIG", app.config_path())
+        .env_remove("BURROW_TIMEOUT")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn burrow");
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().expect("stderr")).lines();
+    let first = tokio::time::timeout(RUN_TIMEOUT, stderr.next_line())
+        .await
+        .expect("watch did not start")
+        .expect("read stderr")
+        .expect("a line");
+    assert!(first.starts_with("Watching tunnels on"), "{first}");
+
+    // Shutting the control plane down ends the stream; the watch reports it and fails.
+    app.stop().await;
+    let status = tokio::time::timeout(RUN_TIMEOUT, child.wait())
+        .await
+        .expect("watch did not end with the API")
+        .expect("wait");
+    assert!(!status.success());
+    let last = tokio::time::timeout(RUN_TIMEOUT, stderr.next_line())
+        .await
+        .expect("no reason given")
+        .expect("read stderr")
+        .expect("a line");
+    assert!(last.starts_with("error: "), "{last}");
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn json_output_parses_with_stable_field_names(pool: PgPool) {
     let app = spawn_app(pool).await;
     app.burrow(&["team", "create", "web"])

@@ -202,3 +202,185 @@ async fn without_a_subdomain_the_agent_gets_a_random_name() {
     let (status, _, _) = visit(&edge, &sub, "GET", "/hello", &[], "").await;
     assert_eq!(status, 200);
 }
+
+async fn raw_exchange(edge: &Edge, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    s.write_all(request).await.unwrap();
+    // Read the response head (or until the edge closes the connection).
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !out.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn oversized_or_too_many_request_headers_get_431() {
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| {
+            l.max_header_bytes = 8192;
+            l.max_headers = 10;
+        },
+    )
+    .await;
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x.localhost\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let answer = raw_exchange(&edge, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    let mut many = String::from("GET / HTTP/1.1\r\nHost: x.localhost\r\n");
+    for i in 0..20 {
+        many.push_str(&format!("X-H{i}: v\r\n"));
+    }
+    many.push_str("\r\n");
+    let answer = raw_exchange(&edge, many.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_visitor_that_sends_headers_too_slowly_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.header_read_timeout = std::time::Duration::from_millis(500),
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x.local")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    assert!(r.is_ok(), "the edge kept a slow visitor open");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn an_upgrade_request_with_a_body_is_refused_before_reaching_the_agent() {
+    let local = local_http_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "smuggle"],
+    )
+    .await;
+    let req = format!(
+        "GET /hello HTTP/1.1\r\nHost: smuggle.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
+        edge.http.port()
+    );
+    let answer = raw_exchange(&edge, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+#[tokio::test]
+async fn burrow_start_runs_every_tunnel_of_its_file() {
+    let a = local_http_server().await;
+    let b = local_http_server().await;
+    let edge = standalone_edge().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("burrow.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[tunnel]]\ntarget = \"{}\"\nsubdomain = \"one\"\n\n[[tunnel]]\ntarget = \"127.0.0.1:{}\"\nsubdomain = \"two\"\nhost_header = \"preserve\"\n",
+            a.port(),
+            b.port()
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let mut agent = start_agent(&edge, STANDALONE_TOKEN, &["start", "--config", &file]).await;
+    // Both URLs are printed.
+    while agent.urls.len() < 2 {
+        let u = agent
+            .next_ready(std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        agent.urls.push(u);
+    }
+    agent.urls.sort();
+    assert!(
+        agent.urls[0].starts_with("http://one.localhost:"),
+        "{:?}",
+        agent.urls
+    );
+    assert!(
+        agent.urls[1].starts_with("http://two.localhost:"),
+        "{:?}",
+        agent.urls
+    );
+    for sub in ["one", "two"] {
+        let (status, _, _) = visit(&edge, sub, "GET", "/hello", &[], "").await;
+        assert_eq!(status, 200, "{sub}");
+    }
+}
+
+#[tokio::test]
+async fn authtoken_add_reads_the_token_from_stdin_and_the_agent_uses_it() {
+    use tokio::io::AsyncWriteExt as _;
+    let local = local_http_server().await;
+    let edge = standalone_edge().await;
+    let home = tempfile::tempdir().unwrap();
+    let config = home.path().join("config.toml");
+    let mut add = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["authtoken", "add"])
+        .env("BURROW_CONFIG", &config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    add.stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{STANDALONE_TOKEN}\n").as_bytes())
+        .await
+        .unwrap();
+    let out = add.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(STANDALONE_TOKEN));
+    // The agent finds the token in the config file (no BURROW_TOKEN).
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["http", &local.port().to_string(), "--subdomain", "saved"])
+        .arg("--edge")
+        .arg(format!("localhost:{}", edge.agent.port()))
+        .arg("--edge-ca")
+        .arg(&edge.ca_file)
+        .env("BURROW_CONFIG", &config)
+        .env_remove("BURROW_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        first.starts_with("Forwarding http://saved.localhost:"),
+        "{first}"
+    );
+}

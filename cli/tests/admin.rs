@@ -790,8 +790,10 @@ async fn json_output_parses_with_stable_field_names(pool: PgPool) {
     assert_eq!(created["token"]["kind"], "api");
     assert!(created["token"]["team"].is_null());
 
+    // The address may also come from BURROW_API.
     let tunnels = app
-        .burrow(&["tunnel", "list", "-o", "json"])
+        .burrow_bare(&["tunnel", "list", "-o", "json"])
+        .env("BURROW_API", &app.api)
         .by_admin()
         .run()
         .await;
@@ -1017,6 +1019,7 @@ async fn an_https_api_is_verified_against_the_given_ca_certificate(pool: PgPool)
     // Without the CA the self-signed certificate is not trusted: a clear refusal, no call.
     let untrusted = app.burrow(&["whoami"]).by_admin().run().await;
     let line = untrusted.failed_with_one_line();
+    assert!(line.contains("--ca-cert"), "{line}");
     assert!(
         line.contains("cannot reach the Burrow API at https://"),
         "{line}"
@@ -1035,7 +1038,7 @@ async fn a_plain_http_client_is_not_sent_to_a_tls_api_unnoticed(pool: PgPool) {
         .run()
         .await;
     let line = run.failed_with_one_line();
-    assert!(line.contains(&plain), "{line}");
+    assert!(line.contains(&plain) && line.contains("https://"), "{line}");
     app.stop().await;
 }
 

@@ -282,10 +282,13 @@ impl Api {
             usage!("--ca-cert needs an https:// API address, not {address}");
         }
         let channel = endpoint.connect().await.map_err(|e| {
-            anyhow::anyhow!(
-                "cannot reach the Burrow API at {address}: {}",
-                root_cause(&e)
-            )
+            let cause = root_cause(&e);
+            let hint = if cause.contains("certificate") && args.ca_cert.is_none() {
+                " (if the API uses a private CA, pass --ca-cert FILE)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("cannot reach the Burrow API at {address}: {cause}{hint}")
         })?;
         Ok(Self {
             channel,
@@ -362,6 +365,13 @@ pub(crate) fn describe_status(status: &Status, address: &str, timeout: Duration)
             "the server at {address} does not offer this call (is it a Burrow API of this \
              version?)"
         )),
+        Code::Unknown | Code::Internal
+            if address.starts_with("http://") && detail.contains("protocol error") =>
+        {
+            with(&format!(
+                "the server at {address} does not speak plain gRPC (does it need https://?)"
+            ))
+        }
         Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => {
             with(&format!("the Burrow API at {address} failed"))
         }

@@ -48,7 +48,7 @@ pub(crate) enum AccountCommand {
     #[command(after_help = "Examples:
   burrow account get
   burrow account get alice@example.com
-  burrow account get 5f0c…-uuid --output json")]
+  burrow account get alice@example.com --output json | jq -r .id")]
     Get {
         /// Account id (UUID) or email; yours when omitted.
         account: Option<String>,

@@ -401,10 +401,10 @@ mod tests {
     #[test]
     fn api_addresses_lose_their_trailing_slash_and_need_a_scheme() {
         assert_eq!(
-            normalize_api("http://127.0.0.1:7000/").unwrap(),
-            "http://127.0.0.1:7000"
+            normalize_api("http://127.0.0.1:7070/").unwrap(),
+            "http://127.0.0.1:7070"
         );
-        assert!(normalize_api("127.0.0.1:7000").is_err());
+        assert!(normalize_api("127.0.0.1:7070").is_err());
         assert!(normalize_api("http://").is_err());
     }
 

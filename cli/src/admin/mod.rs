@@ -61,10 +61,10 @@ use client::{Api, ApiArgs, ENV_TOKEN};
 pub(crate) enum AdminCommand {
     /// Sign in and save the API address and a new API token (mode 0600).
     #[command(after_help = "Examples:
-  burrow login --api http://127.0.0.1:7000 --email admin@example.com    # asks for the password
-  printf '%s\\n' \"$PW\" | burrow login --api https://api.example.com --email ci@example.com --password-stdin
+  burrow login --api http://127.0.0.1:7070 --email admin@example.com    # asks for the password
+  printf '%s\\n' \"$PW\" | burrow login --email ci@example.com --password-stdin
   burrow-control bootstrap --email admin@example.com > admin.token
-  burrow login --api http://127.0.0.1:7000 --token-file admin.token     # save a given token
+  burrow login --api http://127.0.0.1:7070 --token-file admin.token     # save a given token
 
 The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, else
 ~/.config/burrow/config.toml.")]

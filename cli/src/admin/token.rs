@@ -93,7 +93,7 @@ The secret is printed once: store it now (a password manager, or a file only you
     },
     /// Revoke a token at once: its next use is refused and edges drop its tunnels.
     #[command(after_help = "Examples:
-  burrow token revoke 3f2a…-token-id
+  burrow token revoke he8q0u444ndv
   burrow token list --output json | jq -r '.[] | select(.name == \"laptop\") | .id' \\
     | xargs -n1 burrow token revoke")]
     Revoke {
@@ -102,8 +102,8 @@ The secret is printed once: store it now (a password manager, or a file only you
     },
     /// Issue a new secret for a token; the old one works for --overlap, then is refused.
     #[command(after_help = "Examples:
-  burrow token rotate 3f2a…-token-id                 # old secret refused at once
-  burrow token rotate 3f2a…-token-id --overlap 1h    # old secret valid one more hour")]
+  burrow token rotate he8q0u444ndv                 # old secret refused at once
+  burrow token rotate he8q0u444ndv --overlap 1h    # old secret valid one more hour")]
     Rotate {
         /// Token id.
         id: String,

@@ -184,3 +184,33 @@ async fn live_tunnels_and_known_agents_keep_working_while_the_control_plane_is_d
     let (status, _, _) = visit(&edge, "steady", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200, "a cached agent reconnects during the outage");
 }
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn the_api_shows_each_live_tunnels_connections_and_bytes(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "counted"]).await;
+    let payload = "x".repeat(10_000);
+    let (status, _, _) = visit(&edge, "counted", "POST", "/echo", &[], payload).await;
+    assert_eq!(status, 200);
+    // Counters travel with the edge's heartbeat (1 s in these tests).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let live = cp.list(&ann).await;
+        let t = &live[0];
+        if t.connections_total >= 1 && t.bytes_in >= 10_000 && t.bytes_out >= 10_000 {
+            assert!(!t.agent_version.is_empty());
+            assert_eq!(t.local_addr, format!("localhost:{port}"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "counters never arrived: {t:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -384,3 +384,67 @@ async fn authtoken_add_reads_the_token_from_stdin_and_the_agent_uses_it() {
         "{first}"
     );
 }
+
+#[tokio::test]
+async fn https_visitors_reach_the_tunnel_and_the_local_server_sees_proto_https() {
+    let local = local_http_server().await;
+    let id = identity();
+    let edge = start_edge_with(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        id.clone(),
+        None,
+        true,
+        |_| {},
+    )
+    .await;
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "sec"],
+    )
+    .await;
+    let https = edge.https.unwrap();
+    assert!(
+        agent
+            .urls
+            .contains(&format!("https://sec.localhost:{}", https.port())),
+        "{:?}",
+        agent.urls
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut id.cert_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tls))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .uri("/headers")
+        .header("host", format!("sec.localhost:{}", https.port()))
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    use http_body_util::BodyExt as _;
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
+}

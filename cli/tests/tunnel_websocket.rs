@@ -2,7 +2,11 @@
 //! and a local tokio-tungstenite echo server (or a raw TCP server where a WebSocket library
 //! would get in the way).
 
-#![allow(clippy::unwrap_used, clippy::result_large_err, clippy::collapsible_match)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::result_large_err,
+    clippy::collapsible_match
+)]
 
 mod tunnel_support;
 
@@ -559,4 +563,44 @@ async fn two_hundred_concurrent_websockets_share_the_tunnel_without_cross_talk()
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn an_idle_visitor_websocket_gets_keepalive_pings_and_stays_usable() {
+    let (local, _seen) = local_echo_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.ws_ping_interval = Some(Duration::from_millis(200)),
+    )
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "idle"],
+    )
+    .await;
+    let (mut ws, _) = connect(&edge, "idle", "/", &[]).await;
+    // Five ping intervals of silence from both ends: the edge pings, the client answers.
+    let mut pings = 0;
+    while pings < 5 {
+        match tokio::time::timeout(STEP, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Ping(p) => {
+                assert!(p.is_empty());
+                pings += 1;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    ws.send(Message::text("still here")).await.unwrap();
+    assert_eq!(next(&mut ws).await, Message::text("still here"));
 }

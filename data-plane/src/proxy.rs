@@ -289,7 +289,12 @@ async fn handle(
     };
     let mut up = Request::new(match upgrade {
         Some(_) => Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
-        None => body.boxed(),
+        None => Counted {
+            inner: body,
+            route: Arc::clone(&route),
+            inbound: true,
+        }
+        .boxed(),
     });
     *up.uri_mut() = uri;
     *up.headers_mut() = headers;
@@ -358,6 +363,7 @@ async fn handle(
             close_timeout: state.config.limits.ws_close_timeout,
         };
         let route = Arc::clone(&route);
+        let stop = route.agent.cancel.clone();
         tracker.spawn(async move {
             let (v, a) = match tokio::join!(visitor_upgrade, agent_upgrade) {
                 (Ok(v), Ok(a)) => (v, a),
@@ -374,7 +380,7 @@ async fn handle(
                     return;
                 }
             };
-            let report = relay(TokioIo::new(v), TokioIo::new(a), opts).await;
+            let report = relay(TokioIo::new(v), TokioIo::new(a), opts, stop).await;
             let c = &route.counters;
             c.connections_open.fetch_sub(1, Ordering::Relaxed);
             c.bytes_in
@@ -411,7 +417,52 @@ async fn handle(
         ms = started.elapsed().as_millis() as u64,
         "request"
     );
+    let body = Counted {
+        inner: body,
+        route,
+        inbound: false,
+    };
     Response::from_parts(parts, body.boxed())
+}
+
+/// A body that adds the bytes passing through to its tunnel's counters.
+struct Counted {
+    inner: Incoming,
+    route: Arc<Route>,
+    /// Visitor → local (`bytes_in`) rather than local → visitor (`bytes_out`).
+    inbound: bool,
+}
+
+impl http_body::Body for Counted {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                let c = &self.route.counters;
+                let counter = if self.inbound {
+                    &c.bytes_in
+                } else {
+                    &c.bytes_out
+                };
+                counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Sends `up` to the route's agent; an `Err` is the page to show instead.

@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio_util::sync::CancellationToken;
 
 use crate::frame::{
     client_close_frame, server_close_frame, FrameObserver, FrameStats, SERVER_PING_FRAME,
@@ -48,15 +49,23 @@ pub struct RelayOptions {
 
 /// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
 /// outlived `close_timeout`).
-pub async fn relay<V, A>(visitor: V, agent: A, opts: RelayOptions) -> RelayReport
+///
+/// Cancelling `stop` ends both directions at once; each destination then gets a 1001 close
+/// frame (going away) if it is at a frame boundary.
+pub async fn relay<V, A>(
+    visitor: V,
+    agent: A,
+    opts: RelayOptions,
+    stop: CancellationToken,
+) -> RelayReport
 where
     V: AsyncRead + AsyncWrite + Send + 'static,
     A: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (vr, vw) = tokio::io::split(visitor);
     let (ar, aw) = tokio::io::split(agent);
-    let up = pump(vr, aw, Direction::ToLocal, opts);
-    let down = pump(ar, vw, Direction::ToVisitor, opts);
+    let up = pump(vr, aw, Direction::ToLocal, opts, stop.clone());
+    let down = pump(ar, vw, Direction::ToVisitor, opts, stop);
     tokio::pin!(up, down);
     let (to_local, to_visitor) = tokio::select! {
         u = &mut up => {
@@ -82,7 +91,13 @@ enum Direction {
     ToVisitor,
 }
 
-async fn pump<R, W>(mut src: R, mut dst: W, dir: Direction, opts: RelayOptions) -> FrameStats
+async fn pump<R, W>(
+    mut src: R,
+    mut dst: W,
+    dir: Direction,
+    opts: RelayOptions,
+    stop: CancellationToken,
+) -> FrameStats
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -99,6 +114,7 @@ where
     let end = loop {
         let read = tokio::select! {
             r = src.read(&mut buf) => r,
+            () = stop.cancelled() => break End::Eof,
             () = &mut idle, if ping.is_some() => {
                 // Keepalive toward the visitor, only between frames.
                 if observer.at_boundary()

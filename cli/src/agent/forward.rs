@@ -58,6 +58,8 @@ pub(crate) struct Forwarder {
     pub(crate) client: Client<HttpConnector, Incoming>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
     pub(crate) on_closed: OnClosed,
+    /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
+    pub(crate) stop: tokio_util::sync::CancellationToken,
     /// Called once when the edge says the tunnels are routable.
     pub(crate) on_ready: Box<dyn Fn() + Send + Sync>,
 }
@@ -368,6 +370,7 @@ impl Forwarder {
         let mut out = empty(StatusCode::OK);
         *out.headers_mut() = headers;
 
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
                 (Ok(e), Ok(l)) => (e, l),
@@ -383,7 +386,7 @@ impl Forwarder {
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.
-            let report = relay(TokioIo::new(edge), TokioIo::new(local), opts).await;
+            let report = relay(TokioIo::new(edge), TokioIo::new(local), opts, stop).await;
             let close = report
                 .to_visitor
                 .close_code

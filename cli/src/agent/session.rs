@@ -245,6 +245,7 @@ async fn connect_once(
     let forwarder = Arc::new(Forwarder {
         tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
         client: local_client(),
+        stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 return;

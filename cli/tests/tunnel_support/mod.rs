@@ -23,6 +23,8 @@ pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// A running in-process edge.
 pub struct Edge {
     pub http: SocketAddr,
+    /// HTTPS visitor listener, when started with one.
+    pub https: Option<SocketAddr>,
     pub agent: SocketAddr,
     /// PEM file of the edge's self-signed agent certificate, for `--edge-ca`.
     pub ca_file: PathBuf,
@@ -52,6 +54,23 @@ pub async fn start_edge(
     agent_addr: Option<SocketAddr>,
     tweak: impl FnOnce(&mut Limits),
 ) -> Edge {
+    start_edge_with(control, identity, agent_addr, false, tweak).await
+}
+
+/// Like [`start_edge`], optionally with an HTTPS visitor listener presenting `identity`.
+pub async fn start_edge_with(
+    control: ControlConfig,
+    identity: TlsIdentity,
+    agent_addr: Option<SocketAddr>,
+    with_https: bool,
+    tweak: impl FnOnce(&mut Limits),
+) -> Edge {
+    let https = if with_https {
+        Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+    } else {
+        None
+    };
+    let https_addr = https.as_ref().map(|l| l.local_addr().unwrap());
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = TcpListener::bind(agent_addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
         .await
@@ -70,7 +89,7 @@ pub async fn start_edge(
         agent_addr: None,
         control,
         agent_tls: identity.clone(),
-        visitor_tls: None,
+        visitor_tls: with_https.then(|| identity.clone()),
         limits,
     };
     let shutdown = CancellationToken::new();
@@ -78,13 +97,14 @@ pub async fn start_edge(
         config,
         Listeners {
             http: Some(http),
-            https: None,
+            https,
             agent,
         },
         shutdown.clone(),
     ));
     Edge {
         http: http_addr,
+        https: https_addr,
         agent: agent_addr,
         ca_file,
         shutdown,

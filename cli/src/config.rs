@@ -102,20 +102,40 @@ pub(crate) fn save_to(path: &Path, config: &UserConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Largest token file accepted: tokens are under 200 bytes, so anything bigger is the wrong
+/// file (and reading it whole could exhaust memory, e.g. `--token-file /dev/zero`).
+pub(crate) const MAX_TOKEN_FILE_BYTES: u64 = 16 * 1024;
+
 /// Reads a secret from a file given with `--token-file` (`-` is standard input), trimming
-/// surrounding whitespace.
+/// surrounding whitespace. Reads at most [`MAX_TOKEN_FILE_BYTES`].
 pub(crate) fn read_token_file(path: &Path) -> anyhow::Result<String> {
-    let text = if path == Path::new("-") {
-        let mut s = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+    use std::io::Read as _;
+
+    let mut bytes = Vec::new();
+    let limit = MAX_TOKEN_FILE_BYTES + 1;
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut bytes)
             .context("cannot read the token from standard input")?;
-        s
     } else {
-        std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read token file {}", path.display()))?
+        std::fs::File::open(path)
+            .and_then(|f| f.take(limit).read_to_end(&mut bytes))
+            .with_context(|| format!("cannot read token file {}", path.display()))?;
+    }
+    let name = if path == Path::new("-") {
+        "standard input".to_owned()
+    } else {
+        format!("token file {}", path.display())
     };
+    anyhow::ensure!(
+        bytes.len() as u64 <= MAX_TOKEN_FILE_BYTES,
+        "{name} is larger than {MAX_TOKEN_FILE_BYTES} bytes: not a token"
+    );
+    let text = String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{name} is not text"))?;
     let token = text.trim().to_owned();
-    anyhow::ensure!(!token.is_empty(), "token file {} is empty", path.display());
+    anyhow::ensure!(!token.is_empty(), "{name} is empty");
     Ok(token)
 }
 
@@ -142,6 +162,20 @@ mod tests {
             let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600);
         }
+    }
+
+    #[test]
+    fn token_files_are_trimmed_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("t");
+        std::fs::write(&good, "  brw_api_x\n").unwrap();
+        assert_eq!(read_token_file(&good).unwrap(), "brw_api_x");
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'a'; MAX_TOKEN_FILE_BYTES as usize + 1]).unwrap();
+        assert!(read_token_file(&big).is_err());
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+        assert!(read_token_file(&empty).is_err());
     }
 
     #[test]

@@ -1085,6 +1085,52 @@ async fn an_unreachable_api_fails_quickly_with_a_clear_message() {
 }
 
 #[tokio::test]
+async fn a_silent_api_times_out_with_a_sentence() {
+    // Accepts connections and never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let home = tempfile::tempdir().expect("tempdir");
+    let api = format!("http://{addr}");
+    let started = Instant::now();
+    let out = tokio::time::timeout(
+        RUN_TIMEOUT,
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args(["team", "list", "--api", &api, "--timeout", "1s"])
+            .env("BURROW_TOKEN", "brw_api_x_y")
+            .env("HOME", home.path())
+            .env("BURROW_CONFIG", home.path().join("c.toml"))
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("burrow hung")
+    .expect("run burrow");
+    held.abort();
+    assert!(
+        started.elapsed() < UNREACHABLE_REPORTED_WITHIN,
+        "took {:?}",
+        started.elapsed()
+    );
+    let run = Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let line = run.failed_with_one_line();
+    assert!(line.contains("did not answer within 1s"), "{line}");
+}
+
+#[tokio::test]
 async fn every_admin_subcommand_has_help_with_examples() {
     let commands: &[&[&str]] = &[
         &["login"],

@@ -356,6 +356,11 @@ pub(crate) fn describe_status(status: &Status, address: &str, timeout: Duration)
                 format!("cannot reach the Burrow API at {address}: {detail}")
             }
         }
+        // tonic reports its own client-side deadline as CANCELLED "Timeout expired".
+        Code::Cancelled if detail == "Timeout expired" => format!(
+            "the Burrow API at {address} did not answer within {}s (raise --timeout)",
+            timeout.as_secs_f64()
+        ),
         Code::DeadlineExceeded => format!(
             "the Burrow API at {address} did not answer within {}s (raise --timeout)",
             timeout.as_secs_f64()

@@ -40,6 +40,9 @@ pub enum ControlConfig {
         url: String,
         /// The edge token (`brw_edge_…`).
         edge_token: SecretString,
+        /// Extra CA certificate (PEM) to trust for an `https://` control plane with a private
+        /// or self-signed certificate.
+        ca_pem: Option<String>,
     },
     /// No control plane: a fixed list of agent tokens, all of one team, any free name
     /// first-come. For trying Burrow on one machine; nothing is recorded.
@@ -211,5 +214,77 @@ impl Config {
             return bad("ws_ping_interval must be longer than zero (or disabled)");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config {
+            name: "edge".into(),
+            domain: "example.com".into(),
+            public_url_template: None,
+            agent_addr: None,
+            control: ControlConfig::Standalone {
+                agent_tokens: vec!["t".to_owned().into()],
+            },
+            agent_tls: TlsIdentity::self_signed(&["localhost".to_owned()]).unwrap(),
+            visitor_tls: None,
+            limits: Limits::default(),
+        }
+    }
+
+    #[test]
+    fn the_default_limits_are_valid() {
+        config().validate().unwrap();
+    }
+
+    type Tweak = Box<dyn Fn(&mut Config)>;
+
+    #[test]
+    fn each_bad_setting_is_refused_with_a_sentence_naming_it() {
+        let cases: Vec<(Tweak, &str)> = vec![
+            (Box::new(|c| c.domain = "bad domain".into()), "domain"),
+            (
+                Box::new(|c| c.public_url_template = Some("http://x".into())),
+                "{sub}",
+            ),
+            (Box::new(|c| c.limits.max_headers = 0), "max_headers"),
+            (
+                Box::new(|c| c.limits.max_header_bytes = 100),
+                "max_header_bytes",
+            ),
+            (
+                Box::new(|c| c.limits.h2_max_frame_size = 1),
+                "h2_max_frame_size",
+            ),
+            (
+                Box::new(|c| c.limits.header_read_timeout = Duration::ZERO),
+                "header_read_timeout",
+            ),
+            (
+                Box::new(|c| c.limits.ws_ping_interval = Some(Duration::ZERO)),
+                "ws_ping_interval",
+            ),
+            (
+                Box::new(|c| {
+                    c.control = ControlConfig::Remote {
+                        url: "ftp://x".into(),
+                        edge_token: "t".to_owned().into(),
+                        ca_pem: None,
+                    }
+                }),
+                "http://",
+            ),
+        ];
+        for (tweak, needle) in cases {
+            let mut c = config();
+            tweak(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
     }
 }

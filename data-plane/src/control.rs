@@ -154,12 +154,25 @@ fn local_session_id() -> String {
 impl Control {
     pub(crate) fn new(config: &ControlConfig, limits: &Limits) -> anyhow::Result<Self> {
         let backend = match config {
-            ControlConfig::Remote { url, edge_token } => {
-                let channel = Channel::from_shared(url.clone())
+            ControlConfig::Remote {
+                url,
+                edge_token,
+                ca_pem,
+            } => {
+                let mut endpoint = Channel::from_shared(url.clone())
                     .map_err(|e| anyhow::anyhow!("control-plane URL {url:?} is invalid: {e}"))?
                     .connect_timeout(limits.control_call_timeout)
-                    .timeout(limits.control_call_timeout)
-                    .connect_lazy();
+                    .timeout(limits.control_call_timeout);
+                if url.starts_with("https://") {
+                    let mut tls = tonic::transport::ClientTlsConfig::new();
+                    if let Some(pem) = ca_pem {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    endpoint = endpoint
+                        .tls_config(tls)
+                        .map_err(|e| anyhow::anyhow!("control-plane TLS settings: {e}"))?;
+                }
+                let channel = endpoint.connect_lazy();
                 let value: MetadataValue<_> = format!("Bearer {}", edge_token.expose_secret())
                     .parse()
                     .map_err(|_| anyhow::anyhow!("the edge token has invalid characters"))?;

@@ -48,6 +48,9 @@ struct Args {
     /// File holding the edge token (instead of BURROW_EDGE_TOKEN).
     #[arg(long)]
     edge_token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for an https:// control plane.
+    #[arg(long)]
+    control_ca: Option<PathBuf>,
     /// Run without a control plane: accept agents presenting the token in this file.
     #[arg(long, conflicts_with = "control")]
     standalone_token_file: Option<PathBuf>,
@@ -148,9 +151,17 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
                     "--control needs an edge token: set BURROW_EDGE_TOKEN or --edge-token-file"
                 ),
             };
+            let ca_pem = match &args.control_ca {
+                Some(p) => Some(
+                    std::fs::read_to_string(p)
+                        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?,
+                ),
+                None => None,
+            };
             ControlConfig::Remote {
                 url: url.clone(),
                 edge_token: token.into(),
+                ca_pem,
             }
         }
         (None, Some(f)) => ControlConfig::Standalone {

@@ -84,6 +84,7 @@ impl ControlPlane {
         ControlConfig::Remote {
             url: format!("http://{}", self.addr),
             edge_token: token.into(),
+            ca_pem: None,
         }
     }
 

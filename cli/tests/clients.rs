@@ -25,7 +25,7 @@ use sqlx::PgPool;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdin, Command};
 use tunnel_support::control::{start_control, ControlPlane};
-use tunnel_support::{identity, start_agent, start_edge, Agent, Edge};
+use tunnel_support::{start_agent, start_edge_with, Agent, Edge};
 
 /// Longest a server script may take to print `LISTENING <port>`.
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
@@ -214,17 +214,16 @@ struct Tunnel {
 
 impl Tunnel {
     /// Puts `local_port` behind `subdomain` and waits until the agent says it is forwarding.
+    /// The edge serves visitors over plain HTTP and HTTPS; its self-signed certificate names
+    /// `localhost` and `SUBDOMAIN.localhost` (clients verify it with `--ca`).
     async fn open(pool: PgPool, local_port: u16, subdomain: &str) -> Tunnel {
         let control = start_control(pool).await;
         let owner = control.owner("dev@example.com", "web").await;
         let (_, secret) = control.agent_token(&owner).await;
-        let edge = start_edge(
-            control.edge_control("edge-a").await,
-            identity(),
-            None,
-            |_| {},
-        )
-        .await;
+        let names = ["localhost".to_owned(), format!("{subdomain}.localhost")];
+        let identity = burrow_edge::TlsIdentity::self_signed(&names).unwrap();
+        let edge_control = control.edge_control("edge-a").await;
+        let edge = start_edge_with(edge_control, identity, None, true, |_| {}).await;
         let port = local_port.to_string();
         let agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", subdomain]).await;
         assert_eq!(
@@ -241,14 +240,20 @@ impl Tunnel {
         }
     }
 
-    /// The public URL with `scheme` (`ws`, `http`): `SCHEME://SUB.localhost:EDGE_PORT/`.
-    /// Clients dial 127.0.0.1 at that port and send the URL's host as `Host`.
+    /// The public URL with `scheme` (`ws`, `http`, `wss`, `https`):
+    /// `SCHEME://SUB.localhost:EDGE_PORT/`. Clients dial 127.0.0.1 at that port and send the
+    /// URL's host as `Host` (and as the TLS server name).
     fn url(&self, scheme: &str) -> String {
-        format!(
-            "{scheme}://{}.localhost:{}/",
-            self.subdomain,
-            self.edge.http.port()
-        )
+        let edge = match scheme {
+            "wss" | "https" => self.edge.https.expect("the edge serves HTTPS"),
+            _ => self.edge.http,
+        };
+        format!("{scheme}://{}.localhost:{}/", self.subdomain, edge.port())
+    }
+
+    /// The PEM file of the edge's certificate, for the clients' `--ca`.
+    fn ca(&self) -> String {
+        self.edge.ca_file.display().to_string()
     }
 
     /// Stops the agent, the edge and the control plane.
@@ -390,5 +395,56 @@ async fn a_broadcast_reaches_the_two_other_clients_and_not_the_sender(pool: PgPo
     let tunnel = Tunnel::open(pool, server.port, "room").await;
     let ok = run_client("broadcast-client.js", &[&tunnel.url("ws")]).await;
     assert!(ok.contains("A did not get its own message"), "{ok}");
+    tunnel.close().await;
+}
+
+// === the same over TLS (wss://, https://) ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn node_and_python_clients_reach_the_node_echo_server_over_wss(pool: PgPool) {
+    if !runtimes_present("wss echo", &[Runtime::Node, Runtime::Python]) {
+        return;
+    }
+    let server = start_server("ws-echo-server.js").await;
+    let tunnel = Tunnel::open(pool, server.port, "secure").await;
+    let (url, ca) = (tunnel.url("wss"), tunnel.ca());
+    let args = [url.as_str(), "--ca", &ca, "--prefix", "Echo: "];
+    let ok = run_client("ws-echo-client.js", &args).await;
+    assert!(ok.starts_with("OK ws-echo 4 text"), "{ok}");
+    let ok = run_client("websockets_echo_client.py", &args).await;
+    assert!(ok.starts_with("OK websockets-echo 4 text"), "{ok}");
+    tunnel.close().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn socketio_polls_and_upgrades_to_websocket_over_https(pool: PgPool) {
+    if !runtimes_present("socket.io over https", &[Runtime::Node]) {
+        return;
+    }
+    let server = start_server("socketio-server.js").await;
+    let tunnel = Tunnel::open(pool, server.port, "secure").await;
+    let (url, ca) = (tunnel.url("https"), tunnel.ca());
+    let ok = run_client("socketio-client.js", &[&url, "--ca", &ca]).await;
+    assert!(ok.contains("upgraded to websocket"), "{ok}");
+    tunnel.close().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn chromium_loads_the_express_page_over_https_and_its_wss_echo_appears_in_the_dom(
+    pool: PgPool,
+) {
+    if !runtimes_present(
+        "express + chromium over https",
+        &[Runtime::Node, Runtime::Chromium],
+    ) {
+        return;
+    }
+    let server = start_server("express-ws-server.js").await;
+    let tunnel = Tunnel::open(pool, server.port, "secure").await;
+    let (url, ca) = (tunnel.url("https"), tunnel.ca());
+    let ok = run_client("chromium-page.js", &[&url, "--ca", &ca]).await;
+    let https = tunnel.edge.https.expect("the edge serves HTTPS");
+    let expected = format!("Echo: hello from secure.localhost:{}", https.port());
+    assert!(ok.contains(&expected), "{ok}");
     tunnel.close().await;
 }

@@ -2,8 +2,8 @@
 
 Sends text messages (empty, ASCII, non-ASCII, 256 KiB), optionally binary ones, then closes
 with 1000 and checks the server answered 1000. Dials 127.0.0.1 (or --connect) while the URL's
-host, `NAME.localhost:PORT`, goes out in the Host header. Prints `OK websockets-echo ...` and
-exits 0, or `FAIL websockets-echo: ...` on stderr and exits 1; never runs past --timeout-ms.
+host, `NAME.localhost:PORT`, goes out in the Host header; a wss:// URL is verified against
+--ca for that host. Prints `OK websockets-echo ...` and exits 0, or `FAIL websockets-echo: ...` on stderr and exits 1; never runs past --timeout-ms.
 
     python websockets_echo_client.py ws://NAME.localhost:PORT/ [--prefix 'Echo: '] [--binary]
         [--expect-extension permessage-deflate]
@@ -12,6 +12,7 @@ exits 0, or `FAIL websockets-echo: ...` on stderr and exits 1; never runs past -
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from urllib.parse import urlsplit
 
@@ -37,9 +38,13 @@ async def scenario(args):
     else:
         dial_host, dial_port = "127.0.0.1", url.port or (443 if url.scheme == "wss" else 80)
 
+    tls = {}
+    if url.scheme == "wss":
+        # Verified against --ca (else the system roots) for the URL's host, not the dialled IP.
+        tls = {"ssl": ssl.create_default_context(cafile=args.ca), "server_hostname": url.hostname}
     # max_size raised so the 256 KiB message plus prefix and the 300 KB binary fit.
     async with connect(
-        args.url, host=dial_host, port=dial_port, proxy=None, max_size=2**20
+        args.url, host=dial_host, port=dial_port, proxy=None, max_size=2**20, **tls
     ) as ws:
         extensions = ws.response.headers.get("Sec-WebSocket-Extensions", "")
         if args.expect_extension and args.expect_extension not in extensions:
@@ -72,6 +77,7 @@ def main():
     parser.add_argument("--binary", action="store_true")
     parser.add_argument("--expect-extension")
     parser.add_argument("--connect", help="HOST:PORT to dial instead of 127.0.0.1:<url port>")
+    parser.add_argument("--ca", help="PEM file to verify a wss:// server against")
     parser.add_argument("--timeout-ms", type=int, default=DEFAULT_TIMEOUT_MS)
     args = parser.parse_args()
     try:

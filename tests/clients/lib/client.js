@@ -3,12 +3,18 @@
 // request still names the visitor's host (`Host: NAME.localhost:PORT`, as DESIGN.md's local
 // development notes ask), an overall deadline, and the one-line verdict the Rust tests read.
 //
-// Every client is run as `node <script> <url> [--connect HOST:PORT] [--timeout-ms N] [...]`.
+// Every client is run as
+//   node <script> <url> [--connect HOST:PORT] [--ca FILE] [--timeout-ms N] [...]
+// `wss://` and `https://` URLs are served over TLS checked against `--ca` (a PEM file, e.g.
+// the edge's self-signed certificate) with the URL's host as the server name.
 // It prints `OK <scenario> <summary>` and exits 0, or `FAIL <scenario>: <reason>` on stderr
 // and exits 1. It never outlives its deadline.
 
+const fs = require('node:fs');
 const http = require('node:http');
+const https = require('node:https');
 const net = require('node:net');
+const tls = require('node:tls');
 const util = require('node:util');
 const WebSocket = require('ws');
 
@@ -29,6 +35,26 @@ class LoopbackAgent extends http.Agent {
 
   createConnection(_options, _callback) {
     return net.connect({ host: this.dial.host, port: this.dial.port });
+  }
+}
+
+/** The same over TLS, verifying the certificate for the URL's host against `ca`. */
+class LoopbackTlsAgent extends https.Agent {
+  constructor(dial, servername, ca) {
+    super({ keepAlive: true });
+    this.dial = dial;
+    this.servername = servername;
+    this.ca = ca;
+  }
+
+  createConnection(_options, _callback) {
+    return tls.connect({
+      host: this.dial.host,
+      port: this.dial.port,
+      servername: this.servername,
+      ca: this.ca,
+      ALPNProtocols: ['http/1.1'],
+    });
   }
 }
 
@@ -60,12 +86,13 @@ function runClient(scenario, options, body) {
       options: {
         ...options,
         connect: { type: 'string' },
+        ca: { type: 'string' },
         'timeout-ms': { type: 'string' },
       },
       allowPositionals: true,
     });
     if (parsed.positionals.length !== 1) {
-      throw new Error('usage: <url> [--connect HOST:PORT] [--timeout-ms N]');
+      throw new Error('usage: <url> [--connect HOST:PORT] [--ca FILE] [--timeout-ms N]');
     }
   } catch (err) {
     fail(err);
@@ -81,7 +108,16 @@ function runClient(scenario, options, body) {
   const timer = setTimeout(() => fail(`no verdict within ${timeoutMs} ms`), timeoutMs);
   timer.unref();
 
-  const agent = new LoopbackAgent(dial);
+  const secure = url.protocol === 'wss:' || url.protocol === 'https:';
+  let agent;
+  try {
+    agent = secure
+      ? new LoopbackTlsAgent(dial, url.hostname, args.ca ? fs.readFileSync(args.ca) : undefined)
+      : new LoopbackAgent(dial);
+  } catch (err) {
+    fail(err);
+    return;
+  }
   process.on('uncaughtException', fail);
   Promise.resolve()
     .then(() => body({ url, dial, agent, args }))
@@ -158,4 +194,6 @@ function expectEqual(what, actual, expected) {
   throw new Error(`${what}: expected ${show(expected)}, got ${show(actual)}`);
 }
 
-module.exports = { runClient, openWebSocket, closeWebSocket, expectEqual, Inbox, LoopbackAgent };
+module.exports = {
+  runClient, openWebSocket, closeWebSocket, expectEqual, Inbox, LoopbackAgent, LoopbackTlsAgent,
+};

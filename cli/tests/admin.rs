@@ -242,7 +242,13 @@ async fn login_writes_a_0600_config_file_that_later_commands_use(pool: PgPool) {
     let app = spawn_app(pool).await;
     app.create_alice().await;
 
-    let login = app.login_alice().await;
+    // A BURROW_TOKEN in the environment does not stand in for the password login asked for.
+    let login = app
+        .burrow(&["login", "--email", ALICE_EMAIL, "--password-stdin"])
+        .by_admin()
+        .stdin(&format!("{ALICE_PASSWORD}\n"))
+        .run()
+        .await;
     login.ok();
     assert!(login.stdout.contains(ALICE_EMAIL), "{}", login.stdout);
 

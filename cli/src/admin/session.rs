@@ -93,11 +93,17 @@ pub(crate) async fn login(args: LoginArgs) -> anyhow::Result<()> {
 
     // A token given by file or BURROW_TOKEN (e.g. the one `burrow-control bootstrap`
     // printed) is checked and saved as is; otherwise email and password buy a new one.
+    // Asking for a password login (`--email`, `--password-stdin`) ignores BURROW_TOKEN.
+    let wants_password = args.email.is_some() || args.password_stdin;
+    if wants_password && args.api.token_file.is_some() {
+        usage!("--token-file saves a given token; it cannot be combined with --email or --password-stdin");
+    }
     let given = match &args.api.token_file {
         Some(path) => Some(Credential::new(
             config::read_token_file(path)?,
             TokenSource::File,
         )),
+        None if wants_password => None,
         None => std::env::var(ENV_TOKEN)
             .ok()
             .map(|t| t.trim().to_owned())

@@ -284,6 +284,26 @@ async fn login_writes_a_0600_config_file_that_later_commands_use(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn login_and_logout_keep_the_agent_settings_in_the_config_file(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    app.create_alice().await;
+    std::fs::write(
+        app.config_path(),
+        "authtoken = \"brw_agent_kept\"\nedge = \"edge.example.com:4443\"\n",
+    )
+    .expect("write config");
+    app.login_alice().await.ok();
+    app.burrow_bare(&["logout"]).run().await.ok();
+    let text = std::fs::read_to_string(app.config_path()).expect("config");
+    let saved: toml::Value = toml::from_str(&text).expect("toml");
+    assert_eq!(saved["authtoken"].as_str(), Some("brw_agent_kept"));
+    assert_eq!(saved["edge"].as_str(), Some("edge.example.com:4443"));
+    assert_eq!(saved["api"].as_str(), Some(app.api.as_str()));
+    assert!(saved.get("token").is_none());
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn login_with_a_wrong_password_fails_with_one_line_and_saves_nothing(pool: PgPool) {
     let app = spawn_app(pool).await;
     app.create_alice().await;

@@ -217,13 +217,23 @@ impl Tunnel {
     /// The edge serves visitors over plain HTTP and HTTPS; its self-signed certificate names
     /// `localhost` and `SUBDOMAIN.localhost` (clients verify it with `--ca`).
     async fn open(pool: PgPool, local_port: u16, subdomain: &str) -> Tunnel {
+        Self::open_with(pool, local_port, subdomain, |_| {}).await
+    }
+
+    /// Like [`Tunnel::open`], with the edge's limits adjusted by `tweak`.
+    async fn open_with(
+        pool: PgPool,
+        local_port: u16,
+        subdomain: &str,
+        tweak: impl FnOnce(&mut burrow_edge::Limits),
+    ) -> Tunnel {
         let control = start_control(pool).await;
         let owner = control.owner("dev@example.com", "web").await;
         let (_, secret) = control.agent_token(&owner).await;
         let names = ["localhost".to_owned(), format!("{subdomain}.localhost")];
         let identity = burrow_edge::TlsIdentity::self_signed(&names).unwrap();
         let edge_control = control.edge_control("edge-a").await;
-        let edge = start_edge_with(edge_control, identity, None, true, |_| {}).await;
+        let edge = start_edge_with(edge_control, identity, None, true, tweak).await;
         let port = local_port.to_string();
         let agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", subdomain]).await;
         assert_eq!(
@@ -395,6 +405,43 @@ async fn a_broadcast_reaches_the_two_other_clients_and_not_the_sender(pool: PgPo
     let tunnel = Tunnel::open(pool, server.port, "room").await;
     let ok = run_client("broadcast-client.js", &[&tunnel.url("ws")]).await;
     assert!(ok.contains("A did not get its own message"), "{ok}");
+    tunnel.close().await;
+}
+
+/// The edge's keepalive interval in the idle tests: short, so five intervals take a second.
+const TEST_PING_INTERVAL: Duration = Duration::from_millis(200);
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn idle_node_and_python_clients_answer_the_edges_pings_and_keep_their_connections(
+    pool: PgPool,
+) {
+    if !runtimes_present("keepalive", &[Runtime::Node, Runtime::Python]) {
+        return;
+    }
+    let server = start_server("ws-echo-server.js").await;
+    let tunnel = Tunnel::open_with(pool, server.port, "idle", |limits| {
+        limits.ws_ping_interval = Some(TEST_PING_INTERVAL);
+    })
+    .await;
+    let url = tunnel.url("ws");
+    // `ws` reports each ping: wait for five of them, then echo again.
+    let ok = run_client(
+        "ws-echo-client.js",
+        &[&url, "--prefix", "Echo: ", "--idle-pings", "5"],
+    )
+    .await;
+    assert!(
+        ok.contains("idle through 5 pings and still echoing"),
+        "{ok}"
+    );
+    // `websockets` answers pings silently: stay idle for five intervals, then echo again.
+    let idle_ms = (TEST_PING_INTERVAL * 5).as_millis().to_string();
+    let ok = run_client(
+        "websockets_echo_client.py",
+        &[&url, "--prefix", "Echo: ", "--idle-ms", &idle_ms],
+    )
+    .await;
+    assert!(ok.contains("still echoing"), "{ok}");
     tunnel.close().await;
 }
 

@@ -5,8 +5,11 @@ with 1000 and checks the server answered 1000. Dials 127.0.0.1 (or --connect) wh
 host, `NAME.localhost:PORT`, goes out in the Host header; a wss:// URL is verified against
 --ca for that host. Prints `OK websockets-echo ...` and exits 0, or `FAIL websockets-echo: ...` on stderr and exits 1; never runs past --timeout-ms.
 
+With --idle-ms N it then stays silent for N ms (while the edge's keepalive pings arrive and
+`websockets` answers them) and checks the connection still echoes.
+
     python websockets_echo_client.py ws://NAME.localhost:PORT/ [--prefix 'Echo: '] [--binary]
-        [--expect-extension permessage-deflate]
+        [--expect-extension permessage-deflate] [--idle-ms N]
 """
 
 import argparse
@@ -64,10 +67,16 @@ async def scenario(args):
                 if reply != payload:
                     raise AssertionError(f"binary echo of {size} bytes differs")
                 binaries += 1
+        idle = ""
+        if args.idle_ms > 0:
+            await asyncio.sleep(args.idle_ms / 1000)
+            await ws.send("still here")
+            expect_equal("reply after idling", await ws.recv(), args.prefix + "still here")
+            idle = f", idle for {args.idle_ms} ms and still echoing"
         await ws.close(1000, "done")
         expect_equal("close code from the server", ws.close_code, 1000)
     ext = f', extensions "{extensions}"' if extensions else ""
-    return f"{len(TEXTS)} text + {binaries} binary messages echoed, close 1000{ext}"
+    return f"{len(TEXTS)} text + {binaries} binary messages echoed{idle}, close 1000{ext}"
 
 
 def main():
@@ -77,6 +86,7 @@ def main():
     parser.add_argument("--binary", action="store_true")
     parser.add_argument("--expect-extension")
     parser.add_argument("--connect", help="HOST:PORT to dial instead of 127.0.0.1:<url port>")
+    parser.add_argument("--idle-ms", type=int, default=0)
     parser.add_argument("--ca", help="PEM file to verify a wss:// server against")
     parser.add_argument("--timeout-ms", type=int, default=DEFAULT_TIMEOUT_MS)
     args = parser.parse_args()

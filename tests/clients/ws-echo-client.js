@@ -3,8 +3,11 @@
 // so the large one spans many TCP segments and tunnel frames), optionally binary ones, then a
 // clean close whose code the server must echo.
 //
+// With --idle-pings N it then stays silent until N pings have arrived (the edge's keepalive;
+// `ws` answers each with a pong) and checks the connection still echoes.
+//
 //   node ws-echo-client.js ws://NAME.localhost:PORT/ [--prefix 'Echo: '] [--binary]
-//       [--expect-extension permessage-deflate]
+//       [--expect-extension permessage-deflate] [--idle-pings N]
 const crypto = require('node:crypto');
 const { runClient, openWebSocket, closeWebSocket, expectEqual } = require('./lib/client');
 
@@ -16,9 +19,16 @@ runClient(
     prefix: { type: 'string', default: '' },
     binary: { type: 'boolean', default: false },
     'expect-extension': { type: 'string' },
+    'idle-pings': { type: 'string', default: '0' },
   },
   async ({ url, agent, args }) => {
     const { ws, inbox } = await openWebSocket(url, agent);
+    let pings = 0;
+    let pinged = () => {};
+    ws.on('ping', () => {
+      pings += 1;
+      pinged();
+    });
     if (args['expect-extension'] && !ws.extensions.includes(args['expect-extension'])) {
       throw new Error(`extension ${args['expect-extension']} not negotiated (got "${ws.extensions}")`);
     }
@@ -42,9 +52,23 @@ runClient(
       }
     }
 
+    const idlePings = Number(args['idle-pings']);
+    let idle = '';
+    if (idlePings > 0) {
+      const from = pings;
+      await new Promise((resolve) => {
+        pinged = () => pings - from >= idlePings && resolve();
+      });
+      expectEqual('messages received while idle', inbox.queue.length, 0);
+      ws.send('still here');
+      const reply = await inbox.next();
+      expectEqual('reply after idling', reply.data.toString('utf8'), `${args.prefix}still here`);
+      idle = `, idle through ${pings - from} pings and still echoing`;
+    }
+
     const closeCode = await closeWebSocket(ws, 1000, 'done');
     expectEqual('close code from the server', closeCode, 1000);
     const ext = ws.extensions ? `, extensions "${ws.extensions}"` : '';
-    return `${TEXTS.length} text + ${binaries} binary messages echoed, close 1000${ext}`;
+    return `${TEXTS.length} text + ${binaries} binary messages echoed${idle}, close 1000${ext}`;
   },
 );

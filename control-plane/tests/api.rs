@@ -1755,3 +1755,97 @@ async fn a_dead_database_gives_unavailable_within_a_second(pool: PgPool) {
     let _ = app.addr;
     app.stop().await;
 }
+
+// === the binary ===
+
+/// DATABASE_URL pointing at the test's own database.
+async fn database_url(pool: &PgPool) -> String {
+    let name: String = sqlx::query_scalar("SELECT current_database()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let base = std::env::var("DATABASE_URL").unwrap();
+    let (server, _) = base.rsplit_once('/').unwrap();
+    format!("{server}/{name}")
+}
+
+async fn control(args: &[&str], url: &str) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow-control"))
+        .args(args)
+        .env("DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .await
+        .unwrap()
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn the_binary_bootstraps_once_then_refuses_with_a_sentence(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let first = control(&["bootstrap", "--email", "root@example.com"], &url).await;
+    assert!(first.status.success(), "{first:?}");
+    let token = String::from_utf8(first.stdout).unwrap();
+    assert!(token.trim().starts_with("brw_api_"), "{token}");
+    let second = control(&["bootstrap", "--email", "root2@example.com"], &url).await;
+    assert!(!second.status.success());
+    let stderr = String::from_utf8(second.stderr).unwrap();
+    assert!(stderr.contains("already exists"), "{stderr}");
+    let edge = control(&["edge-token", "create", "--name", "edge-a"], &url).await;
+    assert!(edge.status.success(), "{edge:?}");
+    assert!(String::from_utf8(edge.stdout)
+        .unwrap()
+        .starts_with("brw_edge_"));
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn the_binary_exits_with_code_2_on_invalid_configuration(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let out = control(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-cache-ttl-secs",
+            "0",
+        ],
+        &url,
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("token cache TTL"), "{stderr}");
+    let missing = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow-control"))
+        .args(["migrate"])
+        .env_remove("DATABASE_URL")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2), "{missing:?}");
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn repeated_wrong_passwords_for_one_email_are_rate_limited(pool: PgPool) {
+    let config = Config {
+        max_failed_login_per_email: 2,
+        ..test_config()
+    };
+    let app = spawn_app_with(pool, config).await;
+    app.user("alice@example.com").await;
+    let login = |password: &str| {
+        let mut client = app.accounts();
+        let request = Request::new(v1::LoginRequest {
+            email: "alice@example.com".into(),
+            password: password.into(),
+            token_name: String::new(),
+        });
+        async move { client.login(request).await }
+    };
+    assert_eq!(code(login("wrong one").await), Code::Unauthenticated);
+    assert_eq!(code(login("wrong two").await), Code::Unauthenticated);
+    // Even the right password is refused until the window passes.
+    assert_eq!(
+        code(login("correct horse battery").await),
+        Code::ResourceExhausted
+    );
+    app.stop().await;
+}

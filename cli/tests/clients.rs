@@ -8,7 +8,8 @@
 //!
 //! The programs are installed by `scripts/install-test-clients.sh`. A test whose runtime is
 //! missing (no `node`, no `tests/clients/node_modules`, no `tests/clients/.venv`, no
-//! Chromium) says so on stderr and passes without checking anything; CI installs them all.
+//! Chromium) says so on stderr and passes without checking anything, unless
+//! `BURROW_REQUIRE_TEST_CLIENTS=1` is set, when it fails; CI installs them all.
 //!
 //! Every child process is killed when its handle drops, every wait is bounded, and every
 //! port is picked by the OS.
@@ -103,11 +104,20 @@ fn chromium() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"))
 }
 
+/// Set (to anything but `0`) to make a missing runtime fail the test instead of skipping it,
+/// so a CI machine whose install step quietly failed cannot pass without running anything.
+const REQUIRE_CLIENTS_ENV: &str = "BURROW_REQUIRE_TEST_CLIENTS";
+
 /// True when every runtime in `needs` is present; otherwise prints which is not, so the
-/// calling test can return early.
+/// calling test can return early — or panics, when [`REQUIRE_CLIENTS_ENV`] is set.
 fn runtimes_present(test: &str, needs: &[Runtime]) -> bool {
+    let required = std::env::var(REQUIRE_CLIENTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
     for runtime in needs {
         if let Some(reason) = runtime.missing() {
+            assert!(
+                !required,
+                "{test}: {reason}, and {REQUIRE_CLIENTS_ENV} is set"
+            );
             eprintln!("skipping {test}: {reason}");
             return false;
         }

@@ -138,9 +138,8 @@ pub async fn run(
         .build_v1()
         .context("building the reflection service")?;
 
-    let mut builder = Server::builder().trace_fn(|request| {
-        tracing::info_span!("rpc", method = %request.uri().path())
-    });
+    let mut builder = Server::builder()
+        .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("configuring TLS")?;
     }

@@ -168,7 +168,7 @@ async fn killing_a_tunnel_through_the_api_tells_its_agent_why(pool: PgPool) {
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn live_tunnels_and_known_agents_keep_working_while_the_control_plane_is_down(pool: PgPool) {
-    let cp = start_control(pool).await;
+    let mut cp = start_control(pool).await;
     let ann = cp.owner("ann@example.com", "web").await;
     let (_, secret) = cp.agent_token(&ann).await;
     let edge = edge_for(&cp).await;

@@ -197,8 +197,16 @@ impl ControlPlane {
             .tunnels
     }
 
-    pub async fn stop(self) {
+    /// Stops the control plane and waits until it has closed its database connections.
+    pub async fn stop(&mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for ControlPlane {
+    /// Stops the server so its pool closes before the test database is dropped.
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }

@@ -279,7 +279,7 @@ impl Tunnel {
     /// Stops the agent, the edge and the control plane.
     async fn close(self) {
         let Tunnel {
-            control,
+            mut control,
             edge,
             mut agent,
             ..

@@ -1959,3 +1959,85 @@ async fn the_api_is_served_over_tls_when_configured(pool: PgPool) {
     shutdown.cancel();
     server.await.unwrap().unwrap();
 }
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_silent_edges_tunnels_stop_blocking_other_teams_after_the_grace_period(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.owner("bob@example.com", "globex").await;
+    let (edge, edge_id) = app.edge().await;
+    let a = app.agent_token(&alice, "acme", &[]).await;
+    let b = app.agent_token(&bob, "globex", &[]).await;
+    let auth_a = app.authorize(&edge, &a.secret, &["demo"]).await.unwrap();
+    let auth_b = app.authorize(&edge, &b.secret, &["demo"]).await.unwrap();
+    app.open(&edge, &edge_id, &auth_a, "demo").await.unwrap();
+    // The edge went quiet a little while ago: the session counts as an unclean end, within
+    // the grace period, so another team is still refused.
+    sqlx::query("UPDATE edges SET last_heartbeat_at = now() - interval '40 seconds'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let held = app
+        .open(&edge, &edge_id, &auth_b, "demo")
+        .await
+        .unwrap_err();
+    assert_eq!(held.code(), Code::AlreadyExists);
+    // Long enough ago that the grace period is over too: the name is free.
+    sqlx::query("UPDATE tunnel_sessions SET ended_at = now() - interval '10 minutes', grace_until = now() - interval '5 minutes'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    app.open(&edge, &edge_id, &auth_b, "demo").await.unwrap();
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn disabling_an_account_tells_edges_which_tokens_stopped_working(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let (edge, edge_id) = app.edge().await;
+    let mut stream = app
+        .edges()
+        .watch(req(
+            &edge,
+            v1::WatchRequest {
+                edge_id,
+                after_revision: 0,
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::Hello(_)
+    ));
+    app.accounts()
+        .disable_account(req(
+            &app.admin,
+            v1::DisableAccountRequest {
+                account: alice.id.clone(),
+            },
+        ))
+        .await
+        .unwrap();
+    let mut revoked = Vec::new();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::AccountDisabled(d) => assert_eq!(d.account_id, alice.id),
+        other => panic!("unexpected {other:?}"),
+    }
+    for _ in 0..2 {
+        match next_event(&mut stream).await {
+            v1::watch_event::Event::TokenRevoked(r) => revoked.push(r.token_id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(revoked.contains(&agent.token.unwrap().id));
+    let status = app
+        .authorize(&edge, &agent.secret, &["x"])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    app.stop().await;
+}

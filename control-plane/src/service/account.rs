@@ -152,6 +152,17 @@ impl AccountApi {
             json!({"account_id": row.id.to_string()}),
         )
         .await?;
+        // Edges know agents by token, not by account: name every token that stops working.
+        let tokens: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM api_tokens WHERE created_by = $1 AND revoked_at IS NULL",
+        )
+        .bind(row.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        for token in tokens {
+            store::record_change(&mut tx, change::TOKEN_REVOKED, json!({"token_id": token}))
+                .await?;
+        }
         tx.commit().await?;
         self.state.auth.forget_account(row.id);
         Ok(to_proto(&row))

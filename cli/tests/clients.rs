@@ -32,9 +32,9 @@ use tunnel_support::{start_agent, start_edge_with, Agent, Edge};
 const SERVER_START_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longest a client script may run; the scripts give up on their own after
 /// `CLIENT_SCRIPT_TIMEOUT`, this only catches a script that hangs regardless.
-const CLIENT_RUN_TIMEOUT: Duration = Duration::from_secs(60);
+const CLIENT_RUN_TIMEOUT: Duration = Duration::from_secs(90);
 /// The overall deadline each client script is given (`--timeout-ms`).
-const CLIENT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(30);
+const CLIENT_SCRIPT_TIMEOUT: Duration = Duration::from_secs(45);
 
 // === the outside programs ===
 

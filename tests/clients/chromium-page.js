@@ -40,7 +40,7 @@ runClient(
       const expected = `Echo: hello from ${url.host}`;
       const echo = page.locator('#echo');
       try {
-        await echo.filter({ hasText: expected }).waitFor({ timeout: 10_000 });
+        await echo.filter({ hasText: expected }).waitFor({ timeout: 15_000 });
       } catch {
         const status = await page.locator('#status').textContent();
         throw new Error(`"${expected}" never appeared (status: ${status}, echo: "${await echo.textContent()}")`);

@@ -100,17 +100,21 @@ function runClient(scenario, options, body) {
   }
 
   const { values: args, positionals } = parsed;
-  const url = new URL(positionals[0]);
-  const dial = args.connect
-    ? parseDial(args.connect)
-    : { host: '127.0.0.1', port: defaultPort(url) };
   const timeoutMs = Number(args['timeout-ms'] ?? DEFAULT_TIMEOUT_MS);
-  const timer = setTimeout(() => fail(`no verdict within ${timeoutMs} ms`), timeoutMs);
-  timer.unref();
+  if (!(timeoutMs > 0)) {
+    fail(`--timeout-ms wants a positive number of milliseconds, got ${args['timeout-ms']}`);
+    return;
+  }
+  // Not unref'd: the process lives until a verdict, so it can never end silently.
+  setTimeout(() => fail(`no verdict within ${timeoutMs} ms`), timeoutMs);
 
-  const secure = url.protocol === 'wss:' || url.protocol === 'https:';
+  let url;
+  let dial;
   let agent;
   try {
+    url = new URL(positionals[0]);
+    dial = args.connect ? parseDial(args.connect) : { host: '127.0.0.1', port: defaultPort(url) };
+    const secure = url.protocol === 'wss:' || url.protocol === 'https:';
     agent = secure
       ? new LoopbackTlsAgent(dial, url.hostname, args.ca ? fs.readFileSync(args.ca) : undefined)
       : new LoopbackAgent(dial);

@@ -214,3 +214,39 @@ async fn the_api_shows_each_live_tunnels_connections_and_bytes(pool: PgPool) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn after_the_agent_stops_cleanly_its_name_is_free_for_anyone_at_once(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    let bob = cp.owner("bob@example.com", "other").await;
+    let (_, ann_secret) = cp.agent_token(&ann).await;
+    let (_, bob_secret) = cp.agent_token(&bob).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut first = start_agent(&edge, &ann_secret, &["http", &port, "--subdomain", "free"]).await;
+    // SIGTERM: the agent says goodbye (HTTP/2 GOAWAY), so no grace period holds the name.
+    let pid = first.child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(10), first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(exit.success(), "a stopped agent exits 0");
+    // The edge closes the session when it sees the goodbye; give that a moment to land.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match try_start_agent(&edge, &bob_secret, &["http", &port, "--subdomain", "free"]).await {
+            Ok(_bob_agent) => break,
+            Err(e) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "bob never got the name: {e}"
+            ),
+        }
+    }
+}

@@ -25,6 +25,19 @@ async fn a_get_reaches_the_local_server_through_the_tunnel() {
     let (status, _, body) = visit(&edge, "hello", "GET", "/hello?x=1", &[], "").await;
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"hello from GET /hello?x=1");
+    // One log line per request: method, path, status, duration, bytes.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = agent.stderr_text().await;
+        if log.contains("GET /hello?x=1 200 ") && log.contains(" 25 B") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no request line in:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test]

@@ -289,3 +289,54 @@ async fn the_tunnel_comes_back_within_two_seconds_of_the_edge_restarting() {
     let (status, _, _) = visit(&edge, "phoenix", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_frozen_agent_is_detected_by_keepalive_and_reconnects_when_it_thaws() {
+    let local = local_http_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.agent_keepalive_interval = Duration::from_millis(300),
+    )
+    .await;
+    let port = local.port().to_string();
+    let mut agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "frozen"],
+    )
+    .await;
+    let pid = agent.child.id().unwrap().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    // Within two keepalive intervals (plus scheduling slack) the edge drops the silent agent.
+    let started = Instant::now();
+    loop {
+        let (status, _, _) = visit(&edge, "frozen", "GET", "/hello", &[], "").await;
+        if status == 503 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the edge still routes to a frozen agent ({status})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    signal("-CONT");
+    agent
+        .next_ready(Duration::from_secs(15))
+        .await
+        .expect("the thawed agent bound its tunnel again");
+    let (status, _, _) = visit(&edge, "frozen", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}

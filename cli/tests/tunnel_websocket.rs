@@ -604,3 +604,34 @@ async fn an_idle_visitor_websocket_gets_keepalive_pings_and_stays_usable() {
     ws.send(Message::text("still here")).await.unwrap();
     assert_eq!(next(&mut ws).await, Message::text("still here"));
 }
+
+#[tokio::test]
+async fn the_agent_logs_one_line_per_websocket_with_messages_and_close_code() {
+    let (edge, agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/logged", &[]).await;
+    for _ in 0..3 {
+        ws.send(Message::text("m")).await.unwrap();
+        next(&mut ws).await;
+    }
+    ws.close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let log = agent.stderr_text().await;
+        if let Some(line) = log.lines().find(|l| l.contains("WS  /logged")) {
+            assert!(line.contains("in 3 msgs"), "{line}");
+            assert!(line.contains("out 3 msgs"), "{line}");
+            assert!(line.contains("close 1000"), "{line}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no WebSocket line in:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -5,6 +5,7 @@
 //! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
 //! never inside a frame. The same boundary lets the edge ping an idle visitor.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -64,22 +65,51 @@ where
 {
     let (vr, vw) = tokio::io::split(visitor);
     let (ar, aw) = tokio::io::split(agent);
-    let up = pump(vr, aw, Direction::ToLocal, opts, stop.clone());
-    let down = pump(ar, vw, Direction::ToVisitor, opts, stop);
-    tokio::pin!(up, down);
-    let (to_local, to_visitor) = tokio::select! {
-        u = &mut up => {
-            let d = tokio::time::timeout(opts.close_timeout, &mut down).await;
-            (u, d.unwrap_or_default())
+    let mut up_observer = FrameObserver::new();
+    let mut down_observer = FrameObserver::new();
+    let up_closed = AtomicBool::new(false);
+    let down_closed = AtomicBool::new(false);
+    {
+        let up = pump(
+            vr,
+            aw,
+            Direction::ToLocal,
+            opts,
+            stop.clone(),
+            &mut up_observer,
+            &up_closed,
+        );
+        let down = pump(
+            ar,
+            vw,
+            Direction::ToVisitor,
+            opts,
+            stop,
+            &mut down_observer,
+            &down_closed,
+        );
+        tokio::pin!(up, down);
+        // Once close frames went both ways the handshake is over (RFC 6455 §7.1.1): the
+        // remaining direction is not waited for. Otherwise it gets `close_timeout`.
+        let grace = || {
+            if up_closed.load(Ordering::Relaxed) && down_closed.load(Ordering::Relaxed) {
+                Duration::ZERO
+            } else {
+                opts.close_timeout
+            }
+        };
+        tokio::select! {
+            () = &mut up => {
+                let _ = tokio::time::timeout(grace(), &mut down).await;
+            }
+            () = &mut down => {
+                let _ = tokio::time::timeout(grace(), &mut up).await;
+            }
         }
-        d = &mut down => {
-            let u = tokio::time::timeout(opts.close_timeout, &mut up).await;
-            (u.unwrap_or_default(), d)
-        }
-    };
+    }
     RelayReport {
-        to_local,
-        to_visitor,
+        to_local: up_observer.stats(),
+        to_visitor: down_observer.stats(),
     }
 }
 
@@ -97,13 +127,13 @@ async fn pump<R, W>(
     dir: Direction,
     opts: RelayOptions,
     stop: CancellationToken,
-) -> FrameStats
-where
+    observer: &mut FrameObserver,
+    closed: &AtomicBool,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; opts.buffer];
-    let mut observer = FrameObserver::new();
     let ping = if dir == Direction::ToVisitor {
         opts.ping_interval
     } else {
@@ -134,6 +164,9 @@ where
             Ok(0) => break End::Eof,
             Ok(n) => {
                 observer.observe(&buf[..n]);
+                if observer.stats().closed {
+                    closed.store(true, Ordering::Relaxed);
+                }
                 if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
                     break End::WriteError;
                 }
@@ -161,5 +194,4 @@ where
         };
     }
     let _ = dst.shutdown().await;
-    observer.stats()
 }

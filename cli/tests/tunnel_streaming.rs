@@ -340,3 +340,59 @@ async fn a_frozen_agent_is_detected_by_keepalive_and_reconnects_when_it_thaws() 
     let (status, _, _) = visit(&edge, "frozen", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_request_in_flight_when_the_edge_shuts_down_still_completes() {
+    // A local server that answers only after the test says so.
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let go_rx = Arc::new(Mutex::new(Some(go_rx)));
+    let (arrived_tx, mut arrived_rx) = mpsc::channel::<()>(1);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let svc = hyper::service::service_fn(move |_req| {
+            let go_rx = Arc::clone(&go_rx);
+            let arrived_tx = arrived_tx.clone();
+            async move {
+                arrived_tx.send(()).await.unwrap();
+                let rx = go_rx.lock().await.take().unwrap();
+                let _ = rx.await;
+                Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                    Bytes::from("late but whole"),
+                )))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+            .await;
+    });
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "drain"],
+    )
+    .await;
+    let mut v = visitor(&edge).await;
+    let pending = tokio::spawn(v.send_request(request(
+        &edge,
+        "drain",
+        "GET",
+        "/slow",
+        http_body_util::Empty::new().boxed(),
+    )));
+    arrived_rx.recv().await.unwrap();
+    edge.shutdown.cancel();
+    go_tx.send(()).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"late but whole");
+    let _ = edge.task.await;
+}

@@ -2,6 +2,7 @@
 //! reversed-role HTTP/2 (the edge is the client) for as long as the agent stays.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ use crate::control::{AgentInfo, ControlError, Grant};
 use crate::registry::{AgentSession, Counters, Route};
 use crate::State;
 
+/// How often a draining agent connection checks whether visitors are done.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
 /// Most attempts at finding a random free name.
 const RANDOM_NAME_ATTEMPTS: usize = 8;
 /// Length of a random subdomain (lower-case letters and digits).
@@ -219,7 +222,22 @@ async fn handle(
     // A graceful HTTP/2 shutdown by the agent (GOAWAY) is a clean goodbye; anything else
     // (reset, timeout, edge shutdown) keeps the names held for the grace period.
     let clean = matches!(outcome, Some(Ok(Ok(()))));
+    let mut removed = Vec::new();
     if outcome.is_none() {
+        if shutdown.is_cancelled() {
+            // Edge shutdown: stop routing new requests here, let visitor requests already in
+            // flight finish (bounded by the drain timeout), then drop the connection.
+            removed = state
+                .registry
+                .remove_routes_of(agent.id, Some(state.control.offline_grace()));
+            let deadline = tokio::time::Instant::now() + limits.drain_timeout;
+            while state.registry.visitor_connections.load(Ordering::Relaxed) > 0
+                && tokio::time::Instant::now() < deadline
+                && !driver.is_finished()
+            {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+        }
         driver.abort();
     }
     let grace = if clean {
@@ -227,7 +245,7 @@ async fn handle(
     } else {
         Some(state.control.offline_grace())
     };
-    let removed = state.registry.remove_routes_of(agent.id, grace);
+    removed.extend(state.registry.remove_routes_of(agent.id, grace));
     state.registry.remove_agent(agent.id);
     let removed: Vec<Bound> = removed
         .iter()

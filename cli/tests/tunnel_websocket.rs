@@ -635,3 +635,51 @@ async fn the_agent_logs_one_line_per_websocket_with_messages_and_close_code() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_silent_visitor_is_closed_after_the_idle_timeout_with_1001_toward_the_local_server() {
+    let (local, seen) = local_echo_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| {
+            l.ws_ping_interval = Some(Duration::from_millis(200));
+            l.ws_idle_timeout = Some(Duration::from_millis(1000));
+        },
+    )
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "silent"],
+    )
+    .await;
+    // A visitor that upgrades and then neither reads nor writes.
+    let mut v = TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET / HTTP/1.1\r\nHost: silent.localhost:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        edge.http.port()
+    );
+    v.write_all(req.as_bytes()).await.unwrap();
+    let started = tokio::time::Instant::now();
+    loop {
+        if let Some(c) = seen.lock().await.closes.first().cloned() {
+            assert_eq!(c.map(|c| c.0), Some(1001));
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the silent visitor was never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed too early"
+    );
+    drop(v);
+}

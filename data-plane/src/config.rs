@@ -85,6 +85,10 @@ pub struct Limits {
     /// Idle time after which the edge pings a visitor WebSocket at a frame boundary; `None`
     /// disables keepalive pings.
     pub ws_ping_interval: Option<Duration>,
+    /// A visitor WebSocket that sends nothing (no data, no pong) for this long is closed
+    /// (1001 toward the local server); `None` never closes idle visitors. Must exceed
+    /// `ws_ping_interval` so a live client has time to answer a ping.
+    pub ws_idle_timeout: Option<Duration>,
     /// After one direction of a WebSocket ends, how long the other may keep going before the
     /// edge drops the connection.
     pub ws_close_timeout: Duration,
@@ -119,6 +123,7 @@ impl Default for Limits {
             agent_keepalive_interval: Duration::from_secs(10),
             relay_buffer_bytes: 64 * 1024,
             ws_ping_interval: Some(Duration::from_secs(30)),
+            ws_idle_timeout: Some(Duration::from_secs(75)),
             ws_close_timeout: Duration::from_secs(5),
             authorization_cache_ttl: Duration::from_secs(600),
             authorization_cache_entries: 10_000,
@@ -212,6 +217,14 @@ impl Config {
         }
         if l.ws_ping_interval.is_some_and(|d| d.is_zero()) {
             return bad("ws_ping_interval must be longer than zero (or disabled)");
+        }
+        if let (Some(idle), Some(ping)) = (l.ws_idle_timeout, l.ws_ping_interval) {
+            if idle <= ping {
+                return bad("ws_idle_timeout must be longer than ws_ping_interval");
+            }
+        }
+        if l.ws_idle_timeout.is_some_and(|d| d.is_zero()) {
+            return bad("ws_idle_timeout must be longer than zero (or disabled)");
         }
         Ok(())
     }

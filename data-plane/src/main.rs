@@ -75,6 +75,9 @@ struct Args {
     /// Keepalive ping interval toward idle visitor WebSockets, in seconds (0 disables).
     #[arg(long, default_value_t = 30)]
     ws_ping_interval: u64,
+    /// Seconds of silence after which a visitor WebSocket is closed (0 never closes).
+    #[arg(long, default_value_t = 75)]
+    ws_idle_timeout: u64,
     /// Seconds a visitor may take to send its request headers.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
@@ -200,6 +203,8 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
     let limits = Limits {
         ws_ping_interval: (args.ws_ping_interval > 0)
             .then(|| Duration::from_secs(args.ws_ping_interval)),
+        ws_idle_timeout: (args.ws_idle_timeout > 0)
+            .then(|| Duration::from_secs(args.ws_idle_timeout)),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,

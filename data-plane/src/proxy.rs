@@ -360,6 +360,7 @@ async fn handle(
         let opts = RelayOptions {
             buffer: state.config.limits.relay_buffer_bytes,
             ping_interval: state.config.limits.ws_ping_interval,
+            idle_timeout: state.config.limits.ws_idle_timeout,
             close_timeout: state.config.limits.ws_close_timeout,
         };
         let route = Arc::clone(&route);

@@ -29,6 +29,8 @@ enum End {
     ReadError,
     /// Writing the destination failed.
     WriteError,
+    /// The source sent nothing for the idle timeout.
+    Idle,
 }
 
 /// What went through one relayed connection.
@@ -44,7 +46,10 @@ pub struct RelayReport {
 #[derive(Debug, Clone, Copy)]
 pub struct RelayOptions {
     pub buffer: usize,
+    /// Keepalive ping toward an idle visitor (at frame boundaries only).
     pub ping_interval: Option<Duration>,
+    /// Close the connection when the visitor sends nothing for this long.
+    pub idle_timeout: Option<Duration>,
     pub close_timeout: Duration,
 }
 
@@ -67,6 +72,8 @@ where
     let (ar, aw) = tokio::io::split(agent);
     let mut up_observer = FrameObserver::new();
     let mut down_observer = FrameObserver::new();
+    // An idle visitor ends both directions.
+    let stop = stop.child_token();
     let up_closed = AtomicBool::new(false);
     let down_closed = AtomicBool::new(false);
     {
@@ -141,10 +148,19 @@ async fn pump<R, W>(
     };
     let idle = tokio::time::sleep(ping.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(idle);
+    // Silence from the visitor (the source of the `ToLocal` direction).
+    let silence_limit = if dir == Direction::ToLocal {
+        opts.idle_timeout
+    } else {
+        None
+    };
+    let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(3600)));
+    tokio::pin!(silence);
     let end = loop {
         let read = tokio::select! {
             r = src.read(&mut buf) => r,
             () = stop.cancelled() => break End::Eof,
+            () = &mut silence, if silence_limit.is_some() => break End::Idle,
             () = &mut idle, if ping.is_some() => {
                 // Keepalive toward the visitor, only between frames.
                 if observer.at_boundary()
@@ -173,6 +189,9 @@ async fn pump<R, W>(
                 if let Some(p) = ping {
                     idle.as_mut().reset(tokio::time::Instant::now() + p);
                 }
+                if let Some(limit) = silence_limit {
+                    silence.as_mut().reset(tokio::time::Instant::now() + limit);
+                }
             }
             Err(_) => break End::ReadError,
         }
@@ -180,7 +199,7 @@ async fn pump<R, W>(
     // The source vanished without a close frame: tell the destination, if we can do so
     // without cutting a frame in half.
     if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
-        let code = if end == End::Eof {
+        let code = if matches!(end, End::Eof | End::Idle) {
             CLOSE_GOING_AWAY
         } else {
             CLOSE_INTERNAL_ERROR
@@ -194,4 +213,7 @@ async fn pump<R, W>(
         };
     }
     let _ = dst.shutdown().await;
+    if end == End::Idle {
+        stop.cancel();
+    }
 }

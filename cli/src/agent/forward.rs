@@ -382,6 +382,7 @@ impl Forwarder {
             let opts = RelayOptions {
                 buffer: RELAY_BUFFER,
                 ping_interval: None,
+                idle_timeout: None,
                 close_timeout: CLOSE_TIMEOUT,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are

@@ -683,3 +683,86 @@ async fn a_silent_visitor_is_closed_after_the_idle_timeout_with_1001_toward_the_
     );
     drop(v);
 }
+
+#[tokio::test]
+async fn over_the_tunnels_websocket_limit_a_visitor_gets_429_before_the_upgrade() {
+    let (local, _seen) = local_echo_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.default_max_websockets_per_tunnel = 2,
+    )
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "full"],
+    )
+    .await;
+    let (mut a, _) = connect(&edge, "full", "/", &[]).await;
+    let (_b, _) = connect(&edge, "full", "/", &[]).await;
+    let url = format!("ws://full.localhost:{}/", edge.http.port());
+    let tcp = TcpStream::connect(edge.http).await.unwrap();
+    let refused = tokio_tungstenite::client_async(url.clone(), tcp).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 429),
+        other => panic!("expected 429, got {other:?}"),
+    }
+    // Closing one frees its slot.
+    a.close(None).await.unwrap();
+    while let Some(Ok(_)) = a.next().await {}
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let tcp = TcpStream::connect(edge.http).await.unwrap();
+        if tokio_tungstenite::client_async(url.clone(), tcp)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn over_the_tunnels_request_rate_a_visitor_gets_429() {
+    let local = local_http_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.default_max_requests_per_second_per_tunnel = 3,
+    )
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "busy"],
+    )
+    .await;
+    let mut ok = 0;
+    let mut limited = 0;
+    for _ in 0..10 {
+        let (status, headers, _) = visit(&edge, "busy", "GET", "/hello", &[], "").await;
+        match status.as_u16() {
+            200 => ok += 1,
+            429 => {
+                assert_eq!(headers.get("retry-after").unwrap(), "1");
+                limited += 1;
+            }
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert!(ok >= 3 && limited >= 4, "ok {ok}, limited {limited}");
+}

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::control::{AgentInfo, ControlError, Grant};
-use crate::registry::{AgentSession, Counters, Route};
+use crate::registry::{AgentSession, Counters, RateWindow, Route, RouteLimits};
 use crate::State;
 
 /// How often a draining agent connection checks whether visitors are done.
@@ -158,6 +158,18 @@ async fn handle(
         sender,
         ready: ready_rx,
     });
+    let granted = grant.limits.unwrap_or_default();
+    let pick = |granted: u32, default: u32| if granted > 0 { granted } else { default };
+    let route_limits = RouteLimits {
+        max_websockets: pick(
+            granted.max_websocket_connections,
+            limits.default_max_websockets_per_tunnel,
+        ),
+        max_requests_per_second: pick(
+            granted.max_new_connections_per_second,
+            limits.default_max_requests_per_second_per_tunnel,
+        ),
+    };
     let routes: Vec<Arc<Route>> = bound
         .iter()
         .map(|b| {
@@ -167,6 +179,8 @@ async fn handle(
                 session_id: b.session_id.clone(),
                 agent: Arc::clone(&agent),
                 counters: Counters::default(),
+                limits: route_limits,
+                rate: RateWindow::default(),
             })
         })
         .collect();

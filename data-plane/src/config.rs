@@ -89,6 +89,12 @@ pub struct Limits {
     /// (1001 toward the local server); `None` never closes idle visitors. Must exceed
     /// `ws_ping_interval` so a live client has time to answer a ping.
     pub ws_idle_timeout: Option<Duration>,
+    /// Most WebSockets open at once through one tunnel when the control plane sets no limit
+    /// (0: unlimited). Over it, visitors get 429 before the upgrade.
+    pub default_max_websockets_per_tunnel: u32,
+    /// Most new visitor requests (WebSocket upgrades included) per second to one tunnel when
+    /// the control plane sets no limit (0: unlimited). Over it, visitors get 429.
+    pub default_max_requests_per_second_per_tunnel: u32,
     /// After one direction of a WebSocket ends, how long the other may keep going before the
     /// edge drops the connection.
     pub ws_close_timeout: Duration,
@@ -125,6 +131,8 @@ impl Default for Limits {
             ws_ping_interval: Some(Duration::from_secs(30)),
             ws_idle_timeout: Some(Duration::from_secs(75)),
             ws_close_timeout: Duration::from_secs(5),
+            default_max_websockets_per_tunnel: 0,
+            default_max_requests_per_second_per_tunnel: 0,
             authorization_cache_ttl: Duration::from_secs(600),
             authorization_cache_entries: 10_000,
             offline_grace: Duration::from_secs(60),

@@ -86,3 +86,10 @@ pub(crate) fn local_failure(sub: &str, reason: &str) -> Response<UpBody> {
 pub(crate) fn bad_request(sentence: &str) -> Response<UpBody> {
     page(StatusCode::BAD_REQUEST, "Bad request", sentence)
 }
+
+pub(crate) fn too_many(sentence: &str) -> Response<UpBody> {
+    let mut r = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", sentence);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+    r
+}

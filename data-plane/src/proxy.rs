@@ -239,6 +239,25 @@ async fn handle(
     };
 
     let upgrade = upgrade_protocol(req.headers());
+    let max_rate = route.limits.max_requests_per_second;
+    if max_rate > 0 && !route.rate.admit(max_rate) {
+        return pages::too_many(&format!(
+            "The tunnel {sub:?} receives more than {max_rate} new requests per second; try again shortly."
+        ));
+    }
+    // Held for the WebSocket's life; releases its slot when dropped.
+    let ws_slot = match &upgrade {
+        Some(_) => match WsSlot::take(&route) {
+            Some(slot) => Some(slot),
+            None => {
+                return pages::too_many(&format!(
+                    "The tunnel {sub:?} already has {} WebSocket connections open, its limit.",
+                    route.limits.max_websockets
+                ))
+            }
+        },
+        None => None,
+    };
     if upgrade.is_some() {
         let has_body = req
             .headers()
@@ -366,6 +385,7 @@ async fn handle(
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();
         tracker.spawn(async move {
+            let _slot = ws_slot;
             let (v, a) = match tokio::join!(visitor_upgrade, agent_upgrade) {
                 (Ok(v), Ok(a)) => (v, a),
                 (v, a) => {
@@ -424,6 +444,34 @@ async fn handle(
         inbound: false,
     };
     Response::from_parts(parts, body.boxed())
+}
+
+/// One open WebSocket of a tunnel, counted against its limit until dropped.
+struct WsSlot(Arc<Route>);
+
+impl WsSlot {
+    /// Takes a slot, or `None` when the tunnel is at its limit.
+    fn take(route: &Arc<Route>) -> Option<Self> {
+        let open = route
+            .counters
+            .websockets_open
+            .fetch_add(1, Ordering::AcqRel);
+        let max = u64::from(route.limits.max_websockets);
+        let slot = Self(Arc::clone(route));
+        if max > 0 && open >= max {
+            return None; // dropping `slot` gives the count back
+        }
+        Some(slot)
+    }
+}
+
+impl Drop for WsSlot {
+    fn drop(&mut self) {
+        self.0
+            .counters
+            .websockets_open
+            .fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A body that adds the bytes passing through to its tunnel's counters.

@@ -49,6 +49,49 @@ pub(crate) struct Counters {
     pub(crate) bytes_in: AtomicU64,
     pub(crate) bytes_out: AtomicU64,
     pub(crate) websocket_messages: AtomicU64,
+    /// WebSockets open now.
+    pub(crate) websockets_open: AtomicU64,
+}
+
+/// The limits in force for one tunnel (0: unlimited).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RouteLimits {
+    pub(crate) max_websockets: u32,
+    pub(crate) max_requests_per_second: u32,
+}
+
+/// A fixed one-second window counter: at most `max` admissions per window.
+#[derive(Debug)]
+pub(crate) struct RateWindow {
+    origin: Instant,
+    state: Mutex<(u64, u32)>,
+}
+
+impl Default for RateWindow {
+    fn default() -> Self {
+        Self {
+            origin: Instant::now(),
+            state: Mutex::new((0, 0)),
+        }
+    }
+}
+
+impl RateWindow {
+    /// Counts one admission; false when this second already had `max`.
+    pub(crate) fn admit(&self, max: u32) -> bool {
+        let second = self.origin.elapsed().as_secs();
+        let Ok(mut st) = self.state.lock() else {
+            return true;
+        };
+        if st.0 != second {
+            *st = (second, 0);
+        }
+        if st.1 >= max {
+            return false;
+        }
+        st.1 += 1;
+        true
+    }
 }
 
 /// One agent connection.
@@ -75,6 +118,8 @@ pub(crate) struct Route {
     pub(crate) session_id: String,
     pub(crate) agent: Arc<AgentSession>,
     pub(crate) counters: Counters,
+    pub(crate) limits: RouteLimits,
+    pub(crate) rate: RateWindow,
 }
 
 /// Totals for the heartbeat.

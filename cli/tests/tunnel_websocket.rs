@@ -766,3 +766,38 @@ async fn over_the_tunnels_request_rate_a_visitor_gets_429() {
     }
     assert!(ok >= 3 && limited >= 4, "ok {ok}, limited {limited}");
 }
+
+#[tokio::test]
+async fn a_websocket_over_its_byte_rate_is_slowed_not_cut() {
+    let (local, _seen) = local_echo_server().await;
+    let edge = start_edge(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        |l| l.default_max_websocket_bytes_per_second = 256 * 1024,
+    )
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "slow"],
+    )
+    .await;
+    let (mut ws, _) = connect(&edge, "slow", "/", &[]).await;
+    let started = tokio::time::Instant::now();
+    // 768 KiB each way at 256 KiB/s: about 3 s, never much less.
+    let payload = vec![7u8; 768 * 1024];
+    ws.send(Message::binary(payload.clone())).await.unwrap();
+    match next(&mut ws).await {
+        Message::Binary(b) => assert_eq!(b.len(), payload.len()),
+        other => panic!("unexpected {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2500),
+        "not throttled: {took:?}"
+    );
+}

@@ -169,6 +169,11 @@ async fn handle(
             granted.max_new_connections_per_second,
             limits.default_max_requests_per_second_per_tunnel,
         ),
+        max_bytes_per_second: if granted.max_bytes_per_second_per_connection > 0 {
+            granted.max_bytes_per_second_per_connection
+        } else {
+            limits.default_max_websocket_bytes_per_second
+        },
     };
     let routes: Vec<Arc<Route>> = bound
         .iter()

@@ -95,6 +95,9 @@ pub struct Limits {
     /// Most new visitor requests (WebSocket upgrades included) per second to one tunnel when
     /// the control plane sets no limit (0: unlimited). Over it, visitors get 429.
     pub default_max_requests_per_second_per_tunnel: u32,
+    /// Most bytes per second in each direction of one WebSocket when the control plane sets
+    /// no limit (0: unlimited). Excess is delayed, not dropped.
+    pub default_max_websocket_bytes_per_second: u64,
     /// After one direction of a WebSocket ends, how long the other may keep going before the
     /// edge drops the connection.
     pub ws_close_timeout: Duration,
@@ -133,6 +136,7 @@ impl Default for Limits {
             ws_close_timeout: Duration::from_secs(5),
             default_max_websockets_per_tunnel: 0,
             default_max_requests_per_second_per_tunnel: 0,
+            default_max_websocket_bytes_per_second: 0,
             authorization_cache_ttl: Duration::from_secs(600),
             authorization_cache_entries: 10_000,
             offline_grace: Duration::from_secs(60),

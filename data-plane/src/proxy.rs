@@ -380,6 +380,7 @@ async fn handle(
             buffer: state.config.limits.relay_buffer_bytes,
             ping_interval: state.config.limits.ws_ping_interval,
             idle_timeout: state.config.limits.ws_idle_timeout,
+            max_bytes_per_second: Some(route.limits.max_bytes_per_second).filter(|r| *r > 0),
             close_timeout: state.config.limits.ws_close_timeout,
         };
         let route = Arc::clone(&route);

@@ -58,6 +58,8 @@ pub(crate) struct Counters {
 pub(crate) struct RouteLimits {
     pub(crate) max_websockets: u32,
     pub(crate) max_requests_per_second: u32,
+    /// Per WebSocket connection, each direction.
+    pub(crate) max_bytes_per_second: u64,
 }
 
 /// A fixed one-second window counter: at most `max` admissions per window.

@@ -50,6 +50,9 @@ pub struct RelayOptions {
     pub ping_interval: Option<Duration>,
     /// Close the connection when the visitor sends nothing for this long.
     pub idle_timeout: Option<Duration>,
+    /// Most bytes per second in each direction; `None` is unlimited. Excess is delayed
+    /// (backpressure reaches the sender through TCP), never dropped.
+    pub max_bytes_per_second: Option<u64>,
     pub close_timeout: Duration,
 }
 
@@ -141,6 +144,8 @@ async fn pump<R, W>(
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; opts.buffer];
+    let started = tokio::time::Instant::now();
+    let mut total: u64 = 0;
     let ping = if dir == Direction::ToVisitor {
         opts.ping_interval
     } else {
@@ -185,6 +190,15 @@ async fn pump<R, W>(
                 }
                 if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
                     break End::WriteError;
+                }
+                total += n as u64;
+                if let Some(rate) = opts.max_bytes_per_second.filter(|r| *r > 0) {
+                    // Hold the average at `rate`: wait until `total` bytes are due.
+                    let due = started + Duration::from_secs_f64(total as f64 / rate as f64);
+                    tokio::select! {
+                        () = tokio::time::sleep_until(due) => {}
+                        () = stop.cancelled() => break End::Eof,
+                    }
                 }
                 if let Some(p) = ping {
                     idle.as_mut().reset(tokio::time::Instant::now() + p);

@@ -383,6 +383,7 @@ impl Forwarder {
                 buffer: RELAY_BUFFER,
                 ping_interval: None,
                 idle_timeout: None,
+                max_bytes_per_second: None,
                 close_timeout: CLOSE_TIMEOUT,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are

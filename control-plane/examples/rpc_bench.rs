@@ -37,6 +37,9 @@ struct Args {
     /// Seconds to measure.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Database connections in the server's pool.
+    #[arg(long, default_value_t = Config::default().db_max_connections)]
+    db_connections: u32,
     /// Reservations the listed team holds (the size of each answer).
     #[arg(long, default_value_t = 10)]
     reservations: usize,
@@ -65,7 +68,10 @@ async fn main() -> anyhow::Result<()> {
         .execute(&mut admin_conn)
         .await?;
 
-    let config = Config::default();
+    let config = Config {
+        db_max_connections: args.db_connections,
+        ..Config::default()
+    };
     let metrics = config.metrics.clone();
     let pool = burrow_control::pool_options(&config)
         .connect_with(server_opts.database(&args.database))

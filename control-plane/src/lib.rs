@@ -54,10 +54,15 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 /// Pool settings matching `config`: in particular the acquire timeout, so a dead database
 /// turns into UNAVAILABLE within it instead of a hang.
+///
+/// Connections are not pinged before each use: that ping is a full round trip on every
+/// query, and a connection that died meanwhile fails its query with an I/O error (answered
+/// as UNAVAILABLE) and is dropped from the pool anyway.
 pub fn pool_options(config: &Config) -> PgPoolOptions {
     PgPoolOptions::new()
         .max_connections(config.db_max_connections)
         .acquire_timeout(config.db_acquire_timeout)
+        .test_before_acquire(false)
 }
 
 /// What every service shares.

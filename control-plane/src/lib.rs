@@ -137,10 +137,16 @@ pub async fn run(
     health_reporter
         .set_serving::<v1::edge_service_server::EdgeServiceServer<service::edge::EdgeApi>>()
         .await;
+    // Both reflection versions, so older and newer `grpcurl`s can list the services.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(burrow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(burrow_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .context("building the reflection service")?;
 
     let mut builder = Server::builder()
@@ -156,6 +162,7 @@ pub async fn run(
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(service::account::server(state.clone()))
         .add_service(service::team::server(state.clone()))
         .add_service(service::token::server(state.clone()))

@@ -2041,3 +2041,110 @@ async fn disabling_an_account_tells_edges_which_tokens_stopped_working(pool: PgP
     assert_eq!(status.code(), Code::Unauthenticated);
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn health_and_reflection_are_served(pool: PgPool) {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_reflection::pb::v1::{
+        server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let app = spawn_app(pool).await;
+    let health = HealthClient::new(app.channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(app.channel.clone())
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = answer.message_response else {
+        panic!("expected a service list");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for wanted in [
+        "burrow.v1.AccountService",
+        "burrow.v1.TeamService",
+        "burrow.v1.TokenService",
+        "burrow.v1.ReservationService",
+        "burrow.v1.TunnelService",
+        "burrow.v1.EdgeService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            names.iter().any(|n| n == wanted),
+            "{wanted} missing from {names:?}"
+        );
+    }
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn the_binary_serves_after_migrating_and_drains_on_sigterm(pool: PgPool) {
+    let url = database_url(&pool).await;
+    let token = String::from_utf8(
+        control(&["bootstrap", "--email", "root@example.com"], &url)
+            .await
+            .stdout,
+    )
+    .unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow-control"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .env("DATABASE_URL", &url)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until it accepts connections (it migrates first).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let channel = loop {
+        match Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+        {
+            Ok(channel) => break channel,
+            Err(_) if Instant::now() < deadline => {
+                // Polling another process; there is no event to await.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(err) => panic!("the server never came up: {err}"),
+        }
+    };
+    let me = AccountServiceClient::new(channel)
+        .get_account(req(token.trim(), v1::GetAccountRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(me.email, "root@example.com");
+    let pid = child.id().unwrap().to_string();
+    let killed = tokio::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    assert!(killed.success());
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("the server exits within 15 s of SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}

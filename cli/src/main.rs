@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand};
 mod admin;
 mod agent;
 mod config;
+mod inspect;
 
 /// Burrow: expose a local HTTP or WebSocket server at a public URL.
 ///

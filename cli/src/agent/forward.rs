@@ -55,7 +55,7 @@ pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
     pub(crate) tunnels: HashMap<String, TunnelSpec>,
-    pub(crate) client: Client<HttpConnector, Incoming>,
+    pub(crate) client: Client<HttpConnector, crate::inspect::TapBody<Incoming>>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
     pub(crate) on_closed: OnClosed,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
@@ -64,7 +64,7 @@ pub(crate) struct Forwarder {
     pub(crate) on_ready: Box<dyn Fn() + Send + Sync>,
 }
 
-pub(crate) fn local_client() -> Client<HttpConnector, Incoming> {
+pub(crate) fn local_client() -> Client<HttpConnector, crate::inspect::TapBody<Incoming>> {
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
     connector.set_nodelay(true);
@@ -215,7 +215,13 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         strip_internal(&mut parts.headers);
         set_host(&mut parts.headers, &spec);
-        let req = Request::from_parts(parts, body);
+        let tap = crate::inspect::recorder().http_started(
+            &spec.target.authority(),
+            &method,
+            &path,
+            &parts.headers,
+        );
+        let req = Request::from_parts(parts, tap.request_body(body));
         let resp = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)).await;
         let resp = match resp {
             Err(_) => {
@@ -225,6 +231,7 @@ impl Forwarder {
                     LOCAL_RESPONSE_TIMEOUT.as_secs()
                 );
                 log_request(&method, &path, 502, started, 0, Some(&reason));
+                tap.failed(502, &reason);
                 return agent_error(&reason);
             }
             Ok(Err(e)) => {
@@ -237,6 +244,7 @@ impl Forwarder {
                     format!("{} failed: {e}", spec.target)
                 };
                 log_request(&method, &path, 502, started, 0, Some(&reason));
+                tap.failed(502, &reason);
                 return agent_error(&reason);
             }
             Ok(Ok(r)) => r,
@@ -245,6 +253,7 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         strip_internal(&mut parts.headers);
         let status = parts.status.as_u16();
+        tap.response(parts.status, &parts.headers);
         let body = Logged {
             inner: body,
             bytes: 0,
@@ -255,7 +264,7 @@ impl Forwarder {
                 started,
             }),
         };
-        Response::from_parts(parts, body.boxed())
+        Response::from_parts(parts, tap.response_body(body).boxed())
     }
 
     async fn upgrade(&self, mut req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
@@ -324,6 +333,7 @@ impl Forwarder {
             Err(_) => return agent_error("the request target is not valid"),
         };
         *local_req.headers_mut() = parts.headers;
+        let ws = crate::inspect::recorder().ws_opened(&addr, &path, local_req.headers());
 
         let resp = match tokio::time::timeout(
             LOCAL_RESPONSE_TIMEOUT,
@@ -341,6 +351,7 @@ impl Forwarder {
             Ok(Err(e)) => return agent_error(&format!("{} failed: {e}", spec.target)),
             Ok(Ok(r)) => r,
         };
+        ws.response(resp.status(), resp.headers());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
             if status.is_success() {
@@ -388,13 +399,18 @@ impl Forwarder {
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.
-            let report = relay(TokioIo::new(edge), TokioIo::new(local), opts, stop).await;
+            let (edge, local) = (
+                ws.visitor_io(TokioIo::new(edge)),
+                ws.local_io(TokioIo::new(local)),
+            );
+            let report = relay(edge, local, opts, stop).await;
             let close = report
                 .to_visitor
                 .close_code
                 .or(report.to_local.close_code)
                 .map(|c| c.to_string())
                 .unwrap_or_else(|| "none".to_owned());
+            ws.closed(report.to_visitor.close_code.or(report.to_local.close_code));
             tracing::info!(
                 "WS  {path} {} ms, in {} msgs/{} B, out {} msgs/{} B, close {close}",
                 started.elapsed().as_millis(),

@@ -461,3 +461,51 @@ async fn https_visitors_reach_the_tunnel_and_the_local_server_sees_proto_https()
     let text = String::from_utf8_lossy(&body);
     assert!(text.contains("x-forwarded-proto: https\n"), "{text}");
 }
+
+#[tokio::test]
+async fn insecure_mode_works_for_a_local_edge_and_is_refused_for_a_remote_one() {
+    let local = local_http_server().await;
+    let edge = standalone_edge().await;
+    let home = tempfile::tempdir().unwrap();
+    let run = |edge_addr: String, sub: &'static str| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args([
+                "http",
+                &local.port().to_string(),
+                "--subdomain",
+                sub,
+                "--insecure",
+            ])
+            .arg("--edge")
+            .arg(edge_addr)
+            .env("BURROW_TOKEN", STANDALONE_TOKEN)
+            .env("BURROW_CONFIG", home.path().join("config.toml"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let remote = run("edge.example.com:4443".to_owned(), "far")
+        .wait_with_output()
+        .await
+        .unwrap();
+    assert!(!remote.status.success());
+    let err = String::from_utf8_lossy(&remote.stderr);
+    assert!(err.contains("--insecure is only allowed"), "{err}");
+
+    let mut child = run(format!("127.0.0.1:{}", edge.agent.port()), "near");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        first.starts_with("Forwarding http://near.localhost:"),
+        "{first}"
+    );
+}

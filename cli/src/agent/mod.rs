@@ -74,6 +74,10 @@ pub(crate) struct EdgeArgs {
     /// File holding the agent token (`-` for standard input).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Do not verify the edge's certificate. Refused unless the edge is on this machine
+    /// (localhost, 127.0.0.1, ::1); prefer --edge-ca.
+    #[arg(long, conflicts_with = "edge_ca")]
+    insecure: bool,
 }
 
 #[derive(Debug, Args)]
@@ -222,6 +226,7 @@ async fn run_tunnels(
             .or(user.edge.clone())
             .unwrap_or_else(|| DEFAULT_EDGE.to_owned()),
         ca: args.edge_ca.clone().or(file_ca),
+        insecure: args.insecure,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -4,11 +4,14 @@
 //               upgrades to WebSocket. Checks the session opened on polling, the upgrade to
 //               'websocket' happened, and an emit/response round trip after it.
 //   websocket — `transports: ['websocket']`: checks the first transport is already WebSocket.
+// Both modes end with a 100 KB binary payload (a Buffer, sent as a Socket.io attachment) that
+// must come back byte for byte.
 //
 //   node socketio-client.js http://NAME.localhost:PORT/ [--transports default|websocket]
 //
 // Every request, polling and upgrade alike, goes through the same agent, so it dials
 // 127.0.0.1 while carrying `Host: NAME.localhost:PORT`.
+const crypto = require('node:crypto');
 const { io } = require('socket.io-client');
 const { runClient, expectEqual } = require('./lib/client');
 
@@ -51,17 +54,25 @@ runClient(
       await waitFor(socket, 'connect', 'connect');
       const { transport: first, upgraded } = await opened;
       expectEqual('first transport', first, mode === 'websocket' ? 'websocket' : 'polling');
+      let summary;
       if (mode === 'websocket') {
         const reply = await roundTrip(socket, 'hello over websocket');
         expectEqual('response', reply.received, 'hello over websocket');
-        return 'connected over websocket, response received';
+        summary = 'connected over websocket, response received';
+      } else {
+        expectEqual('upgraded to', await upgraded, 'websocket');
+        expectEqual('transport after upgrade', socket.io.engine.transport.name, 'websocket');
+        const reply = await roundTrip(socket, 'hello after upgrade');
+        expectEqual('response', reply.received, 'hello after upgrade');
+        summary = 'handshake over polling, upgraded to websocket, response received over websocket';
       }
 
-      expectEqual('upgraded to', await upgraded, 'websocket');
-      expectEqual('transport after upgrade', socket.io.engine.transport.name, 'websocket');
-      const reply = await roundTrip(socket, 'hello after upgrade');
-      expectEqual('response', reply.received, 'hello after upgrade');
-      return 'handshake over polling, upgraded to websocket, response received over websocket';
+      const payload = crypto.randomBytes(100_000);
+      const reply = await roundTrip(socket, payload);
+      if (!Buffer.isBuffer(reply.received) || !reply.received.equals(payload)) {
+        throw new Error('the 100 KB binary payload came back different');
+      }
+      return `${summary}, 100 KB binary payload returned intact`;
     } finally {
       socket.close();
     }

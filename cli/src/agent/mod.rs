@@ -59,6 +59,13 @@ pub(crate) enum AgentCommand {
     /// Store the agent token in the config file.
     #[command(subcommand)]
     Authtoken(AuthtokenCommand),
+    /// Re-send a request the inspector captured to the local server, optionally edited.
+    ///
+    /// Examples:
+    ///   burrow replay 12
+    ///   burrow replay 12 -X PUT --path /v2/hook -H 'X-Debug: 1' --body '{"ok":true}'
+    #[command(verbatim_doc_comment)]
+    Replay(crate::inspect::ReplayArgs),
 }
 
 /// Options shared by `http` and `start`.
@@ -78,6 +85,8 @@ pub(crate) struct EdgeArgs {
     /// (localhost, 127.0.0.1, ::1); prefer --edge-ca.
     #[arg(long, conflicts_with = "edge_ca")]
     insecure: bool,
+    #[command(flatten)]
+    inspect: crate::inspect::InspectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,13 +142,22 @@ struct TunnelEntry {
 }
 
 pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
+    // The live panel owns the terminal: only warnings are logged under it.
+    let level = match &cmd {
+        AgentCommand::Http(HttpArgs { edge, .. }) | AgentCommand::Start(StartArgs { edge, .. })
+            if crate::inspect::panel_wanted(edge.inspect.log_format) =>
+        {
+            "warn"
+        }
+        _ => "info",
+    };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
         )
         .try_init();
     match cmd {
@@ -180,6 +198,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             };
             run_tunnels(&a.edge, Some(file_edge), specs).await
         }
+        AgentCommand::Replay(a) => crate::inspect::run_replay(a).await,
         AgentCommand::Authtoken(AuthtokenCommand::Add { token_file }) => {
             let path = token_file.unwrap_or_else(|| PathBuf::from("-"));
             let token = config::read_token_file(&path)?;
@@ -246,6 +265,7 @@ async fn run_tunnels(
             });
         }
     }
+    crate::inspect::start(&args.inspect, &shutdown).await?;
     session::run(edge, token, specs, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -91,6 +91,14 @@ pub struct Config {
     pub max_rotation_overlap: Duration,
     /// How long in-flight calls get to finish after shutdown starts.
     pub shutdown_grace: Duration,
+    /// Longest a unary call may take before it fails with CANCELLED/DEADLINE_EXCEEDED, so a
+    /// stuck dependency never holds a caller forever. (Server streams are not cut by it.)
+    pub request_timeout: Duration,
+    /// HTTP/2 PING interval on idle connections, so a vanished edge's `Watch` stream is
+    /// noticed and its task freed.
+    pub http2_keepalive_interval: Duration,
+    /// Most concurrent calls (HTTP/2 streams) on one connection.
+    pub max_concurrent_streams: u32,
     /// Limits handed to edges with every authorization.
     pub tunnel_limits: TunnelLimits,
     /// Counters the server updates (argon2 verifications, …); clone it before calling
@@ -134,6 +142,9 @@ impl Default for Config {
             stream_buffer: 64,
             max_rotation_overlap: Duration::from_secs(7 * 24 * 3600),
             shutdown_grace: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            http2_keepalive_interval: Duration::from_secs(30),
+            max_concurrent_streams: 1024,
             tunnel_limits: TunnelLimits {
                 max_websocket_connections: 1000,
                 max_new_connections_per_second: 200,
@@ -161,6 +172,8 @@ impl Config {
             ("database acquire timeout", self.db_acquire_timeout),
             ("failed-auth window", self.failed_auth_window),
             ("change poll interval", self.change_poll_interval),
+            ("request timeout", self.request_timeout),
+            ("HTTP/2 keepalive interval", self.http2_keepalive_interval),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -175,6 +188,11 @@ impl Config {
         if self.max_concurrent_hashes == 0 {
             return Err(ConfigError(
                 "at least one argon2 computation must be allowed".into(),
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(ConfigError(
+                "at least one concurrent call per connection must be allowed".into(),
             ));
         }
         if self.stream_buffer == 0 {

@@ -150,6 +150,10 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let mut builder = Server::builder()
+        .timeout(state.config.request_timeout)
+        .http2_keepalive_interval(Some(state.config.http2_keepalive_interval))
+        .http2_keepalive_timeout(Some(state.config.http2_keepalive_interval))
+        .max_concurrent_streams(Some(state.config.max_concurrent_streams))
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls).context("configuring TLS")?;

@@ -225,6 +225,7 @@ pub(crate) async fn run(
                     attempt_ok_once = true;
                     delay = BACKOFF_START;
                 }
+                crate::inspect::recorder().set_reconnecting();
                 eprintln!("connection to the edge lost; reconnecting");
             }
             Err(Failure::Fatal(e)) => return Err(e),
@@ -324,6 +325,7 @@ async fn connect_once(
     let ready_urls = urls;
     let printed2 = Arc::clone(&printed);
     let team = answer.team.clone();
+    let edge_addr = edge.addr.clone();
     let closed_cancel = conn_cancel.clone();
     let forwarder = Arc::new(Forwarder {
         tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
@@ -333,6 +335,9 @@ async fn connect_once(
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            let forwards = ready_urls.values();
+            let forwards = forwards.flat_map(|(l, p)| p.iter().map(|u| (u.clone(), l.clone())));
+            crate::inspect::recorder().set_online(&edge_addr, &team, forwards.collect());
             let mut out = std::io::stdout().lock();
             let mut keys: Vec<_> = ready_urls.keys().collect();
             keys.sort();

@@ -30,6 +30,8 @@ pub(crate) use tap::{HttpTap, TapBody, WsTap};
 
 /// Default inspector address: loopback only, the port people know from similar tools.
 pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:4040";
+/// Ports tried after the default one is taken (another agent on this machine).
+const FALLBACK_PORTS: std::ops::RangeInclusive<u16> = 4041..=4049;
 /// Default number of exchanges (HTTP requests and WebSocket sessions) kept.
 pub(crate) const DEFAULT_RING: usize = 500;
 /// Default bytes of each request and response body kept.
@@ -42,9 +44,10 @@ pub(crate) const DEFAULT_FRAMES_PER_SESSION: usize = 1000;
 /// Inspector and output options of `burrow http` and `burrow start`.
 #[derive(Debug, Clone, Args)]
 pub(crate) struct InspectArgs {
-    /// Address of the inspector page and JSON API (loopback only).
-    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]
-    pub(crate) inspect: String,
+    /// Address of the inspector page and JSON API (loopback only) [default: 127.0.0.1:4040,
+    /// or the next free port up to 4049].
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) inspect: Option<String>,
     /// Do not record traffic or serve the inspector.
     #[arg(long)]
     pub(crate) no_inspect: bool,
@@ -122,26 +125,29 @@ impl InspectArgs {
     /// The inspector address, refused unless it is a loopback address: the page shows
     /// request bodies and can replay requests, so it must not be reachable from elsewhere.
     pub(crate) fn addr(&self) -> anyhow::Result<SocketAddr> {
-        let text = self.inspect.trim();
-        let text = if text.starts_with("localhost:") {
-            text.replacen("localhost", "127.0.0.1", 1)
-        } else if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() {
-            format!("127.0.0.1:{text}")
-        } else {
-            text.to_owned()
-        };
-        let addr: SocketAddr = text.parse().with_context(|| {
-            format!(
-                "--inspect {:?} is not an address like 127.0.0.1:4040",
-                self.inspect
-            )
-        })?;
-        anyhow::ensure!(
-            addr.ip().is_loopback(),
-            "--inspect {addr}: the inspector only listens on a loopback address (127.0.0.1 or [::1])"
-        );
-        Ok(addr)
+        parse_addr(self.inspect.as_deref().unwrap_or(DEFAULT_ADDR))
     }
+}
+
+/// Parses an inspector address (`4040`, `localhost:4040`, `127.0.0.1:4040`, `[::1]:4040`),
+/// refusing any address that is not loopback.
+pub(crate) fn parse_addr(given: &str) -> anyhow::Result<SocketAddr> {
+    let text = given.trim();
+    let text = if text.starts_with("localhost:") {
+        text.replacen("localhost", "127.0.0.1", 1)
+    } else if text.bytes().all(|b| b.is_ascii_digit()) && !text.is_empty() {
+        format!("127.0.0.1:{text}")
+    } else {
+        text.to_owned()
+    };
+    let addr: SocketAddr = text
+        .parse()
+        .with_context(|| format!("--inspect {given:?} is not an address like 127.0.0.1:4040"))?;
+    anyhow::ensure!(
+        addr.ip().is_loopback(),
+        "--inspect {addr}: the inspector only listens on a loopback address (127.0.0.1 or [::1])"
+    );
+    Ok(addr)
 }
 
 static GLOBAL: OnceLock<Recorder> = OnceLock::new();
@@ -176,9 +182,38 @@ pub(crate) async fn start(
     }
     let settings = args.settings()?;
     let addr = args.addr()?;
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot listen on {addr} for the inspector (use --inspect ADDR or --no-inspect)")
-    })?;
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => Some(l),
+        // Another agent holds the default port: take the next free one, like similar tools.
+        Err(_) if args.inspect.is_none() => {
+            let mut found = None;
+            for port in FALLBACK_PORTS {
+                if let Ok(l) = tokio::net::TcpListener::bind((addr.ip(), port)).await {
+                    found = Some(l);
+                    break;
+                }
+            }
+            found
+        }
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "cannot listen on {addr} for the inspector (use another --inspect ADDR or --no-inspect)"
+            )))
+        }
+    };
+    let Some(listener) = listener else {
+        eprintln!(
+            "warning: ports 4040-4049 are all taken; the inspector is off (use --inspect ADDR)"
+        );
+        let rec = Recorder::new(Settings {
+            ring: 0,
+            body_cap: 0,
+            ..settings
+        });
+        let _ = GLOBAL.set(rec.clone());
+        panel::start(rec.clone(), format, None, shutdown.clone());
+        return Ok(rec);
+    };
     let local = listener.local_addr().context("inspector address")?;
     let rec = Recorder::new(settings);
     let _ = GLOBAL.set(rec.clone());

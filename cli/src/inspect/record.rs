@@ -632,7 +632,7 @@ mod tests {
                 false,
                 "localhost:3000",
                 "POST",
-                &format!("/n/{i}"),
+                &format!("/n/{i:05}"),
                 &HeaderMap::new(),
                 None,
             );
@@ -658,7 +658,7 @@ mod tests {
         );
         let list = rec.list(&Filter::default(), 1000);
         assert_eq!(list.len(), 50);
-        assert_eq!(list[0].path, "/n/9999");
+        assert_eq!(list[0].path, "/n/09999");
         assert_eq!(list[0].request_bytes, 4096);
     }
 

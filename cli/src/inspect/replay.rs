@@ -195,15 +195,7 @@ pub(crate) struct ReplayArgs {
 
 /// Runs `burrow replay`.
 pub(crate) async fn run_replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
-    let addr = super::InspectArgs {
-        inspect: args.inspect.clone(),
-        no_inspect: false,
-        inspect_payloads: false,
-        inspect_keep: super::DEFAULT_RING,
-        inspect_body_cap: super::DEFAULT_BODY_CAP,
-        log_format: None,
-    }
-    .addr()?;
+    let addr = super::parse_addr(&args.inspect)?;
     let body = match (&args.body, &args.body_file) {
         (Some(b), _) => Some(b.clone()),
         (_, Some(f)) => Some(

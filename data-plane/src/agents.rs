@@ -19,6 +19,7 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::control::{AgentInfo, ControlError, Grant};
 use crate::registry::{AgentSession, Counters, RateWindow, Route, RouteLimits};
@@ -59,12 +60,16 @@ pub(crate) async fn serve(
         let state = Arc::clone(&state);
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            let _permit = permit;
-            if let Err(e) = handle(stream, peer, acceptor, state, shutdown).await {
-                tracing::info!(%peer, err = %format!("{e:#}"), "agent connection ended");
+        let span = tracing::info_span!("agent", %peer, instance = tracing::field::Empty);
+        tracker.spawn(
+            async move {
+                let _permit = permit;
+                if let Err(e) = handle(stream, peer, acceptor, state, shutdown).await {
+                    tracing::info!(err = %format!("{e:#}"), "agent connection ended");
+                }
             }
-        });
+            .instrument(span),
+        );
     }
 }
 
@@ -88,9 +93,7 @@ async fn handle(
         .await
         .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
     let hello: pb::AgentHello = read_message(&mut tls).await?;
-    let span = tracing::info_span!("agent", %peer, instance = %hello.agent_instance);
-    let _enter = span.enter();
-    drop(_enter);
+    tracing::Span::current().record("instance", hello.agent_instance.as_str());
 
     let (grant, bound) = match bind(&state, &hello, peer).await {
         Ok(b) => b,

@@ -66,7 +66,8 @@ struct Args {
     /// Private key (PEM) for the agent listener.
     #[arg(long, requires = "agent_cert")]
     agent_key: Option<PathBuf>,
-    /// Generate a self-signed certificate for localhost and *.<domain> (local use only).
+    /// Generate a self-signed certificate for localhost, 127.0.0.1, ::1, <domain> and
+    /// *.<domain> (local use only).
     #[arg(long)]
     self_signed: bool,
     /// Write the generated certificate here, for `burrow http --edge-ca FILE`.
@@ -173,8 +174,11 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         _ => anyhow::bail!("give either --control URL or --standalone-token-file FILE"),
     };
     let generated = if args.self_signed {
+        // Loopback IPs too, so agents may dial `127.0.0.1:PORT` with `--edge-ca`.
         let names = vec![
             "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+            "::1".to_owned(),
             args.domain.clone(),
             format!("*.{}", args.domain),
         ];

@@ -21,7 +21,10 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 const MAX_MESSAGE: usize = 64 << 20;
 
 #[derive(Debug, Parser)]
-#[command(name = "burrow-bench", about = "WebSocket echo server and load generator")]
+#[command(
+    name = "burrow-bench",
+    about = "WebSocket echo server and load generator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,29 @@
+"""Reads burrow-bench JSON lines (the first is `direct`) and prints a Markdown table of
+figures and their ratios to direct."""
+import json
+import sys
+
+rows = [json.loads(line) for line in sys.stdin if line.strip()]
+direct = rows[0]
+
+
+def ratio(value, base, higher_is_better=False):
+    if not base or not value:
+        return "—"
+    return f"{value / base:.2f}×"
+
+
+print()
+print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | connect→first msg p50 | RTT p50 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
+print("|---|---|---|---|---|---|---|")
+for r in rows:
+    rss = sum(kib for _, kib in r["rss_kib_per_idle_conn"]) if r["rss_kib_per_idle_conn"] else 0
+    print(
+        f"| {r['label']} "
+        f"| {r['rtt_p50_us']:.0f} µs ({ratio(r['rtt_p50_us'], direct['rtt_p50_us'])}) "
+        f"| {r['rtt_p99_us']:.0f} µs ({ratio(r['rtt_p99_us'], direct['rtt_p99_us'])}) "
+        f"| {r['throughput_mib_s']:.0f} ({ratio(r['throughput_mib_s'], direct['throughput_mib_s'])}) "
+        f"| {r['connect_p50_us']:.0f} µs ({ratio(r['connect_p50_us'], direct['connect_p50_us'])}) "
+        f"| {r['hol_rtt_p50_us']:.0f} µs ({ratio(r['hol_rtt_p50_us'], direct['hol_rtt_p50_us'])}) "
+        f"| {rss:.1f} |"
+    )

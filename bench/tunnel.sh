@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# WebSocket through a Burrow tunnel, measured against a direct connection and against bore
+# (crate bore-cli, installed into a scratch directory) in the same run. Prints one JSON line
+# per target and a table of ratios to direct (see BENCHMARKS.md).
+#
+#   bench/tunnel.sh                 # everything, 10,000 idle connections for the memory figure
+#   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
+#   BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the other knobs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib/postgres.sh
+
+IDLE=${BENCH_IDLE:-10000}
+RTT=${BENCH_RTT:-5000}
+MIB=${BENCH_MIB:-256}
+CONNECTS=${BENCH_CONNECTS:-200}
+SCRATCH=$(mktemp -d /tmp/burrow-bench.XXXXXX)
+TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$SCRATCH"
+}
+trap cleanup EXIT
+
+echo "==> building (release)" >&2
+cargo build --release -q -p burrow-control -p burrow-edge -p burrow-cli -p burrow-bench
+BIN=$PWD/target/release
+if command -v bore >/dev/null 2>&1; then BORE=$(command -v bore)
+elif [ -x "$TOOLS/bin/bore" ]; then BORE=$TOOLS/bin/bore
+else
+  echo "==> installing bore-cli into $TOOLS" >&2
+  cargo install -q --locked bore-cli --root "$TOOLS"
+  BORE=$TOOLS/bin/bore
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 1 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+bench() { "$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$IDLE" "$@"; }
+
+# The local server every target ends at.
+"$BIN/burrow-bench" echo-server --listen 127.0.0.1:0 >"$SCRATCH/echo.out" &
+pids+=($!); ECHO_PID=$!
+for _ in $(seq 1 50); do [ -s "$SCRATCH/echo.out" ] && break; sleep 0.1; done
+ECHO_PORT=$(sed 's/.*://' "$SCRATCH/echo.out")
+
+results=()
+echo "==> direct" >&2
+results+=("$(bench --url "ws://127.0.0.1:$ECHO_PORT/" --label direct --pids "$ECHO_PID")")
+
+# Burrow: control plane + edge + agent, fresh database.
+ensure_database postgres
+BASE=${DATABASE_URL%/*}
+psql -q -d "$BASE/postgres" -c 'drop database if exists burrow_bench' -c 'create database burrow_bench' >/dev/null
+export DATABASE_URL=$BASE/burrow_bench
+API=$(free_port); HTTP=$(free_port); AGENT=$(free_port)
+"$BIN/burrow-control" migrate >/dev/null
+"$BIN/burrow-control" bootstrap --email bench@localhost >"$SCRATCH/admin.token"
+"$BIN/burrow-control" edge-token create --name bench-edge >"$SCRATCH/edge.token"
+"$BIN/burrow-control" serve --listen "127.0.0.1:$API" >"$SCRATCH/control.log" 2>&1 &
+pids+=($!)
+wait_port "$API"
+export BURROW_API="http://127.0.0.1:$API"
+"$BIN/burrow" team create bench --token-file "$SCRATCH/admin.token" >/dev/null
+"$BIN/burrow" token create bench --team bench --output json --token-file "$SCRATCH/admin.token" \
+  | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p' >"$SCRATCH/agent.token"
+RUST_LOG=warn "$BIN/burrow-edge" --name bench-edge --domain localhost --control "$BURROW_API" \
+  --edge-token-file "$SCRATCH/edge.token" --http "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
+  --self-signed --self-signed-out "$SCRATCH/edge-ca.pem" --max-visitor-connections $((IDLE + 1000)) \
+  >"$SCRATCH/edge.log" 2>&1 &
+pids+=($!); EDGE_PID=$!
+wait_port "$AGENT"
+RUST_LOG=warn "$BIN/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$AGENT" \
+  --edge-ca "$SCRATCH/edge-ca.pem" --token-file "$SCRATCH/agent.token" --no-inspect \
+  >"$SCRATCH/agent.log" 2>&1 </dev/null &
+pids+=($!); AGENT_PID=$!
+for _ in $(seq 1 100); do
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$HTTP" "http://127.0.0.1:$HTTP/" || true)
+  [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
+  sleep 0.1
+done
+echo "==> burrow (TLS agent connection)" >&2
+results+=("$(bench --url "ws://127.0.0.1:$HTTP/" --host "bench.localhost:$HTTP" --label burrow-tls --pids "$EDGE_PID,$AGENT_PID")")
+
+# bore: server + local client, same echo server.
+BORE_CTL_FREE=$( (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null && echo no || echo yes)
+if [ "$BORE_CTL_FREE" = yes ]; then
+  "$BORE" server --bind-addr 127.0.0.1 --min-port 30000 --max-port 39999 >"$SCRATCH/bore-server.log" 2>&1 &
+  pids+=($!); BORE_SERVER_PID=$!
+  wait_port 7835
+  "$BORE" local "$ECHO_PORT" --local-host 127.0.0.1 --to 127.0.0.1 >"$SCRATCH/bore-local.log" 2>&1 &
+  pids+=($!); BORE_LOCAL_PID=$!
+  for _ in $(seq 1 100); do grep -q 'listening at' "$SCRATCH/bore-local.log" && break; sleep 0.1; done
+  BORE_PORT=$(grep -o 'listening at [^ ]*' "$SCRATCH/bore-local.log" | sed 's/.*://' | tr -dc 0-9)
+  echo "==> bore" >&2
+  results+=("$(bench --url "ws://127.0.0.1:$BORE_PORT/" --label bore --pids "$BORE_SERVER_PID,$BORE_LOCAL_PID")")
+else
+  echo "warning: port 7835 (bore's control port) is taken; skipping bore" >&2
+fi
+
+printf '%s\n' "${results[@]}"
+printf '%s\n' "${results[@]}" | python3 bench/ratios.py

@@ -216,6 +216,24 @@ async fn without_a_subdomain_the_agent_gets_a_random_name() {
     assert_eq!(status, 200);
 }
 
+/// The first `Forwarding …` line the agent prints (other lines may come first).
+async fn first_forwarding_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut R) -> String {
+    let read = async {
+        loop {
+            let mut line = String::new();
+            let n = tokio::io::AsyncBufReadExt::read_line(lines, &mut line)
+                .await
+                .unwrap();
+            if n == 0 || line.starts_with("Forwarding ") {
+                return line;
+            }
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .unwrap()
+}
+
 async fn raw_exchange(edge: &Edge, request: &[u8]) -> String {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
@@ -384,14 +402,7 @@ async fn authtoken_add_reads_the_token_from_stdin_and_the_agent_uses_it() {
         .spawn()
         .unwrap();
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let first = first_forwarding_line(&mut lines).await;
     assert!(
         first.starts_with("Forwarding http://saved.localhost:"),
         "{first}"
@@ -496,14 +507,7 @@ async fn insecure_mode_works_for_a_local_edge_and_is_refused_for_a_remote_one() 
 
     let mut child = run(format!("127.0.0.1:{}", edge.agent.port()), "near");
     let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(20),
-        tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut first),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let first = first_forwarding_line(&mut lines).await;
     assert!(
         first.starts_with("Forwarding http://near.localhost:"),
         "{first}"

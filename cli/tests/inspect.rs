@@ -681,3 +681,103 @@ async fn memory_stays_flat_over_10000_requests_because_the_ring_is_bounded() {
     );
     edge.stop().await;
 }
+
+/// Set to a path to keep the screenshot the browser test takes (e.g. `docs/inspector.png`).
+const SCREENSHOT_ENV: &str = "BURROW_INSPECTOR_SCREENSHOT";
+/// Set (to anything but `0`) to fail instead of skipping when node or Chromium is missing.
+const REQUIRE_CLIENTS_ENV: &str = "BURROW_REQUIRE_TEST_CLIENTS";
+
+/// Why the browser test cannot run here, if it cannot.
+fn browser_missing() -> Option<String> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let chromium = std::env::var_os("CHROMIUM").unwrap_or_else(|| "/usr/bin/chromium".into());
+    let node_ok = std::process::Command::new("node")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !node_ok {
+        return Some("`node` is not on PATH".into());
+    }
+    if !root
+        .join("tests/clients/node_modules/playwright-core")
+        .is_dir()
+    {
+        return Some("tests/clients/node_modules/playwright-core is missing (run scripts/install-test-clients.sh)".into());
+    }
+    if !std::path::Path::new(&chromium).is_file() {
+        return Some(format!("{} is missing", chromium.to_string_lossy()));
+    }
+    None
+}
+
+#[tokio::test]
+async fn chromium_shows_live_traffic_headers_replay_and_websocket_counts() {
+    if let Some(reason) = browser_missing() {
+        let required = std::env::var(REQUIRE_CLIENTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(!required, "{reason}, and {REQUIRE_CLIENTS_ENV} is set");
+        eprintln!("skipping the browser test: {reason}");
+        return;
+    }
+    let (web, received) = counting_server().await;
+    let sock = echo_ws_server().await;
+    let edge = standalone_edge().await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("burrow.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[tunnel]]\ntarget = \"{web}\"\nsubdomain = \"web\"\n\n[[tunnel]]\ntarget = \"{sock}\"\nsubdomain = \"sock\"\n"
+        ),
+    )
+    .unwrap();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "start",
+            "--config",
+            file.to_str().unwrap(),
+            "--inspect",
+            "127.0.0.1:0",
+            "--inspect-payloads",
+        ],
+    )
+    .await;
+    let base = inspector_url(&agent).await;
+    let port = edge.http.port();
+    let shot = std::env::var(SCREENSHOT_ENV)
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.path().join("inspector.png"));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let run = tokio::process::Command::new("node")
+        .arg(root.join("tests/inspector/inspector.test.js"))
+        .args(["--inspector", &base])
+        .args(["--web", &format!("http://web.localhost:{port}")])
+        .args(["--ws", &format!("ws://sock.localhost:{port}/chat")])
+        .arg("--screenshot")
+        .arg(&shot)
+        .env("NODE_PATH", root.join("tests/clients/node_modules"))
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(180), run)
+        .await
+        .expect("the browser test finished in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("OK inspector"),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nagent:\n{}",
+        agent.stderr_text().await
+    );
+    // The click on Replay reached the local server: /hello arrived twice.
+    let hellos = received
+        .lock()
+        .await
+        .iter()
+        .filter(|(m, p, _)| m == "GET" && p == "/hello?from=chromium")
+        .count();
+    assert_eq!(hellos, 2);
+    assert!(shot.is_file());
+    edge.stop().await;
+}

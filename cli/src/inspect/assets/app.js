@@ -38,7 +38,7 @@ function io(s) {
 }
 
 function rowHtml(s) {
-  return `<td>${time(s.started_at)}</td><td><span class="badge ${s.kind}">${s.kind === "ws" ? "WS" : "HTTP"}</span>${s.replay_of ? ' <span class="badge">replay</span>' : ""}</td>` +
+  return `<td>${time(s.started_at)}</td><td><span class="badge ${s.kind}">${s.kind === "ws" ? "WS" : "HTTP"}</span>${s.replay_of ? ' <span class="badge" title="replay of #' + s.replay_of + '">replay</span>' : ""}</td>` +
     `<td>${esc(s.method)}</td><td class="path" title="${esc(s.path)}">${esc(s.path)}</td><td>${statusCell(s)}</td>` +
     `<td class="num">${ms(s.duration_ms)}</td><td class="num">${io(s)}</td>`;
 }
@@ -111,7 +111,7 @@ function bodyHtml(b) {
 function wsHtml(d) {
   const w = d.ws || {};
   const ws = d.websocket || { frames: [] };
-  const close = w.close_code != null ? `${w.close_code}${w.close_reason ? " " + w.close_reason : ""}` : "–";
+  const close = w.close_code != null ? `${w.close_code}${w.close_reason ? `<small>${esc(w.close_reason)}</small>` : ""}` : "–";
   const frames = ws.frames.map((f) =>
     `<tr><td class="num">${f.at_ms.toFixed(1)} ms</td><td><span class="dir ${f.dir}">${f.dir === "in" ? "→ in" : "← out"}</span></td>` +
     `<td>${esc(f.opcode)}${f.fin ? "" : " (more)"}</td><td class="num">${size(f.size)}</td><td class="pv">${esc(f.preview ?? "")}</td></tr>`).join("");
@@ -119,7 +119,7 @@ function wsHtml(d) {
       <div class="stat"><div class="k">Messages in</div><div class="v" id="ws-in">${w.messages_in ?? 0}</div></div>
       <div class="stat"><div class="k">Messages out</div><div class="v" id="ws-out">${w.messages_out ?? 0}</div></div>
       <div class="stat"><div class="k">Bytes in / out</div><div class="v">${size(w.bytes_in ?? 0)} / ${size(w.bytes_out ?? 0)}</div></div>
-      <div class="stat"><div class="k">Close</div><div class="v" id="ws-close">${esc(close)}</div></div>
+      <div class="stat"><div class="k">Close</div><div class="v" id="ws-close">${close}</div></div>
     </div>
     <div class="meta" style="margin-top:10px"><span>State <b id="ws-state">${esc(d.state)}</b></span>
       <span>Subprotocol <b>${esc(ws.subprotocol || "none")}</b></span><span>Extensions <b>${esc(ws.extensions || "none")}</b></span>

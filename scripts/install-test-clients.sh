@@ -17,6 +17,7 @@ apt_install() {
 
 command -v node >/dev/null 2>&1 || { echo "==> installing nodejs"; apt_install nodejs npm; }
 command -v chromium >/dev/null 2>&1 || { echo "==> installing chromium"; apt_install chromium; }
+command -v tmux >/dev/null 2>&1 || { echo "==> installing tmux"; apt_install tmux; }
 
 if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   echo "==> npm ci (tests/clients)"

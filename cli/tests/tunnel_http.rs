@@ -513,3 +513,78 @@ async fn insecure_mode_works_for_a_local_edge_and_is_refused_for_a_remote_one() 
         "{first}"
     );
 }
+
+#[tokio::test]
+async fn a_plaintext_agent_connection_works_for_benchmarks_on_one_machine() {
+    let local = local_http_server().await;
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http_addr = http.local_addr().unwrap();
+    let agent_addr = agent_listener.local_addr().unwrap();
+    let config = burrow_edge::Config {
+        name: "plain".into(),
+        domain: "localhost".into(),
+        public_url_template: None,
+        agent_addr: None,
+        control: burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        agent_tls: identity(),
+        agent_plaintext: true,
+        visitor_tls: None,
+        limits: burrow_edge::Limits::default(),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _edge = tokio::spawn(burrow_edge::run(
+        config,
+        burrow_edge::Listeners {
+            http: Some(http),
+            https: None,
+            agent: agent_listener,
+        },
+        shutdown.clone(),
+    ));
+    let home = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args([
+            "http",
+            &local.port().to_string(),
+            "--subdomain",
+            "plain",
+            "--edge-plaintext",
+        ])
+        .arg("--edge")
+        .arg(agent_addr.to_string())
+        .env("BURROW_TOKEN", STANDALONE_TOKEN)
+        .env("BURROW_CONFIG", home.path().join("config.toml"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let first = first_forwarding_line(&mut lines).await;
+    assert!(
+        first.starts_with("Forwarding http://plain.localhost:"),
+        "{first}"
+    );
+    let tcp = tokio::net::TcpStream::connect(http_addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake::<
+        _,
+        http_body_util::Empty<bytes::Bytes>,
+    >(hyper_util::rt::TokioIo::new(tcp))
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            hyper::Request::builder()
+                .uri("/hello")
+                .header("host", format!("plain.localhost:{}", http_addr.port()))
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    shutdown.cancel();
+}

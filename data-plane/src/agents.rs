@@ -32,10 +32,14 @@ const RANDOM_NAME_ATTEMPTS: usize = 8;
 /// Length of a random subdomain (lower-case letters and digits).
 const RANDOM_NAME_LEN: usize = 10;
 
+/// The byte stream from an agent: TLS, or plain TCP with `Config::agent_plaintext`.
+trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AgentIo for T {}
+
 /// Accepts agent connections until `shutdown`.
 pub(crate) async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -83,15 +87,20 @@ struct Bound {
 async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let limits = &state.config.limits;
     let _ = stream.set_nodelay(true);
-    let mut tls = tokio::time::timeout(limits.agent_handshake_timeout, acceptor.accept(stream))
-        .await
-        .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??;
+    let mut tls: Box<dyn AgentIo> = match acceptor {
+        Some(acceptor) => Box::new(
+            tokio::time::timeout(limits.agent_handshake_timeout, acceptor.accept(stream))
+                .await
+                .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??,
+        ),
+        None => Box::new(stream),
+    };
     let hello: pb::AgentHello = read_message(&mut tls).await?;
     tracing::Span::current().record("instance", hello.agent_instance.as_str());
 

@@ -24,6 +24,9 @@ pub struct Config {
     pub control: ControlConfig,
     /// Certificate the agent listener presents.
     pub agent_tls: TlsIdentity,
+    /// Serve agents over plain TCP instead of TLS (`agent_tls` unused). Only for measuring
+    /// what TLS costs on one machine: tokens would cross the network in the clear.
+    pub agent_plaintext: bool,
     /// Certificate the HTTPS visitor listener presents (required when an HTTPS listener is
     /// given to [`crate::run`]).
     pub visitor_tls: Option<TlsIdentity>,
@@ -257,6 +260,7 @@ mod tests {
                 agent_tokens: vec!["t".to_owned().into()],
             },
             agent_tls: TlsIdentity::self_signed(&["localhost".to_owned()]).unwrap(),
+            agent_plaintext: false,
             visitor_tls: None,
             limits: Limits::default(),
         }

@@ -143,9 +143,14 @@ pub async fn run(
         Arc::clone(&registry),
         shutdown.clone(),
     ));
+    if state.config.agent_plaintext {
+        tracing::warn!(
+            "the agent listener speaks plain TCP (--agent-plaintext): for benchmarks only"
+        );
+    }
     tracker.spawn(agents::serve(
         listeners.agent,
-        TlsAcceptor::from(agent_tls),
+        (!state.config.agent_plaintext).then(|| TlsAcceptor::from(agent_tls)),
         Arc::clone(&state),
         shutdown.clone(),
         tracker.clone(),

@@ -70,6 +70,10 @@ struct Args {
     /// *.<domain> (local use only).
     #[arg(long)]
     self_signed: bool,
+    /// Serve agents over plain TCP, no TLS (benchmarks on one machine only; agents need
+    /// `burrow http --edge-plaintext`).
+    #[arg(long)]
+    agent_plaintext: bool,
     /// Write the generated certificate here, for `burrow http --edge-ca FILE`.
     #[arg(long, requires = "self_signed")]
     self_signed_out: Option<PathBuf>,
@@ -199,6 +203,8 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         (Some(c), Some(k)) => TlsIdentity::from_files(c, k)?,
         _ => match visitor_tls.clone().or(generated) {
             Some(id) => id,
+            // Unused in plaintext mode; keeps the type simple.
+            None if args.agent_plaintext => TlsIdentity::self_signed(&["localhost".to_owned()])?,
             None => anyhow::bail!(
                 "the agent listener needs a certificate: --agent-cert/--agent-key, --tls-cert/--tls-key or --self-signed"
             ),
@@ -223,6 +229,7 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         agent_addr: None,
         control,
         agent_tls,
+        agent_plaintext: args.agent_plaintext,
         visitor_tls,
         limits,
     })

@@ -85,6 +85,10 @@ pub(crate) struct EdgeArgs {
     /// (localhost, 127.0.0.1, ::1); prefer --edge-ca.
     #[arg(long, conflicts_with = "edge_ca")]
     insecure: bool,
+    /// Connect without TLS, for benchmarks against `burrow-edge --agent-plaintext`. Refused
+    /// unless the edge is on this machine.
+    #[arg(long, conflicts_with_all = ["edge_ca", "insecure"])]
+    edge_plaintext: bool,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -246,6 +250,7 @@ async fn run_tunnels(
             .unwrap_or_else(|| DEFAULT_EDGE.to_owned()),
         ca: args.edge_ca.clone().or(file_ca),
         insecure: args.insecure,
+        plaintext: args.edge_plaintext,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -46,7 +46,13 @@ pub(crate) struct EdgeSpec {
     pub(crate) ca: Option<PathBuf>,
     /// Skip certificate verification (allowed only for an edge on this machine).
     pub(crate) insecure: bool,
+    /// Plain TCP, no TLS (benchmarks; allowed only for an edge on this machine).
+    pub(crate) plaintext: bool,
 }
+
+/// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
+trait EdgeIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> EdgeIo for T {}
 
 /// Accepts any certificate but still checks the handshake signatures. Only ever used for an
 /// edge on a loopback address, where there is no network to attack.
@@ -189,7 +195,15 @@ pub(crate) async fn run(
     tunnels: Vec<TunnelSpec>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let connector = tls_connector(&edge)?;
+    let connector = if edge.plaintext {
+        anyhow::ensure!(
+            is_loopback(&edge.addr),
+            "--edge-plaintext is only allowed for an edge on this machine (localhost, 127.0.0.1, ::1)"
+        );
+        None
+    } else {
+        Some(tls_connector(&edge)?)
+    };
     let name = server_name(&edge.addr)?;
     let instance = {
         let b: [u8; 16] = rand::random();
@@ -206,7 +220,7 @@ pub(crate) async fn run(
         }
         let outcome = connect_once(
             &edge,
-            &connector,
+            connector.as_ref(),
             &name,
             &token,
             &instance,
@@ -247,7 +261,7 @@ pub(crate) async fn run(
 #[allow(clippy::too_many_arguments)]
 async fn connect_once(
     edge: &EdgeSpec,
-    connector: &TlsConnector,
+    connector: Option<&TlsConnector>,
     name: &ServerName<'static>,
     token: &str,
     instance: &str,
@@ -261,11 +275,15 @@ async fn connect_once(
             .await
             .with_context(|| format!("cannot connect to {}", edge.addr))?;
         let _ = tcp.set_nodelay(true);
-        let tls = connector
-            .connect(name.clone(), tcp)
-            .await
-            .context("TLS handshake with the edge failed")?;
-        Ok::<_, anyhow::Error>(tls)
+        let io: Box<dyn EdgeIo> = match connector {
+            Some(c) => Box::new(
+                c.connect(name.clone(), tcp)
+                    .await
+                    .context("TLS handshake with the edge failed")?,
+            ),
+            None => Box::new(tcp),
+        };
+        Ok::<_, anyhow::Error>(io)
     };
     let mut tls = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
         Err(_) => return Err(Failure::Retry(anyhow::anyhow!("timed out"))),

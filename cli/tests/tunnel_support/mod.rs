@@ -89,6 +89,7 @@ pub async fn start_edge_with(
         agent_addr: None,
         control,
         agent_tls: identity.clone(),
+        agent_plaintext: false,
         visitor_tls: with_https.then(|| identity.clone()),
         limits,
     };

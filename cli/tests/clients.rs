@@ -245,7 +245,16 @@ impl Tunnel {
         let edge_control = control.edge_control("edge-a").await;
         let edge = start_edge_with(edge_control, identity, None, true, tweak).await;
         let port = local_port.to_string();
-        let agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", subdomain]).await;
+        // The inspector stays on, as people run the agent, but on a port the OS picks.
+        let args = [
+            "http",
+            &port,
+            "--subdomain",
+            subdomain,
+            "--inspect",
+            "127.0.0.1:0",
+        ];
+        let agent = start_agent(&edge, &secret, &args).await;
         assert_eq!(
             agent.subdomain(),
             subdomain,

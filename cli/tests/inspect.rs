@@ -1,7 +1,7 @@
 //! The inspector's JSON API and event stream, driven through a real tunnel: an in-process
 //! standalone edge, the real `burrow` agent with `--inspect 127.0.0.1:0`, and local servers.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::result_large_err)]
 
 mod tunnel_support;
 
@@ -779,5 +779,132 @@ async fn chromium_shows_live_traffic_headers_replay_and_websocket_counts() {
         .count();
     assert_eq!(hellos, 2);
     assert!(shot.is_file());
+    edge.stop().await;
+}
+
+/// A tmux server on its own socket, killed when dropped.
+struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    fn cmd(&self) -> std::process::Command {
+        let mut c = std::process::Command::new("tmux");
+        c.args(["-L", &self.socket]);
+        c
+    }
+
+    /// The pane's text; with `escapes`, colours as escape sequences too.
+    fn capture(&self, escapes: bool) -> String {
+        let mut c = self.cmd();
+        c.args(["capture-pane", "-p", "-t", "panel"]);
+        if escapes {
+            c.arg("-e");
+        }
+        String::from_utf8_lossy(&c.output().unwrap().stdout).into_owned()
+    }
+
+    /// Waits until the pane's text satisfies `check`.
+    async fn wait(&self, what: &str, check: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let text = self.capture(false);
+            if check(&text) {
+                return text;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} never appeared:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").output();
+    }
+}
+
+/// The panel's counters line: `(open, total)`.
+fn panel_counters(text: &str) -> Option<(u64, u64)> {
+    let mut lines = text.lines().skip_while(|l| !l.starts_with("Connections"));
+    lines.next()?;
+    let mut nums = lines.next()?.split_whitespace();
+    Some((nums.next()?.parse().ok()?, nums.next()?.parse().ok()?))
+}
+
+#[tokio::test]
+async fn on_a_terminal_the_panel_shows_the_forwarding_url_and_counters_that_change() {
+    let tmux_ok = std::process::Command::new("tmux")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !tmux_ok {
+        let required = std::env::var(REQUIRE_CLIENTS_ENV).is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(
+            !required,
+            "tmux is missing, and {REQUIRE_CLIENTS_ENV} is set"
+        );
+        eprintln!("skipping the panel test: tmux is missing (run scripts/install-test-clients.sh)");
+        return;
+    }
+    let (local, _) = counting_server().await;
+    let edge = standalone_edge().await;
+    let home = tempfile::tempdir().unwrap();
+    let tmux = Tmux {
+        socket: format!("burrow-panel-{}-{}", std::process::id(), local.port()),
+    };
+    let command = format!(
+        "env BURROW_TOKEN={STANDALONE_TOKEN} BURROW_CONFIG={} NO_COLOR=1 {} http {} --subdomain panel \
+         --inspect 127.0.0.1:0 --edge localhost:{} --edge-ca {}",
+        home.path().join("config.toml").display(),
+        env!("CARGO_BIN_EXE_burrow"),
+        local.port(),
+        edge.agent.port(),
+        edge.ca_file.display(),
+    );
+    let started = tmux
+        .cmd()
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            "panel",
+            "-x",
+            "120",
+            "-y",
+            "40",
+            &command,
+        ])
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let text = tmux
+        .wait("the forwarding line", |t| {
+            t.contains("Forwarding") && t.contains("panel.localhost") && t.contains("online")
+        })
+        .await;
+    assert!(
+        text.contains("Web Interface      http://127.0.0.1:"),
+        "{text}"
+    );
+    assert_eq!(panel_counters(&text), Some((0, 0)), "{text}");
+
+    for i in 0..3 {
+        visit(&edge, "panel", "GET", &format!("/panel-test/{i}"), &[], "").await;
+    }
+    let text = tmux
+        .wait("three requests", |t| {
+            panel_counters(t) == Some((0, 3)) && t.contains("/panel-test/2")
+        })
+        .await;
+    eprintln!("{text}");
+    assert!(text.contains("GET     /panel-test/0"), "{text}");
+    assert!(
+        !tmux.capture(true).contains("\x1b[32m"),
+        "colours with NO_COLOR set"
+    );
     edge.stop().await;
 }

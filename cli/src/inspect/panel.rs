@@ -202,8 +202,8 @@ pub(crate) fn render(st: &StatusView, http: &[Summary], ws: &[Summary], color: b
             st.connections_open,
             st.connections_total,
             st.requests_per_minute,
-            ms(st.p50_ms.map(f64::from)),
-            ms(st.p90_ms.map(f64::from)),
+            ms(st.p50_ms),
+            ms(st.p90_ms),
         ),
     );
     o.push_str(&format!("\n{}\n", p.wrap("1", "HTTP Requests")));
@@ -246,6 +246,7 @@ pub(crate) fn render(st: &StatusView, http: &[Summary], ws: &[Summary], color: b
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::inspect::record::Meta;
@@ -263,8 +264,8 @@ mod tests {
             connections_open: 1,
             connections_total: 42,
             requests_per_minute: 7,
-            p50_ms: Some(3),
-            p90_ms: Some(12),
+            p50_ms: Some(3.0),
+            p90_ms: Some(12.0),
             kept: 0,
             kept_bytes: 0,
         };

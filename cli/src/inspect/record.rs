@@ -61,7 +61,7 @@ pub(crate) struct Meta {
 struct Stats {
     open: u64,
     total: u64,
-    latencies: VecDeque<u32>,
+    latencies: VecDeque<f64>,
     completions: VecDeque<Instant>,
 }
 
@@ -73,8 +73,8 @@ pub(crate) struct StatusView {
     pub(crate) connections_open: u64,
     pub(crate) connections_total: u64,
     pub(crate) requests_per_minute: usize,
-    pub(crate) p50_ms: Option<u32>,
-    pub(crate) p90_ms: Option<u32>,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p90_ms: Option<f64>,
     pub(crate) kept: usize,
     pub(crate) kept_bytes: usize,
 }
@@ -335,8 +335,8 @@ impl Recorder {
             {
                 s.stats.completions.pop_front();
             }
-            let mut l: Vec<u32> = s.stats.latencies.iter().copied().collect();
-            l.sort_unstable();
+            let mut l: Vec<f64> = s.stats.latencies.iter().copied().collect();
+            l.sort_unstable_by(f64::total_cmp);
             let pct = |p: usize| (!l.is_empty()).then(|| l[(l.len() - 1) * p / 100]);
             StatusView {
                 meta: s.meta.clone(),
@@ -451,7 +451,7 @@ impl Recorder {
                 if s.stats.latencies.len() == LATENCY_SAMPLES {
                     s.stats.latencies.pop_front();
                 }
-                s.stats.latencies.push_back(d as u32);
+                s.stats.latencies.push_back(d);
             }
             if s.stats.completions.len() == RATE_SAMPLES {
                 s.stats.completions.pop_front();
@@ -611,6 +611,7 @@ impl Captured {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -493,6 +493,7 @@ fn detail(e: &Entry) -> Detail {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -20,6 +20,9 @@ pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for "internal error" (RFC 6455 §7.4.1).
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
 
+/// First size of each relay buffer, in bytes.
+const INITIAL_BUFFER: usize = 4096;
+
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -143,7 +146,9 @@ async fn pump<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; opts.buffer];
+    // Start small so an idle connection costs little; grow to the full size once a read
+    // fills the buffer (bulk transfer).
+    let mut buf = vec![0u8; INITIAL_BUFFER.min(opts.buffer)];
     let started = tokio::time::Instant::now();
     let mut total: u64 = 0;
     let ping = if dir == Direction::ToVisitor {
@@ -184,6 +189,7 @@ async fn pump<R, W>(
         match read {
             Ok(0) => break End::Eof,
             Ok(n) => {
+                let grow = n == buf.len() && buf.len() < opts.buffer;
                 observer.observe(&buf[..n]);
                 if observer.stats().closed {
                     closed.store(true, Ordering::Relaxed);
@@ -192,6 +198,9 @@ async fn pump<R, W>(
                     break End::WriteError;
                 }
                 total += n as u64;
+                if grow {
+                    buf.resize(opts.buffer, 0);
+                }
                 if let Some(rate) = opts.max_bytes_per_second.filter(|r| *r > 0) {
                     // Hold the average at `rate`: wait until `total` bytes are due.
                     let due = started + Duration::from_secs_f64(total as f64 / rate as f64);

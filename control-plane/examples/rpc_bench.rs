@@ -40,6 +40,10 @@ struct Args {
     /// Database connections in the server's pool.
     #[arg(long, default_value_t = Config::default().db_max_connections)]
     db_connections: u32,
+    /// What to call: `list-reservations` (authenticated, one database query) or `health`
+    /// (no authentication, no database: the gRPC stack's own ceiling, for comparison).
+    #[arg(long, default_value = "list-reservations")]
+    rpc: String,
     /// Reservations the listed team holds (the size of each answer).
     #[arg(long, default_value_t = 10)]
     reservations: usize,
@@ -152,6 +156,10 @@ async fn main() -> anyhow::Result<()> {
     let mut callers = Vec::new();
     for _ in 0..args.concurrency {
         let mut client = ReservationServiceClient::new(channel.clone());
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let health_only = args.rpc == "health";
+        let sql_only = args.rpc == "sql";
+        let pool = pool.clone();
         let token = token.clone();
         let expected = args.reservations;
         callers.push(tokio::spawn(async move {
@@ -159,14 +167,35 @@ async fn main() -> anyhow::Result<()> {
             let mut errors = 0_u64;
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                match client
-                    .list_reservations(req(&token, v1::ListReservationsRequest::default()))
+                let ok = if sql_only {
+                    sqlx::query(
+                        "SELECT r.id, r.subdomain, r.team_id, t.name AS team,
+                                a.email AS created_by, r.created_at
+                         FROM reservations r JOIN teams t ON t.id = r.team_id
+                         LEFT JOIN accounts a ON a.id = r.created_by
+                         WHERE r.team_id IN (SELECT team_id FROM memberships m
+                             JOIN accounts x ON x.id = m.account_id
+                             WHERE x.email = 'bench@example.com')
+                         ORDER BY r.subdomain",
+                    )
+                    .fetch_all(&pool)
                     .await
-                {
-                    Ok(r) if r.get_ref().reservations.len() == expected => {
-                        latencies.push(t0.elapsed());
-                    }
-                    _ => errors += 1,
+                    .is_ok_and(|rows| rows.len() == expected)
+                } else if health_only {
+                    health
+                        .check(tonic_health::pb::HealthCheckRequest::default())
+                        .await
+                        .is_ok()
+                } else {
+                    client
+                        .list_reservations(req(&token, v1::ListReservationsRequest::default()))
+                        .await
+                        .is_ok_and(|r| r.get_ref().reservations.len() == expected)
+                };
+                if ok {
+                    latencies.push(t0.elapsed());
+                } else {
+                    errors += 1;
                 }
             }
             (latencies, errors)

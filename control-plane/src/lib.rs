@@ -160,7 +160,11 @@ pub async fn run(
     }
     let local = listener.local_addr().ok();
     tracing::info!(addr = ?local, "control plane listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm would hold small responses back until the peer's delayed ACK
+    // (tens of milliseconds at the tail); gRPC frames are already batched by HTTP/2.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(state.config.http2_keepalive_interval));
     let stop = shutdown.clone();
     let grace = state.config.shutdown_grace;
     let server = builder

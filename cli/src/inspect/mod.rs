@@ -40,6 +40,9 @@ pub(crate) const DEFAULT_BODY_CAP: usize = 64 * 1024;
 pub(crate) const DEFAULT_PREVIEW_CAP: usize = 1024;
 /// Frames kept per WebSocket session (the oldest are dropped, the counters keep counting).
 pub(crate) const DEFAULT_FRAMES_PER_SESSION: usize = 1000;
+/// Most bytes all kept records may hold together (bodies, headers, frames, previews); the
+/// oldest records go first. Bounds memory however the other limits combine.
+pub(crate) const DEFAULT_MAX_HELD: usize = 64 * 1024 * 1024;
 
 /// Inspector and output options of `burrow http` and `burrow start`.
 #[derive(Debug, Clone, Args)]
@@ -86,6 +89,8 @@ pub(crate) struct Settings {
     pub(crate) preview_cap: usize,
     /// Frames kept per WebSocket session.
     pub(crate) frames_per_session: usize,
+    /// Bytes all records may hold together.
+    pub(crate) max_held: usize,
 }
 
 impl Default for Settings {
@@ -95,6 +100,7 @@ impl Default for Settings {
             body_cap: DEFAULT_BODY_CAP,
             preview_cap: 0,
             frames_per_session: DEFAULT_FRAMES_PER_SESSION,
+            max_held: DEFAULT_MAX_HELD,
         }
     }
 }
@@ -119,6 +125,7 @@ impl InspectArgs {
                 0
             },
             frames_per_session: DEFAULT_FRAMES_PER_SESSION,
+            max_held: DEFAULT_MAX_HELD,
         })
     }
 
@@ -220,6 +227,7 @@ pub(crate) async fn start(
     let url = format!("http://{local}");
     rec.set_inspector_url(&url);
     tokio::spawn(server::serve(listener, rec.clone(), shutdown.clone()));
+    tokio::spawn(rec.clone().flush_loop(shutdown.clone()));
     panel::start(rec.clone(), format, Some(url), shutdown.clone());
     Ok(rec)
 }

@@ -22,6 +22,9 @@ const LATENCY_SAMPLES: usize = 1000;
 const RATE_SAMPLES: usize = 100_000;
 /// Window of the requests-per-minute figure.
 const RATE_WINDOW: Duration = Duration::from_secs(60);
+/// Shortest interval between two change events for one busy WebSocket session; changes in
+/// between are sent by [`Recorder::flush_loop`], so the page never shows stale counts.
+pub(crate) const NOTIFY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// A handle on the process's traffic record; every method is a no-op when disabled.
 #[derive(Clone, Default)]
@@ -123,6 +126,10 @@ pub(super) struct Entry {
     pub(super) req_body: Captured,
     pub(super) resp_body: Captured,
     pub(super) socket: Option<Socket>,
+    /// When subscribers last heard of this record.
+    pub(super) notified: Option<Instant>,
+    /// Changed since subscribers last heard of it.
+    pub(super) dirty: bool,
 }
 
 /// WebSocket specifics of an exchange.
@@ -132,6 +139,8 @@ pub(super) struct Socket {
     pub(super) open: bool,
     pub(super) frames: VecDeque<FrameRecord>,
     pub(super) frames_dropped: u64,
+    /// Bytes of the previews in `frames`.
+    pub(super) preview_bytes: usize,
     pub(super) counts: WsCounts,
 }
 
@@ -199,11 +208,7 @@ fn headers_size(h: &[(String, String)]) -> usize {
 impl Entry {
     fn held(&self) -> usize {
         let frames = self.socket.as_ref().map_or(0, |s| {
-            s.frames.len() * std::mem::size_of::<FrameRecord>()
-                + s.frames
-                    .iter()
-                    .map(|f| f.preview.as_ref().map_or(0, String::len))
-                    .sum::<usize>()
+            s.frames.len() * std::mem::size_of::<FrameRecord>() + s.preview_bytes
         });
         std::mem::size_of::<Entry>()
             + self.req_body.data.len()
@@ -380,6 +385,8 @@ impl Recorder {
             req_body: Captured::default(),
             resp_body: Captured::default(),
             socket: ws.then(Socket::default),
+            notified: Some(Instant::now()),
+            dirty: false,
         };
         let summary = entry.summary();
         self.with_state(|s, set| {
@@ -390,11 +397,7 @@ impl Recorder {
             }
             s.held += entry.held();
             s.ring.push_back(entry);
-            while s.ring.len() > set.ring {
-                if let Some(old) = s.ring.pop_front() {
-                    s.held -= old.held();
-                }
-            }
+            s.evict(set);
         });
         self.send(Event::Exchange {
             summary: Arc::new(summary),
@@ -406,14 +409,28 @@ impl Recorder {
     /// Changes record `id` if it is still kept, keeping the byte count right, and tells
     /// subscribers when `notify`.
     pub(super) fn update(&self, id: u64, notify: bool, f: impl FnOnce(&mut Entry, &Settings)) {
+        self.update_with(id, |e, set| {
+            f(e, set);
+            notify
+        });
+    }
+
+    /// Like [`Recorder::update`]; `f` says whether subscribers should hear of it now.
+    fn update_with(&self, id: u64, f: impl FnOnce(&mut Entry, &Settings) -> bool) {
         let summary = self.with_state(|s, set| {
             let pos = s.ring.binary_search_by_key(&id, |e| e.id).ok()?;
             let e = &mut s.ring[pos];
             let before = e.held();
-            f(e, set);
+            let notify = f(e, set);
             let after = e.held();
             s.held = s.held + after - before;
-            notify.then(|| e.summary())
+            let summary = notify.then(|| {
+                e.notified = Some(Instant::now());
+                e.dirty = false;
+                e.summary()
+            });
+            s.evict(set);
+            summary
         });
         if let Some(Some(summary)) = summary {
             self.send(Event::Exchange {
@@ -469,8 +486,10 @@ impl Recorder {
 
     /// Records a WebSocket frame of session `id`.
     pub(super) fn frame(&self, id: u64, dir: Dir, f: &ParsedFrame) {
-        self.update(id, true, |e, set| {
-            let Some(sock) = &mut e.socket else { return };
+        self.update_with(id, |e, set| {
+            let Some(sock) = &mut e.socket else {
+                return false;
+            };
             let at = sock.opened.map(|o| o.elapsed()).unwrap_or_default();
             let c = &mut sock.counts;
             let data = !f.opcode.is_control();
@@ -499,9 +518,12 @@ impl Recorder {
                 });
             }
             if sock.frames.len() >= set.frames_per_session {
-                sock.frames.pop_front();
+                if let Some(old) = sock.frames.pop_front() {
+                    sock.preview_bytes -= old.preview.as_ref().map_or(0, String::len);
+                }
                 sock.frames_dropped += 1;
             }
+            sock.preview_bytes += f.preview.as_ref().map_or(0, String::len);
             sock.frames.push_back(FrameRecord {
                 dir,
                 opcode: f.opcode,
@@ -510,7 +532,44 @@ impl Recorder {
                 at,
                 preview: f.preview.clone(),
             });
+            let due = e.notified.is_none_or(|t| t.elapsed() >= NOTIFY_INTERVAL);
+            e.dirty = !due;
+            due
         });
+    }
+
+    /// Tells subscribers about records whose last changes were held back.
+    pub(crate) fn flush(&self) {
+        let summaries = self
+            .with_state(|s, _| {
+                let now = Instant::now();
+                let mut out = Vec::new();
+                for e in s.ring.iter_mut().filter(|e| e.dirty) {
+                    e.dirty = false;
+                    e.notified = Some(now);
+                    out.push(e.summary());
+                }
+                out
+            })
+            .unwrap_or_default();
+        for summary in summaries {
+            self.send(Event::Exchange {
+                summary: Arc::new(summary),
+                done: false,
+            });
+        }
+    }
+
+    /// Runs [`Recorder::flush`] every [`NOTIFY_INTERVAL`] until `shutdown`.
+    pub(crate) async fn flush_loop(self, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(NOTIFY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                _ = tick.tick() => self.flush(),
+            }
+        }
     }
 
     /// Summaries, newest first, matching `filter`, at most `limit`.
@@ -543,6 +602,19 @@ impl Recorder {
             s.held = 0;
         });
         self.send(Event::Cleared);
+    }
+}
+
+impl State {
+    /// Drops the oldest records beyond the ring size or the memory cap (keeping at least
+    /// the newest one).
+    fn evict(&mut self, set: &Settings) {
+        while self.ring.len() > set.ring || (self.held > set.max_held && self.ring.len() > 1) {
+            match self.ring.pop_front() {
+                Some(old) => self.held -= old.held(),
+                None => break,
+            }
+        }
     }
 }
 
@@ -714,6 +786,61 @@ mod tests {
             }),
             vec![a]
         );
+    }
+
+    #[test]
+    fn the_memory_cap_drops_the_oldest_records_whatever_the_ring_size() {
+        let rec = Recorder::new(Settings {
+            ring: 1000,
+            body_cap: 1024,
+            max_held: 20 * 1024,
+            ..Settings::default()
+        });
+        for _ in 0..100 {
+            let id = rec.begin(false, "t", "POST", "/", &HeaderMap::new(), None);
+            Captured::record(&rec, id, false, &[0u8; 1024]);
+            rec.end(id, |_| {});
+        }
+        let st = rec.status().unwrap();
+        assert!(st.kept_bytes <= 20 * 1024, "{}", st.kept_bytes);
+        assert!((5..100).contains(&st.kept), "{}", st.kept);
+    }
+
+    #[test]
+    fn a_busy_websocket_is_announced_at_most_once_per_interval_and_the_rest_on_flush() {
+        let rec = Recorder::new(settings(10));
+        let mut rx = rec.subscribe().unwrap();
+        let id = rec.begin(true, "t", "GET", "/ws", &HeaderMap::new(), None);
+        let frame = ParsedFrame {
+            fin: true,
+            opcode: Opcode::Text,
+            size: 5,
+            close_code: None,
+            close_reason: None,
+            preview: Some("hello".into()),
+        };
+        for _ in 0..100 {
+            rec.frame(id, Dir::In, &frame);
+        }
+        let mut events = 0;
+        while rx.try_recv().is_ok() {
+            events += 1;
+        }
+        assert!(events <= 2, "{events} events for 100 frames");
+        rec.flush();
+        let Ok(Event::Exchange { summary, .. }) = rx.try_recv() else {
+            panic!("flush sent nothing");
+        };
+        assert_eq!(summary.ws.as_ref().unwrap().messages_in, 100);
+        let held = rec.status().unwrap().kept_bytes;
+        for _ in 0..5000 {
+            rec.frame(id, Dir::Out, &frame);
+        }
+        let kept = rec
+            .get(id, |e| e.socket.as_ref().unwrap().frames.len())
+            .unwrap();
+        assert_eq!(kept, Settings::default().frames_per_session);
+        assert!(rec.status().unwrap().kept_bytes < held + 1000 * 100);
     }
 
     #[test]

@@ -908,3 +908,21 @@ async fn on_a_terminal_the_panel_shows_the_forwarding_url_and_counters_that_chan
     );
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn a_websocket_upgrade_the_local_server_does_not_accept_is_listed_as_refused() {
+    let (local, _) = counting_server().await;
+    let (edge, _agent, base) = tunnel(local, "nows", &[]).await;
+    let url = format!("ws://nows.localhost:{}/socket", edge.http.port());
+    let req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+        .unwrap();
+    let tcp = TcpStream::connect(edge.http).await.unwrap();
+    assert!(tokio_tungstenite::client_async(req, tcp).await.is_err());
+    let list = wait_list(&base, "?kind=ws", |l| {
+        l.first().is_some_and(|e| e["state"] == "refused")
+    })
+    .await;
+    assert_eq!(list[0]["status"], 200);
+    assert_eq!(list[0]["path"], "/socket");
+    edge.stop().await;
+}

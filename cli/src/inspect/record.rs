@@ -175,7 +175,8 @@ pub(crate) struct Summary {
     pub(crate) id: u64,
     /// `http` or `ws`.
     pub(crate) kind: &'static str,
-    /// `pending`, `done`, `error`, `open` or `closed`.
+    /// `pending`, `done`, `error`, `open`, `closed`, or `refused` (a WebSocket upgrade the
+    /// local server answered without switching protocols).
     pub(crate) state: &'static str,
     pub(crate) started_at: String,
     pub(crate) target: String,
@@ -222,6 +223,7 @@ impl Entry {
     fn state(&self) -> &'static str {
         match (&self.socket, self.duration, &self.error) {
             (_, _, Some(_)) => "error",
+            (Some(_), Some(_), _) if self.status.is_some_and(|c| c != 101) => "refused",
             (Some(s), _, _) if s.open => "open",
             (Some(_), Some(_), _) => "closed",
             (None, Some(_), _) => "done",

@@ -6,6 +6,7 @@ const $ = (s) => document.querySelector(s);
 const rows = new Map(); // id -> summary
 let selected = null;
 let detailTimer = null;
+let filterTimer = null;
 
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" }[c]));
 const ms = (v) => (v == null ? "–" : v < 10 ? v.toFixed(1) + " ms" : v < 10000 ? Math.round(v) + " ms" : (v / 1000).toFixed(1) + " s");
@@ -24,6 +25,7 @@ function matches(s, f) {
 }
 
 function statusCell(s) {
+  if (s.kind === "ws" && s.state === "refused") return `<span class="st s${Math.floor(s.status / 100)}">${s.status}</span>`;
   if (s.kind === "ws") {
     const st = s.state === "open" ? "open" : s.state === "error" ? s.status || "error" : s.ws && s.ws.close_code ? "closed " + s.ws.close_code : s.state;
     return `<span class="st ${s.state === "open" ? "s2" : s.state === "error" ? "s5" : "sp"}">${esc(st)}</span>`;
@@ -48,6 +50,8 @@ function upsertRow(s, fresh) {
   let tr = document.querySelector(`tr.row[data-id="${s.id}"]`);
   if (!matches(s, f) || (f.q && !tr)) {
     if (tr && !matches(s, f)) tr.remove();
+    // Text search runs on the server (it looks into headers and bodies).
+    if (f.q && !tr && matches(s, f)) { clearTimeout(filterTimer); filterTimer = setTimeout(reload, 300); }
     return;
   }
   if (!tr) {
@@ -209,7 +213,6 @@ function connect() {
   es.addEventListener("resync", reload);
 }
 
-let filterTimer = null;
 for (const el of ["#f-kind", "#f-status", "#f-path", "#f-q"]) {
   $(el).addEventListener("input", () => { clearTimeout(filterTimer); filterTimer = setTimeout(reload, 150); });
 }

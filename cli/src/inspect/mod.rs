@@ -52,7 +52,7 @@ pub(crate) struct InspectArgs {
     #[arg(long, value_name = "ADDR")]
     pub(crate) inspect: Option<String>,
     /// Do not record traffic or serve the inspector.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["inspect", "inspect_payloads"])]
     pub(crate) no_inspect: bool,
     /// Keep a preview (up to 1 KiB) of each WebSocket message; by default only counts, sizes
     /// and timing are kept.

@@ -158,7 +158,10 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && crate::inspect::colour_allowed(),
+        )
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("BURROW_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),

@@ -23,7 +23,7 @@ mod replay;
 mod server;
 mod tap;
 
-pub(crate) use panel::panel_wanted;
+pub(crate) use panel::{colour_allowed, panel_wanted};
 pub(crate) use record::Recorder;
 pub(crate) use replay::{run_replay, ReplayArgs};
 pub(crate) use tap::TapBody;

@@ -27,6 +27,11 @@ pub(crate) fn panel_wanted(format: Option<LogFormat>) -> bool {
     format.is_none() && std::io::stdout().is_terminal()
 }
 
+/// Whether colours may be used: not when `NO_COLOR` is set to anything non-empty.
+pub(crate) fn colour_allowed() -> bool {
+    std::env::var_os(ENV_NO_COLOR).is_none_or(|v| v.is_empty())
+}
+
 /// Starts the panel or the event lines, as `format` and the terminal call for.
 pub(crate) fn start(
     rec: Recorder,
@@ -35,7 +40,7 @@ pub(crate) fn start(
     shutdown: CancellationToken,
 ) {
     if panel_wanted(format) {
-        let color = std::env::var_os(ENV_NO_COLOR).is_none_or(|v| v.is_empty());
+        let color = colour_allowed();
         tokio::spawn(run_panel(rec, color, shutdown));
         return;
     }

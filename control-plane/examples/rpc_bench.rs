@@ -40,8 +40,9 @@ struct Args {
     /// Database connections in the server's pool.
     #[arg(long, default_value_t = Config::default().db_max_connections)]
     db_connections: u32,
-    /// What to call: `list-reservations` (authenticated, one database query) or `health`
-    /// (no authentication, no database: the gRPC stack's own ceiling, for comparison).
+    /// What to measure: `list-reservations` (the authenticated RPC), or for comparison
+    /// `health` (gRPC only: no authentication, no database) and `sql` (the same query run
+    /// straight on the pool: no gRPC).
     #[arg(long, default_value = "list-reservations")]
     rpc: String,
     /// Reservations the listed team holds (the size of each answer).

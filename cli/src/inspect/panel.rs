@@ -196,7 +196,7 @@ pub(crate) fn render(st: &StatusView, http: &[Summary], ws: &[Summary], color: b
         "Connections",
         &format!(
             "{:<8}{:<8}{:<8}{:<10}{:<10}",
-            "open", "total", "rpm", "p50", "p90"
+            "open", "total", "req/min", "p50", "p90"
         ),
     );
     line(

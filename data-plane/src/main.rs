@@ -42,8 +42,9 @@ struct Args {
     /// Control-plane URL.
     #[arg(long, env = "BURROW_CONTROL")]
     control: Option<String>,
-    /// Edge token for the control plane.
-    #[arg(long, env = "BURROW_EDGE_TOKEN", hide_env_values = true)]
+    /// Edge token for the control plane, from the environment only: a command-line value
+    /// would be readable by every local user in /proc/*/cmdline, so `--edge-token` is refused.
+    #[arg(long, env = "BURROW_EDGE_TOKEN", hide_env_values = true, hide = true)]
     edge_token: Option<String>,
     /// File holding the edge token (instead of BURROW_EDGE_TOKEN).
     #[arg(long)]
@@ -154,6 +155,12 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         (Some(url), None) => {
             let token = match (&args.edge_token, &args.edge_token_file) {
                 (_, Some(f)) => read_secret(f)?,
+                (Some(_), None) if std::env::var_os("BURROW_EDGE_TOKEN").is_none() => {
+                    anyhow::bail!(
+                        "--edge-token would expose the token to every local user in the process \
+                         list: use BURROW_EDGE_TOKEN or --edge-token-file instead"
+                    )
+                }
                 (Some(t), None) => t.clone(),
                 (None, None) => anyhow::bail!(
                     "--control needs an edge token: set BURROW_EDGE_TOKEN or --edge-token-file"

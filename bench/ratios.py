@@ -14,8 +14,8 @@ def ratio(value, base, higher_is_better=False):
 
 
 print()
-print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | connect→first msg p50 | RTT p50 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
-print("|---|---|---|---|---|---|---|")
+print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | connect→first msg p50 | RTT p50 under bulk (HOL) | RTT p99 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
     rss = sum(kib for _, kib in r["rss_kib_per_idle_conn"]) if r["rss_kib_per_idle_conn"] else 0
     print(
@@ -25,5 +25,6 @@ for r in rows:
         f"| {r['throughput_mib_s']:.0f} ({ratio(r['throughput_mib_s'], direct['throughput_mib_s'])}) "
         f"| {r['connect_p50_us']:.0f} µs ({ratio(r['connect_p50_us'], direct['connect_p50_us'])}) "
         f"| {r['hol_rtt_p50_us']:.0f} µs ({ratio(r['hol_rtt_p50_us'], direct['hol_rtt_p50_us'])}) "
+        f"| {r['hol_rtt_p99_us']:.0f} µs ({ratio(r['hol_rtt_p99_us'], direct['hol_rtt_p99_us'])}) "
         f"| {rss:.1f} |"
     )

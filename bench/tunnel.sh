@@ -5,15 +5,18 @@
 #
 #   bench/tunnel.sh                 # everything, 10,000 idle connections for the memory figure
 #   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
-#   BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the other knobs.
+#   BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the other knobs;
+#   BENCH_TARGETS="burrow-tls burrow-plain bore" picks targets (direct always runs);
+#   BENCH_TOOLS=DIR keeps the bore install between runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-. scripts/lib/postgres.sh
 
 IDLE=${BENCH_IDLE:-10000}
 RTT=${BENCH_RTT:-5000}
 MIB=${BENCH_MIB:-256}
 CONNECTS=${BENCH_CONNECTS:-200}
+TARGETS=${BENCH_TARGETS:-burrow-tls burrow-plain bore}
+wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 SCRATCH=$(mktemp -d /tmp/burrow-bench.XXXXXX)
 TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
 pids=()
@@ -49,41 +52,46 @@ results=()
 echo "==> direct" >&2
 results+=("$(bench --url "ws://127.0.0.1:$ECHO_PORT/" --label direct --pids "$ECHO_PID")")
 
-# Burrow: control plane + edge + agent, fresh database.
-ensure_database postgres
-BASE=${DATABASE_URL%/*}
-psql -q -d "$BASE/postgres" -c 'drop database if exists burrow_bench' -c 'create database burrow_bench' >/dev/null
-export DATABASE_URL=$BASE/burrow_bench
-API=$(free_port); HTTP=$(free_port); AGENT=$(free_port)
-"$BIN/burrow-control" migrate >/dev/null
-"$BIN/burrow-control" bootstrap --email bench@localhost >"$SCRATCH/admin.token"
-"$BIN/burrow-control" edge-token create --name bench-edge >"$SCRATCH/edge.token"
-"$BIN/burrow-control" serve --listen "127.0.0.1:$API" >"$SCRATCH/control.log" 2>&1 &
-pids+=($!)
-wait_port "$API"
-export BURROW_API="http://127.0.0.1:$API"
-"$BIN/burrow" team create bench --token-file "$SCRATCH/admin.token" >/dev/null
-"$BIN/burrow" token create bench --team bench --output json --token-file "$SCRATCH/admin.token" \
-  | sed -n 's/.*"secret": *"\([^"]*\)".*/\1/p' >"$SCRATCH/agent.token"
-RUST_LOG=warn "$BIN/burrow-edge" --name bench-edge --domain localhost --control "$BURROW_API" \
-  --edge-token-file "$SCRATCH/edge.token" --http "127.0.0.1:$HTTP" --agent-listen "127.0.0.1:$AGENT" \
-  --self-signed --self-signed-out "$SCRATCH/edge-ca.pem" --max-visitor-connections $((IDLE + 1000)) \
-  >"$SCRATCH/edge.log" 2>&1 &
-pids+=($!); EDGE_PID=$!
-wait_port "$AGENT"
-RUST_LOG=warn "$BIN/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$AGENT" \
-  --edge-ca "$SCRATCH/edge-ca.pem" --token-file "$SCRATCH/agent.token" --no-inspect \
-  >"$SCRATCH/agent.log" 2>&1 </dev/null &
-pids+=($!); AGENT_PID=$!
-for _ in $(seq 1 100); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$HTTP" "http://127.0.0.1:$HTTP/" || true)
-  [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
-  sleep 0.1
-done
-echo "==> burrow (TLS agent connection)" >&2
-results+=("$(bench --url "ws://127.0.0.1:$HTTP/" --host "bench.localhost:$HTTP" --label burrow-tls --pids "$EDGE_PID,$AGENT_PID")")
+# Burrow: a standalone edge (no control plane: the data path is what is measured, and the
+# control plane's per-tunnel plan limits would refuse 10,000 WebSockets) and one agent, once
+# with a TLS agent connection and once with plain TCP.
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SCRATCH/agent.token"
+burrow_target() { # LABEL TLS|PLAIN
+  local label=$1 mode=$2 http agent edge_flags agent_flags
+  http=$(free_port); agent=$(free_port)
+  if [ "$mode" = TLS ]; then
+    edge_flags=(--self-signed --self-signed-out "$SCRATCH/edge-ca-$label.pem")
+    agent_flags=(--edge-ca "$SCRATCH/edge-ca-$label.pem")
+  else
+    edge_flags=(--agent-plaintext)
+    agent_flags=(--edge-plaintext)
+  fi
+  RUST_LOG=warn "$BIN/burrow-edge" --name "bench-$label" --domain localhost \
+    --standalone-token-file "$SCRATCH/agent.token" \
+    --http "127.0.0.1:$http" --agent-listen "127.0.0.1:$agent" "${edge_flags[@]}" \
+    --max-visitor-connections $((IDLE + 1000)) >"$SCRATCH/edge-$label.log" 2>&1 &
+  pids+=($!); local edge_pid=$!
+  wait_port "$agent"
+  RUST_LOG=warn "$BIN/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$agent" \
+    "${agent_flags[@]}" --token-file "$SCRATCH/agent.token" --no-inspect \
+    >"$SCRATCH/agent-$label.log" 2>&1 </dev/null &
+  pids+=($!); local agent_pid=$!
+  for _ in $(seq 1 100); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$http" "http://127.0.0.1:$http/" || true)
+    [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
+    sleep 0.1
+  done
+  echo "==> $label" >&2
+  results+=("$(bench --url "ws://127.0.0.1:$http/" --host "bench.localhost:$http" --label "$label" --pids "$edge_pid,$agent_pid")")
+  # Stop this pair so it does not share the CPUs with the next target.
+  kill "$edge_pid" "$agent_pid" 2>/dev/null || true
+  wait "$edge_pid" "$agent_pid" 2>/dev/null || true
+}
+if wants burrow-tls; then burrow_target burrow-tls TLS; fi
+if wants burrow-plain; then burrow_target burrow-plain PLAIN; fi
 
 # bore: server + local client, same echo server.
+if wants bore; then
 BORE_CTL_FREE=$( (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null && echo no || echo yes)
 if [ "$BORE_CTL_FREE" = yes ]; then
   "$BORE" server --bind-addr 127.0.0.1 --min-port 30000 --max-port 39999 >"$SCRATCH/bore-server.log" 2>&1 &
@@ -97,6 +105,7 @@ if [ "$BORE_CTL_FREE" = yes ]; then
   results+=("$(bench --url "ws://127.0.0.1:$BORE_PORT/" --label bore --pids "$BORE_SERVER_PID,$BORE_LOCAL_PID")")
 else
   echo "warning: port 7835 (bore's control port) is taken; skipping bore" >&2
+fi
 fi
 
 printf '%s\n' "${results[@]}"

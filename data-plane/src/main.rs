@@ -99,6 +99,13 @@ struct Args {
     /// Seconds between HTTP/2 PINGs on agent connections.
     #[arg(long, default_value_t = 10)]
     agent_keepalive: u64,
+    /// HTTP/2 flow-control window of each stream from an agent, in bytes: bounds how far one
+    /// bulk download runs ahead of small messages on the agent's shared connection.
+    #[arg(long, default_value_t = Limits::default().h2_stream_window)]
+    h2_stream_window: u32,
+    /// HTTP/2 flow-control window of a whole agent connection, in bytes.
+    #[arg(long, default_value_t = Limits::default().h2_connection_window)]
+    h2_connection_window: u32,
 }
 
 /// Exit code for a configuration that cannot work (sysexits EX_USAGE).
@@ -227,6 +234,8 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         max_headers: args.max_headers,
         max_visitor_connections: args.max_visitor_connections,
         agent_keepalive_interval: Duration::from_secs(args.agent_keepalive),
+        h2_stream_window: args.h2_stream_window,
+        h2_connection_window: args.h2_connection_window,
         ..Limits::default()
     };
     Ok(Config {

@@ -89,6 +89,13 @@ pub(crate) struct EdgeArgs {
     /// unless the edge is on this machine.
     #[arg(long, conflicts_with_all = ["edge_ca", "insecure"])]
     edge_plaintext: bool,
+    /// HTTP/2 flow-control window of each visitor stream toward this agent, in bytes. It
+    /// bounds how far a bulk transfer runs ahead of small messages on the shared connection
+    /// (head-of-line delay) and, on long round trips, the throughput of one stream
+    /// (window / round trip).
+    #[arg(long, default_value_t = session::DEFAULT_STREAM_WINDOW,
+          value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
+    h2_stream_window: u32,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -254,6 +261,7 @@ async fn run_tunnels(
         ca: args.edge_ca.clone().or(file_ca),
         insecure: args.insecure,
         plaintext: args.edge_plaintext,
+        stream_window: args.h2_stream_window,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -26,8 +26,10 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest reconnect delay; small so a tunnel is back within about a second of the edge
 /// returning.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// HTTP/2 per-stream window, in bytes.
-const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+/// Default HTTP/2 per-stream window, in bytes (`--h2-stream-window`). Small enough that a
+/// bulk stream keeps little data queued ahead of other streams in the shared connection's
+/// socket buffers (head-of-line delay), large enough for full speed on loopback and LAN.
+pub(crate) const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
 /// HTTP/2 connection window, in bytes.
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 largest frame payload, in bytes.
@@ -48,6 +50,8 @@ pub(crate) struct EdgeSpec {
     pub(crate) insecure: bool,
     /// Plain TCP, no TLS (benchmarks; allowed only for an edge on this machine).
     pub(crate) plaintext: bool,
+    /// HTTP/2 window of each stream the edge opens (`--h2-stream-window`).
+    pub(crate) stream_window: u32,
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -385,11 +389,11 @@ async fn connect_once(
     builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_stream_window_size(edge.stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
-        .max_send_buf_size(STREAM_WINDOW as usize)
+        .max_send_buf_size(edge.stream_window as usize)
         .keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE);
     let fw = Arc::clone(&forwarder);

@@ -5,7 +5,6 @@
 //! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
 //! never inside a frame. The same boundary lets the edge ping an idle visitor.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
@@ -80,8 +79,6 @@ where
     let mut down_observer = FrameObserver::new();
     // An idle visitor ends both directions.
     let stop = stop.child_token();
-    let up_closed = AtomicBool::new(false);
-    let down_closed = AtomicBool::new(false);
     {
         let up = pump(
             vr,
@@ -90,33 +87,19 @@ where
             opts,
             stop.clone(),
             &mut up_observer,
-            &up_closed,
         );
-        let down = pump(
-            ar,
-            vw,
-            Direction::ToVisitor,
-            opts,
-            stop,
-            &mut down_observer,
-            &down_closed,
-        );
+        let down = pump(ar, vw, Direction::ToVisitor, opts, stop, &mut down_observer);
         tokio::pin!(up, down);
-        // Once close frames went both ways the handshake is over (RFC 6455 §7.1.1): the
-        // remaining direction is not waited for. Otherwise it gets `close_timeout`.
-        let grace = || {
-            if up_closed.load(Ordering::Relaxed) && down_closed.load(Ordering::Relaxed) {
-                Duration::ZERO
-            } else {
-                opts.close_timeout
-            }
-        };
+        // After one direction ends, the other gets `close_timeout` to end by itself — even
+        // when close frames already went both ways: cutting it short would drop a stream
+        // mid-write, or an HTTP/2 stream whose peer is still open (a CANCEL reset), and
+        // either discards bytes already accepted, the close frame among them.
         tokio::select! {
             () = &mut up => {
-                let _ = tokio::time::timeout(grace(), &mut down).await;
+                let _ = tokio::time::timeout(opts.close_timeout, &mut down).await;
             }
             () = &mut down => {
-                let _ = tokio::time::timeout(grace(), &mut up).await;
+                let _ = tokio::time::timeout(opts.close_timeout, &mut up).await;
             }
         }
     }
@@ -141,7 +124,6 @@ async fn pump<R, W>(
     opts: RelayOptions,
     stop: CancellationToken,
     observer: &mut FrameObserver,
-    closed: &AtomicBool,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -191,9 +173,6 @@ async fn pump<R, W>(
             Ok(n) => {
                 let grow = n == buf.len() && buf.len() < opts.buffer;
                 observer.observe(&buf[..n]);
-                if observer.stats().closed {
-                    closed.store(true, Ordering::Relaxed);
-                }
                 if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
                     break End::WriteError;
                 }

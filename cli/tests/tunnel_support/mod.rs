@@ -28,6 +28,9 @@ pub struct Edge {
     pub agent: SocketAddr,
     /// PEM file of the edge's self-signed agent certificate, for `--edge-ca`.
     pub ca_file: PathBuf,
+    /// Whether the agent listener speaks plain TCP (agents then connect with
+    /// `--edge-plaintext`).
+    pub agent_plaintext: bool,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub dir: Arc<tempfile::TempDir>,
@@ -65,6 +68,19 @@ pub async fn start_edge_with(
     with_https: bool,
     tweak: impl FnOnce(&mut Limits),
 ) -> Edge {
+    start_edge_full(control, identity, agent_addr, with_https, false, tweak).await
+}
+
+/// Like [`start_edge_with`], optionally with a plain-TCP agent listener (`agent_plaintext`);
+/// [`spawn_agent`] then connects with `--edge-plaintext`.
+pub async fn start_edge_full(
+    control: ControlConfig,
+    identity: TlsIdentity,
+    agent_addr: Option<SocketAddr>,
+    with_https: bool,
+    agent_plaintext: bool,
+    tweak: impl FnOnce(&mut Limits),
+) -> Edge {
     let https = if with_https {
         Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
     } else {
@@ -89,7 +105,7 @@ pub async fn start_edge_with(
         agent_addr: None,
         control,
         agent_tls: identity.clone(),
-        agent_plaintext: false,
+        agent_plaintext,
         visitor_tls: with_https.then(|| identity.clone()),
         limits,
     };
@@ -108,6 +124,7 @@ pub async fn start_edge_with(
         https: https_addr,
         agent: agent_addr,
         ca_file,
+        agent_plaintext,
         shutdown,
         task,
         dir,
@@ -163,15 +180,20 @@ impl Agent {
     }
 }
 
-/// Spawns `burrow <args>` with the token in `BURROW_TOKEN`, without waiting.
+/// Spawns `burrow <args>` with the token in `BURROW_TOKEN`, without waiting. Trusts the
+/// edge's certificate (`--edge-ca`), or uses `--edge-plaintext` for a plain-TCP edge.
 pub fn spawn_agent(edge: &Edge, token: &str, args: &[&str]) -> (Child, tempfile::TempDir) {
     let home = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_burrow"))
-        .args(args)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_burrow"));
+    cmd.args(args)
         .arg("--edge")
-        .arg(format!("localhost:{}", edge.agent.port()))
-        .arg("--edge-ca")
-        .arg(&edge.ca_file)
+        .arg(format!("localhost:{}", edge.agent.port()));
+    if edge.agent_plaintext {
+        cmd.arg("--edge-plaintext");
+    } else {
+        cmd.arg("--edge-ca").arg(&edge.ca_file);
+    }
+    let child = cmd
         .env("BURROW_TOKEN", token)
         .env("BURROW_CONFIG", home.path().join("config.toml"))
         .env("BURROW_LOG", "info")

@@ -753,7 +753,7 @@ async fn tunnel(setup: Setup) -> Tunnel {
         tokio_rustls::TlsConnector::from(Arc::new(config))
     });
     let pause = if setup.ping_interval.is_some() {
-        SHORT_PING * 3
+        SHORT_PING * 2
     } else {
         Duration::ZERO
     };

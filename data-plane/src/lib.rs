@@ -14,6 +14,7 @@
 //! - `proxy`: the visitor listener, routing by `Host`, header handling.
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
 //! - [`frame`]: the WebSocket frame observer used by the relay.
+//! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
 //! - `pages`: the edge's own error pages.
 
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ mod agents;
 pub mod config;
 mod control;
 pub mod frame;
+pub mod headers;
 mod pages;
 mod proxy;
 mod registry;

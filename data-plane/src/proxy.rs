@@ -1,6 +1,7 @@
 //! The visitor listener: parses HTTP/1.1 with hyper, routes by `Host`, and forwards each
 //! request as one HTTP/2 stream to the agent that holds the tunnel.
 
+use crate::headers::{strip_hop_by_hop, strip_internal};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -11,7 +12,7 @@ use burrow_proto::tunnel::{
     HEADER_AGENT_ERROR, HEADER_PEER, HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
@@ -166,43 +167,6 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_owned())
         .filter(|v| !v.is_empty())
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection` header names, plus
-/// `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(n);
-    }
-}
-
-/// Removes every `burrow-*` header: only the edge and agent may set those.
-fn strip_internal(headers: &mut HeaderMap) {
-    let internal: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("burrow-"))
-        .cloned()
-        .collect();
-    for k in internal {
-        headers.remove(k);
-    }
 }
 
 async fn handle(

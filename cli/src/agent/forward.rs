@@ -1,6 +1,7 @@
 //! Serving the edge's streams: each HTTP/2 stream is one visitor request, forwarded to the
 //! local server; an extended CONNECT stream is an upgrade (WebSocket) relayed byte for byte.
 
+use burrow_edge::headers::{strip_hop_by_hop, strip_internal};
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use burrow_proto::tunnel::{
     HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
@@ -92,41 +93,6 @@ fn agent_error(reason: &str) -> Response<DownBody> {
         r.headers_mut().insert(HEADER_AGENT_ERROR, v);
     }
     r
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1).
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in [
-        header::CONNECTION,
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("keep-alive"),
-        header::TE,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(n);
-    }
-}
-
-fn strip_internal(headers: &mut HeaderMap) {
-    let internal: Vec<HeaderName> = headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("burrow-"))
-        .cloned()
-        .collect();
-    for k in internal {
-        headers.remove(k);
-    }
 }
 
 fn set_host(headers: &mut HeaderMap, spec: &TunnelSpec) {

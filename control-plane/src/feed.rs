@@ -48,6 +48,24 @@ pub(crate) async fn changes_after(pool: &PgPool, after: i64) -> ApiResult<Vec<Ch
     .await?)
 }
 
+/// Waits until the change log may have grown past what a server stream has sent: a new
+/// revision was published, or the poll interval passed (NOTIFY alone can be missed during a
+/// reconnect). Returns false when the stream should end: the client left or the server is
+/// shutting down.
+pub(crate) async fn wait_for_changes<T>(
+    shutdown: &CancellationToken,
+    poll_interval: Duration,
+    client: &tokio::sync::mpsc::Sender<T>,
+    latest: &mut watch::Receiver<i64>,
+) -> bool {
+    tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = client.closed() => false,
+        changed = latest.changed() => changed.is_ok(),
+        () = tokio::time::sleep(poll_interval) => true,
+    }
+}
+
 /// The newest revision (0 when the log is empty).
 pub(crate) async fn current_revision(pool: &PgPool) -> ApiResult<i64> {
     Ok(

@@ -14,7 +14,7 @@ use uuid::Uuid;
 
 use crate::domain::{scopes_allow, Subdomain};
 use crate::error::{unique_violation, ApiError, ApiResult};
-use crate::feed::{changes_after, current_revision, ChangeRow, PAGE};
+use crate::feed::{changes_after, current_revision, wait_for_changes, ChangeRow, PAGE};
 use crate::service::tunnel::{end_session, load_session};
 use crate::store::{self, change};
 use crate::token::TokenKind;
@@ -604,11 +604,15 @@ async fn watch_changes(
         if full {
             continue;
         }
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return Ok(()),
-            _ = tx.closed() => return Ok(()),
-            changed = latest.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(state.config.change_poll_interval) => {}
+        if !wait_for_changes(
+            &state.shutdown,
+            state.config.change_poll_interval,
+            tx,
+            &mut latest,
+        )
+        .await
+        {
+            return Ok(());
         }
     }
 }

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::domain::Subdomain;
 use crate::error::{ApiError, ApiResult};
-use crate::feed::{changes_after, current_revision, PAGE};
+use crate::feed::{changes_after, current_revision, wait_for_changes, PAGE};
 use crate::store::{self, change};
 use crate::State;
 
@@ -295,11 +295,15 @@ async fn watch_tunnels(
         if full {
             continue;
         }
-        tokio::select! {
-            _ = state.shutdown.cancelled() => return Ok(()),
-            _ = tx.closed() => return Ok(()),
-            changed = latest.changed() => if changed.is_err() { return Ok(()) },
-            _ = tokio::time::sleep(state.config.change_poll_interval) => {}
+        if !wait_for_changes(
+            &state.shutdown,
+            state.config.change_poll_interval,
+            tx,
+            &mut latest,
+        )
+        .await
+        {
+            return Ok(());
         }
     }
 }

@@ -252,17 +252,10 @@ async fn raw_exchange(edge: &Edge, request: &[u8]) -> String {
 
 #[tokio::test]
 async fn oversized_or_too_many_request_headers_get_431() {
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| {
-            l.max_header_bytes = 8192;
-            l.max_headers = 10;
-        },
-    )
+    let edge = standalone_edge_with(|l| {
+        l.max_header_bytes = 8192;
+        l.max_headers = 10;
+    })
     .await;
     let big = format!(
         "GET / HTTP/1.1\r\nHost: x.localhost\r\nX-Big: {}\r\n\r\n",
@@ -282,15 +275,9 @@ async fn oversized_or_too_many_request_headers_get_431() {
 #[tokio::test]
 async fn a_visitor_that_sends_headers_too_slowly_is_disconnected() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.header_read_timeout = std::time::Duration::from_millis(500),
-    )
-    .await;
+    let edge =
+        standalone_edge_with(|l| l.header_read_timeout = std::time::Duration::from_millis(500))
+            .await;
     let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x.local")
         .await

@@ -293,15 +293,8 @@ async fn the_tunnel_comes_back_within_two_seconds_of_the_edge_restarting() {
 #[tokio::test]
 async fn a_frozen_agent_is_detected_by_keepalive_and_reconnects_when_it_thaws() {
     let local = local_http_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.agent_keepalive_interval = Duration::from_millis(300),
-    )
-    .await;
+    let edge =
+        standalone_edge_with(|l| l.agent_keepalive_interval = Duration::from_millis(300)).await;
     let port = local.port().to_string();
     let mut agent = start_agent(
         &edge,

@@ -568,15 +568,8 @@ async fn two_hundred_concurrent_websockets_share_the_tunnel_without_cross_talk()
 #[tokio::test]
 async fn an_idle_visitor_websocket_gets_keepalive_pings_and_stays_usable() {
     let (local, _seen) = local_echo_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.ws_ping_interval = Some(Duration::from_millis(200)),
-    )
-    .await;
+    let edge =
+        standalone_edge_with(|l| l.ws_ping_interval = Some(Duration::from_millis(200))).await;
     let port = local.port().to_string();
     let _agent = start_agent(
         &edge,
@@ -639,17 +632,10 @@ async fn the_agent_logs_one_line_per_websocket_with_messages_and_close_code() {
 #[tokio::test]
 async fn a_silent_visitor_is_closed_after_the_idle_timeout_with_1001_toward_the_local_server() {
     let (local, seen) = local_echo_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| {
-            l.ws_ping_interval = Some(Duration::from_millis(200));
-            l.ws_idle_timeout = Some(Duration::from_millis(1000));
-        },
-    )
+    let edge = standalone_edge_with(|l| {
+        l.ws_ping_interval = Some(Duration::from_millis(200));
+        l.ws_idle_timeout = Some(Duration::from_millis(1000));
+    })
     .await;
     let port = local.port().to_string();
     let _agent = start_agent(
@@ -687,15 +673,7 @@ async fn a_silent_visitor_is_closed_after_the_idle_timeout_with_1001_toward_the_
 #[tokio::test]
 async fn over_the_tunnels_websocket_limit_a_visitor_gets_429_before_the_upgrade() {
     let (local, _seen) = local_echo_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.default_max_websockets_per_tunnel = 2,
-    )
-    .await;
+    let edge = standalone_edge_with(|l| l.default_max_websockets_per_tunnel = 2).await;
     let port = local.port().to_string();
     let _agent = start_agent(
         &edge,
@@ -735,15 +713,7 @@ async fn over_the_tunnels_websocket_limit_a_visitor_gets_429_before_the_upgrade(
 #[tokio::test]
 async fn over_the_tunnels_request_rate_a_visitor_gets_429() {
     let local = local_http_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.default_max_requests_per_second_per_tunnel = 3,
-    )
-    .await;
+    let edge = standalone_edge_with(|l| l.default_max_requests_per_second_per_tunnel = 3).await;
     let port = local.port().to_string();
     let _agent = start_agent(
         &edge,
@@ -770,15 +740,8 @@ async fn over_the_tunnels_request_rate_a_visitor_gets_429() {
 #[tokio::test]
 async fn a_websocket_over_its_byte_rate_is_slowed_not_cut() {
     let (local, _seen) = local_echo_server().await;
-    let edge = start_edge(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        |l| l.default_max_websocket_bytes_per_second = 256 * 1024,
-    )
-    .await;
+    let edge =
+        standalone_edge_with(|l| l.default_max_websocket_bytes_per_second = 256 * 1024).await;
     let port = local.port().to_string();
     let _agent = start_agent(
         &edge,

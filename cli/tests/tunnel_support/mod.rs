@@ -134,14 +134,20 @@ pub async fn start_edge_full(
 /// Agent token used by standalone edges in tests.
 pub const STANDALONE_TOKEN: &str = "brw_agent_test_standalone_secret";
 
+/// An edge without a control plane that accepts [`STANDALONE_TOKEN`].
 pub async fn standalone_edge() -> Edge {
+    standalone_edge_with(|_| {}).await
+}
+
+/// Like [`standalone_edge`], with `tweak` applied to the limits.
+pub async fn standalone_edge_with(tweak: impl FnOnce(&mut Limits)) -> Edge {
     start_edge(
         ControlConfig::Standalone {
             agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
         },
         identity(),
         None,
-        |_| {},
+        tweak,
     )
     .await
 }

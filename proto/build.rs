@@ -12,6 +12,7 @@ const PROTO_FILES: &[&str] = &[
     "burrow/v1/edge.proto",
     "burrow/v1/tunnel.proto",
     "burrow/v1/agent.proto",
+    "burrow/v1/usage.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

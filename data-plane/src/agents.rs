@@ -130,6 +130,7 @@ async fn handle(
                 key: b.key.clone(),
                 subdomain: b.subdomain.clone(),
                 public_urls: state.public_urls(&b.subdomain),
+                pinned_policy: false,
             })
             .collect(),
         team: grant.team_name.clone(),

@@ -563,7 +563,10 @@ impl Control {
                     .end_tunnel(&k.session_id, "the tunnel was ended through the Burrow API")
                     .await;
             }
-            Some(Event::ReservationChanged(_)) | Some(Event::AccountDisabled(_)) => {
+            Some(Event::ReservationChanged(_))
+            | Some(Event::AccountDisabled(_))
+            | Some(Event::ReservationPolicyChanged(_))
+            | Some(Event::TeamLimitsChanged(_)) => {
                 self.forget_all();
             }
             None => {}

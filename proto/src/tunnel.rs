@@ -157,6 +157,7 @@ mod tests {
                 subdomain: "chat".into(),
                 local_addr: "localhost:3000".into(),
                 key: "0".into(),
+                policy: None,
             }],
             agent_instance: "i".into(),
             agent_version: "v".into(),

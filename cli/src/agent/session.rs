@@ -312,6 +312,7 @@ async fn connect_once(
                 subdomain: s.subdomain.clone(),
                 local_addr: s.target.authority(),
                 key: s.key.clone(),
+                policy: None,
             })
             .collect(),
         agent_instance: instance.to_owned(),

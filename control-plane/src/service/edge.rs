@@ -195,6 +195,7 @@ impl EdgeApi {
                 holder => allowed.push(v1::AllowedSubdomain {
                     subdomain: name.as_str().to_owned(),
                     reserved: holder.is_some(),
+                    pinned_policy: None,
                 }),
             }
         }

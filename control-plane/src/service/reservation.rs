@@ -48,6 +48,7 @@ impl ReservationRow {
             team: self.team.clone(),
             created_by: self.created_by.clone().unwrap_or_default(),
             created_at: Some(store::ts(self.created_at)),
+            policy: None,
         }
     }
 }
@@ -241,6 +242,15 @@ impl ReservationApi {
 
 #[tonic::async_trait]
 impl ReservationService for ReservationApi {
+    async fn set_reservation_policy(
+        &self,
+        _request: Request<v1::SetReservationPolicyRequest>,
+    ) -> Result<Response<v1::Reservation>, Status> {
+        Err(Status::unimplemented(
+            "reservation policies are not available yet",
+        ))
+    }
+
     async fn reserve(
         &self,
         request: Request<v1::ReserveRequest>,

@@ -53,6 +53,7 @@ fn team_proto(team: &TeamRow, role: Option<Role>, members: Vec<v1::Member>) -> v
         created_at: Some(store::ts(team.created_at)),
         members,
         my_role: role.map_or(v1::Role::Unspecified, Role::to_proto) as i32,
+        tunnel_limits: None,
     }
 }
 
@@ -342,6 +343,15 @@ impl TeamApi {
 
 #[tonic::async_trait]
 impl TeamService for TeamApi {
+    async fn set_tunnel_limits(
+        &self,
+        _request: Request<v1::SetTunnelLimitsRequest>,
+    ) -> Result<Response<v1::Team>, Status> {
+        Err(Status::unimplemented(
+            "team tunnel limits are not available yet",
+        ))
+    }
+
     async fn create_team(
         &self,
         request: Request<v1::CreateTeamRequest>,

@@ -5,6 +5,7 @@
 //! - `config`: the user's config file (`~/.config/burrow/config.toml`, mode 0600).
 //! - `admin`: `login` and the admin subcommands that call the gRPC API.
 //! - `agent`: `http`, `start` and `authtoken`: the agent that serves tunnels.
+//! - `policy`: the tunnel-policy flags shared by `burrow http` and `burrow reservation policy`.
 
 use std::process::ExitCode;
 
@@ -14,6 +15,7 @@ mod admin;
 mod agent;
 mod config;
 mod inspect;
+mod policy;
 
 /// Burrow: expose a local HTTP or WebSocket server at a public URL.
 ///

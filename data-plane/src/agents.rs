@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use burrow_proto::tunnel::{
@@ -22,6 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument as _;
 
 use crate::control::{AgentInfo, ControlError, Grant};
+use crate::policy::{Policies, Policy, Refusals};
 use crate::registry::{AgentSession, Counters, RateWindow, Route, RouteLimits};
 use crate::State;
 
@@ -82,6 +83,10 @@ struct Bound {
     key: String,
     subdomain: String,
     session_id: String,
+    /// The agent's own policy, compiled.
+    policy: Option<Arc<Policy>>,
+    /// The policy pinned on the subdomain's reservation, compiled.
+    pinned: Option<Arc<Policy>>,
 }
 
 async fn handle(
@@ -130,7 +135,7 @@ async fn handle(
                 key: b.key.clone(),
                 subdomain: b.subdomain.clone(),
                 public_urls: state.public_urls(&b.subdomain),
-                pinned_policy: false,
+                pinned_policy: b.pinned.is_some(),
             })
             .collect(),
         team: grant.team_name.clone(),
@@ -171,23 +176,7 @@ async fn handle(
         sender,
         ready: ready_rx,
     });
-    let granted = grant.limits.unwrap_or_default();
-    let pick = |granted: u32, default: u32| if granted > 0 { granted } else { default };
-    let route_limits = RouteLimits {
-        max_websockets: pick(
-            granted.max_websocket_connections,
-            limits.default_max_websockets_per_tunnel,
-        ),
-        max_requests_per_second: pick(
-            granted.max_new_connections_per_second,
-            limits.default_max_requests_per_second_per_tunnel,
-        ),
-        max_bytes_per_second: if granted.max_bytes_per_second_per_connection > 0 {
-            granted.max_bytes_per_second_per_connection
-        } else {
-            limits.default_max_websocket_bytes_per_second
-        },
-    };
+    let route_limits = RouteLimits::resolve(&grant.limits.unwrap_or_default(), limits);
     let routes: Vec<Arc<Route>> = bound
         .iter()
         .map(|b| {
@@ -197,15 +186,24 @@ async fn handle(
                 session_id: b.session_id.clone(),
                 agent: Arc::clone(&agent),
                 counters: Counters::default(),
-                limits: route_limits,
+                live_limits: RwLock::new(route_limits),
                 rate: RateWindow::default(),
+                policies: Policies::new(b.policy.clone(), b.pinned.clone()),
+                refusals: Refusals::default(),
             })
         })
         .collect();
     state.registry.add_agent(Arc::clone(&agent));
     state.registry.insert_routes(&routes);
     for b in &bound {
-        tracing::info!(%peer, subdomain = %b.subdomain, team = %grant.team_name, "tunnel live");
+        tracing::info!(
+            %peer,
+            subdomain = %b.subdomain,
+            team = %grant.team_name,
+            policy = b.policy.is_some(),
+            pinned_policy = b.pinned.is_some(),
+            "tunnel live"
+        );
     }
 
     // Tell the agent its tunnels are routable; its answer also proves the agent's SETTINGS
@@ -285,6 +283,8 @@ async fn handle(
             key: r.key.clone(),
             subdomain: r.subdomain.clone(),
             session_id: r.session_id.clone(),
+            policy: None,
+            pinned: None,
         })
         .collect();
     release(&state, &removed, clean).await;
@@ -322,6 +322,22 @@ async fn bind(
             "at most {max} tunnels per agent connection"
         )));
     }
+    // Check the agent's policies before asking anyone anything.
+    let mut policies = Vec::with_capacity(hello.tunnels.len());
+    for t in &hello.tunnels {
+        let compiled = match &t.policy {
+            Some(p) => Policy::compile(p, &state.config.limits).map_err(|e| {
+                let name = if t.subdomain.is_empty() {
+                    String::new()
+                } else {
+                    format!(" for {}", t.subdomain)
+                };
+                ControlError::InvalidArgument(format!("the tunnel policy{name} is invalid: {e}"))
+            })?,
+            None => None,
+        };
+        policies.push(compiled.map(Arc::new));
+    }
     let named: Vec<String> = hello
         .tunnels
         .iter()
@@ -341,9 +357,13 @@ async fn bind(
             )));
         }
     }
-    let mut allowed = grant.allowed.iter();
+    let mut allowed = grant
+        .allowed
+        .iter()
+        .zip(grant.pinned.iter().map(Some).chain(std::iter::repeat(None)));
     let mut bound: Vec<Bound> = Vec::new();
-    for t in &hello.tunnels {
+    for (t, policy) in hello.tunnels.iter().zip(policies) {
+        let mut pinned = None;
         let info = AgentInfo {
             instance: hello.agent_instance.clone(),
             version: hello.agent_version.clone(),
@@ -354,7 +374,12 @@ async fn bind(
             claim_random(state, &grant, &info).await
         } else {
             match allowed.next() {
-                Some(name)
+                Some((name, Some(Some(p)))) if pinned_policy(state, name, p, &mut pinned).is_err() => {
+                    Err(ControlError::FailedPrecondition(format!(
+                        "the policy pinned on the reservation of {name} cannot be applied by this edge; ask a team admin to fix it"
+                    )))
+                }
+                Some((name, _))
                     if state
                         .registry
                         .holder_team(name)
@@ -364,7 +389,7 @@ async fn bind(
                         "subdomain {name:?} is in use by another team's tunnel"
                     )))
                 }
-                Some(name) => state
+                Some((name, _)) => state
                     .control
                     .open_session(&grant, name, &info)
                     .await
@@ -385,6 +410,8 @@ async fn bind(
                     key: t.key.clone(),
                     subdomain,
                     session_id,
+                    policy,
+                    pinned,
                 });
             }
             Err(e) => {
@@ -394,6 +421,26 @@ async fn bind(
         }
     }
     Ok((grant, bound))
+}
+
+/// Compiles the policy pinned on `name`'s reservation into `out`; an error is logged (the
+/// control plane should never send one the edge cannot apply).
+fn pinned_policy(
+    state: &State,
+    name: &str,
+    p: &pb::TunnelPolicy,
+    out: &mut Option<Arc<Policy>>,
+) -> Result<(), ()> {
+    match Policy::compile(p, &state.config.limits) {
+        Ok(compiled) => {
+            *out = compiled.map(Arc::new);
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(subdomain = %name, err = %e, "cannot apply the reservation's pinned policy");
+            Err(())
+        }
+    }
 }
 
 /// Turns a claim refusal into a sentence naming the subdomain.

@@ -120,6 +120,22 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Timeout of each call to the control plane.
     pub control_call_timeout: Duration,
+    /// How long a tunnel remembers a verified basic-auth `Authorization` value (by its
+    /// SHA-256), so a browser opening several connections pays argon2 once. Zero: verify
+    /// once per visitor connection only.
+    pub basic_auth_cache_ttl: Duration,
+    /// Most verified `Authorization` values one tunnel remembers.
+    pub basic_auth_cache_entries: usize,
+    /// Most argon2 password verifications running at once on this edge; each holds its hash's
+    /// memory, so this bounds what a flood of wrong passwords costs. Others wait their turn.
+    pub basic_auth_max_concurrent_verifications: usize,
+    /// Largest argon2 memory cost (KiB) a basic-auth password hash may ask for; larger
+    /// policies are refused when the tunnel is bound.
+    pub basic_auth_max_hash_memory_kib: u32,
+    /// Largest argon2 time cost (passes) a basic-auth password hash may ask for.
+    pub basic_auth_max_hash_passes: u32,
+    /// Most entries in each list of a tunnel policy (users, addresses, origins, header rules).
+    pub policy_max_rules: usize,
 }
 
 impl Default for Limits {
@@ -149,6 +165,12 @@ impl Default for Limits {
             offline_grace: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             control_call_timeout: Duration::from_secs(10),
+            basic_auth_cache_ttl: Duration::from_secs(60),
+            basic_auth_cache_entries: 1_000,
+            basic_auth_max_concurrent_verifications: 4,
+            basic_auth_max_hash_memory_kib: 64 * 1024,
+            basic_auth_max_hash_passes: 8,
+            policy_max_rules: 256,
         }
     }
 }
@@ -201,6 +223,10 @@ impl Config {
             (l.max_tunnels_per_agent, "max_tunnels_per_agent"),
             (l.max_headers, "max_headers"),
             (l.relay_buffer_bytes, "relay_buffer_bytes"),
+            (
+                l.basic_auth_max_concurrent_verifications,
+                "basic_auth_max_concurrent_verifications",
+            ),
             (l.authorization_cache_entries, "authorization_cache_entries"),
         ];
         for (v, name) in positive {

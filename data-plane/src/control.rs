@@ -17,7 +17,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::config::{ControlConfig, Limits};
-use crate::registry::Registry;
+use crate::policy::Policy;
+use crate::registry::{Registry, RouteLimits};
 
 /// Why the control plane (or the edge on its behalf) refused an agent. The variant picks the
 /// gRPC-style code name sent in `EdgeHello.error_code`, which tells the agent whether retrying
@@ -84,6 +85,8 @@ pub(crate) struct Grant {
     pub(crate) team_name: String,
     /// The requested subdomains, validated and case-folded, in request order.
     pub(crate) allowed: Vec<String>,
+    /// The policy pinned on each allowed subdomain's reservation (same order as `allowed`).
+    pub(crate) pinned: Vec<Option<pb::TunnelPolicy>>,
     pub(crate) limits: Option<pb::TunnelLimits>,
     pub(crate) scopes: Vec<String>,
 }
@@ -238,6 +241,7 @@ impl Control {
                     token_id: "standalone".to_owned(),
                     team_id: "standalone".to_owned(),
                     team_name: "standalone".to_owned(),
+                    pinned: vec![None; allowed.len()],
                     allowed,
                     limits: None,
                     scopes: vec!["*".to_owned()],
@@ -265,7 +269,8 @@ impl Control {
                             token_id: r.token_id,
                             team_id: r.team_id,
                             team_name: r.team_name,
-                            allowed: r.allowed.into_iter().map(|a| a.subdomain).collect(),
+                            allowed: r.allowed.iter().map(|a| a.subdomain.clone()).collect(),
+                            pinned: r.allowed.into_iter().map(|a| a.pinned_policy).collect(),
                             limits: r.limits,
                             scopes: r.scopes,
                         };
@@ -563,10 +568,26 @@ impl Control {
                     .end_tunnel(&k.session_id, "the tunnel was ended through the Burrow API")
                     .await;
             }
-            Some(Event::ReservationChanged(_))
-            | Some(Event::AccountDisabled(_))
-            | Some(Event::ReservationPolicyChanged(_))
-            | Some(Event::TeamLimitsChanged(_)) => {
+            Some(Event::ReservationPolicyChanged(c)) => {
+                self.forget_all();
+                let pinned = match c.policy.as_ref().map(|p| Policy::compile(p, &self.limits)) {
+                    None => None,
+                    Some(Ok(p)) => p.map(Arc::new),
+                    Some(Err(e)) => {
+                        // Never leave the tunnel more open than its admin asked: refuse
+                        // every visitor until a policy the edge can apply arrives.
+                        tracing::error!(subdomain = %c.subdomain, err = %e, "cannot apply the new pinned policy; refusing every visitor");
+                        Some(Arc::new(Policy::refuse_all(&self.limits)))
+                    }
+                };
+                registry.set_pinned_policy(&c.subdomain, pinned);
+            }
+            Some(Event::TeamLimitsChanged(c)) => {
+                self.forget_all();
+                let limits = RouteLimits::resolve(&c.limits.unwrap_or_default(), &self.limits);
+                registry.set_team_limits(&c.team_id, limits);
+            }
+            Some(Event::ReservationChanged(_)) | Some(Event::AccountDisabled(_)) => {
                 self.forget_all();
             }
             None => {}

@@ -16,6 +16,7 @@
 //! - [`frame`]: the WebSocket frame observer used by the relay.
 //! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
 //! - `pages`: the edge's own error pages.
+//! - `policy`: tunnel policies (basic auth, IP and Origin allow lists, header rules).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ mod control;
 pub mod frame;
 pub mod headers;
 mod pages;
+mod policy;
 mod proxy;
 mod registry;
 pub mod relay;
@@ -120,7 +122,7 @@ pub async fn run(
         }
     };
     let control = Arc::new(control::Control::new(&config.control, &config.limits)?);
-    let registry = Arc::new(registry::Registry::default());
+    let registry = Arc::new(registry::Registry::new(&config.limits));
     let registration = pb::RegisterEdgeRequest {
         name: config.name.clone(),
         domain: config.domain.clone(),

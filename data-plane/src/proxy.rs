@@ -112,10 +112,17 @@ async fn serve_connection<I>(
         .max_buf_size(limits.max_header_bytes.max(8192) * 4)
         .header_read_timeout(limits.header_read_timeout);
     let svc_state = Arc::clone(&state);
+    // Credentials this visitor connection has proven (tunnel policies' basic auth).
+    let visitor = Arc::new(crate::policy::Visitor::default());
     let svc = service_fn(move |req| {
         let state = Arc::clone(&svc_state);
         let tracker = tracker.clone();
-        async move { Ok::<_, Infallible>(handle(req, peer, scheme, state, tracker).await) }
+        let visitor = Arc::clone(&visitor);
+        async move {
+            let gate = Arc::clone(&state);
+            let inner = |req| async move { handle(req, peer, scheme, state, tracker).await };
+            Ok::<_, Infallible>(crate::policy::guard(req, peer, &gate, &visitor, inner).await)
+        }
     });
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
@@ -203,7 +210,7 @@ async fn handle(
     };
 
     let upgrade = upgrade_protocol(req.headers());
-    let max_rate = route.limits.max_requests_per_second;
+    let max_rate = route.limits().max_requests_per_second;
     if max_rate > 0 && !route.rate.admit(max_rate) {
         return pages::too_many(&format!(
             "The tunnel {sub:?} receives more than {max_rate} new requests per second; try again shortly."
@@ -216,7 +223,7 @@ async fn handle(
             None => {
                 return pages::too_many(&format!(
                     "The tunnel {sub:?} already has {} WebSocket connections open, its limit.",
-                    route.limits.max_websockets
+                    route.limits().max_websockets
                 ))
             }
         },
@@ -344,7 +351,7 @@ async fn handle(
             buffer: state.config.limits.relay_buffer_bytes,
             ping_interval: state.config.limits.ws_ping_interval,
             idle_timeout: state.config.limits.ws_idle_timeout,
-            max_bytes_per_second: Some(route.limits.max_bytes_per_second).filter(|r| *r > 0),
+            max_bytes_per_second: Some(route.limits().max_bytes_per_second).filter(|r| *r > 0),
             close_timeout: state.config.limits.ws_close_timeout,
         };
         let route = Arc::clone(&route);
@@ -421,7 +428,7 @@ impl WsSlot {
             .counters
             .websockets_open
             .fetch_add(1, Ordering::AcqRel);
-        let max = u64::from(route.limits.max_websockets);
+        let max = u64::from(route.limits().max_websockets);
         let slot = Self(Arc::clone(route));
         if max > 0 && open >= max {
             return None; // dropping `slot` gives the count back

@@ -17,6 +17,9 @@ use hyper::client::conn::http2::SendRequest;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::Limits;
+use crate::policy::{Policies, Policy, Reason, Refusals, Verifier};
+
 /// Body type of requests the edge sends to agents.
 pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
@@ -60,6 +63,28 @@ pub(crate) struct RouteLimits {
     pub(crate) max_requests_per_second: u32,
     /// Per WebSocket connection, each direction.
     pub(crate) max_bytes_per_second: u64,
+}
+
+impl RouteLimits {
+    /// The control plane's limits, each zero replaced by the edge's default.
+    pub(crate) fn resolve(granted: &pb::TunnelLimits, defaults: &Limits) -> Self {
+        let pick = |granted: u32, default: u32| if granted > 0 { granted } else { default };
+        Self {
+            max_websockets: pick(
+                granted.max_websocket_connections,
+                defaults.default_max_websockets_per_tunnel,
+            ),
+            max_requests_per_second: pick(
+                granted.max_new_connections_per_second,
+                defaults.default_max_requests_per_second_per_tunnel,
+            ),
+            max_bytes_per_second: if granted.max_bytes_per_second_per_connection > 0 {
+                granted.max_bytes_per_second_per_connection
+            } else {
+                defaults.default_max_websocket_bytes_per_second
+            },
+        }
+    }
 }
 
 /// A fixed one-second window counter: at most `max` admissions per window.
@@ -120,8 +145,31 @@ pub(crate) struct Route {
     pub(crate) session_id: String,
     pub(crate) agent: Arc<AgentSession>,
     pub(crate) counters: Counters,
-    pub(crate) limits: RouteLimits,
+    /// The limits in force; replaced when the team's limits change.
+    pub(crate) live_limits: RwLock<RouteLimits>,
     pub(crate) rate: RateWindow,
+    /// The agent's and the pinned policy.
+    pub(crate) policies: Policies,
+    /// Visitors refused by a policy, by reason.
+    pub(crate) refusals: Refusals,
+}
+
+impl Route {
+    /// The limits in force now.
+    pub(crate) fn limits(&self) -> RouteLimits {
+        self.live_limits.read().map(|l| *l).unwrap_or_default()
+    }
+}
+
+/// Policy refusals of one live tunnel, for metrics.
+#[allow(dead_code)] // Read by the metrics exporter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RefusalCount {
+    pub(crate) team_id: String,
+    pub(crate) subdomain: String,
+    /// `basic_auth`, `ip` or `origin`.
+    pub(crate) reason: &'static str,
+    pub(crate) count: u64,
 }
 
 /// Totals for the heartbeat.
@@ -132,7 +180,6 @@ pub(crate) struct Counts {
 }
 
 /// The edge's live state.
-#[derive(Default)]
 pub(crate) struct Registry {
     routes: RwLock<HashMap<String, Arc<Route>>>,
     /// Names whose tunnel vanished recently, with when to forget them.
@@ -141,9 +188,28 @@ pub(crate) struct Registry {
     next_agent_id: AtomicU64,
     /// Open visitor connections.
     pub(crate) visitor_connections: AtomicU64,
+    /// Basic-auth verification, shared by every tunnel.
+    pub(crate) verifier: Verifier,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::new(&Limits::default())
+    }
 }
 
 impl Registry {
+    pub(crate) fn new(limits: &Limits) -> Self {
+        Self {
+            routes: RwLock::default(),
+            offline: Mutex::default(),
+            agents: Mutex::default(),
+            next_agent_id: AtomicU64::new(0),
+            visitor_connections: AtomicU64::new(0),
+            verifier: Verifier::new(limits),
+        }
+    }
+
     pub(crate) fn next_agent_id(&self) -> u64 {
         self.next_agent_id.fetch_add(1, Ordering::Relaxed)
     }
@@ -288,6 +354,46 @@ impl Registry {
             tracing::info!(reason, "ending agent connection");
             a.cancel.cancel();
         }
+    }
+
+    /// Applies a new pinned policy to the live tunnel on `subdomain`, if any.
+    pub(crate) fn set_pinned_policy(&self, subdomain: &str, policy: Option<Arc<Policy>>) {
+        if let Some(r) = self.route(subdomain) {
+            tracing::info!(
+                %subdomain,
+                pinned = policy.is_some(),
+                "the reservation's pinned policy changed"
+            );
+            r.policies.set_pinned(policy);
+        }
+    }
+
+    /// Applies a team's new limits to its live tunnels (new requests and WebSockets see them).
+    pub(crate) fn set_team_limits(&self, team_id: &str, limits: RouteLimits) {
+        let Ok(t) = self.routes.read() else { return };
+        for r in t.values().filter(|r| r.agent.team_id == team_id) {
+            if let Ok(mut l) = r.live_limits.write() {
+                *l = limits;
+            }
+        }
+    }
+
+    /// Policy refusals of every live tunnel, by reason (counted since each tunnel was bound).
+    #[allow(dead_code)] // Read by the metrics exporter.
+    pub(crate) fn refusal_counts(&self) -> Vec<RefusalCount> {
+        let Ok(t) = self.routes.read() else {
+            return Vec::new();
+        };
+        t.values()
+            .flat_map(|r| {
+                Reason::ALL.into_iter().map(|reason| RefusalCount {
+                    team_id: r.agent.team_id.clone(),
+                    subdomain: r.subdomain.clone(),
+                    reason: reason.as_str(),
+                    count: r.refusals.get(reason),
+                })
+            })
+            .collect()
     }
 
     pub(crate) fn counts(&self) -> Counts {

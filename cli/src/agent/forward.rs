@@ -48,6 +48,8 @@ pub(crate) struct TunnelSpec {
     pub(crate) subdomain: String,
     pub(crate) target: Target,
     pub(crate) host_header: HostHeader,
+    /// Rules the edge enforces for this tunnel (basic-auth passwords already hashed).
+    pub(crate) policy: Option<burrow_proto::v1::TunnelPolicy>,
 }
 
 /// Callback for a tunnel the edge ended for good: `(key, reason)`.

@@ -39,6 +39,8 @@ pub(crate) enum AgentCommand {
     ///   burrow http 127.0.0.1:8080 --host-header preserve
     ///   burrow http http://app.internal:9000 --edge edge.example.com:4443
     ///   burrow http 3000 --edge localhost:4443 --edge-ca edge-ca.pem   # self-signed edge
+    ///   burrow http 3000 --basic-auth-file users.txt --allow-ip 10.0.0.0/8
+    ///   burrow http 3000 --allow-origin https://app.example.com --request-header-add X-From:burrow
     ///
     /// The agent token comes from $BURROW_TOKEN, --token-file, or `burrow authtoken add`.
     #[command(verbatim_doc_comment)]
@@ -54,6 +56,10 @@ pub(crate) enum AgentCommand {
     ///   [[tunnel]]
     ///   target = "localhost:8080"
     ///   host_header = "preserve"
+    ///   basic_auth_file = ["users.txt"]      # or basic_auth = ["user:pass"]
+    ///   allow_ip = ["10.0.0.0/8", "2001:db8::/32"]
+    ///   allow_origin = ["https://app.example.com"]
+    ///   request_header_add = ["X-From:burrow"]
     #[command(verbatim_doc_comment)]
     Start(StartArgs),
     /// Store the agent token in the config file.
@@ -112,6 +118,8 @@ pub(crate) struct HttpArgs {
     #[arg(long, default_value = "rewrite")]
     host_header: String,
     #[command(flatten)]
+    policy: Box<crate::policy::PolicyArgs>,
+    #[command(flatten)]
     edge: EdgeArgs,
 }
 
@@ -150,6 +158,54 @@ struct TunnelEntry {
     target: String,
     subdomain: Option<String>,
     host_header: Option<String>,
+    // The tunnel's policy: the same keys as the `burrow http` flags.
+    #[serde(default)]
+    basic_auth: Vec<String>,
+    /// Relative to the tunnels file.
+    #[serde(default)]
+    basic_auth_file: Vec<PathBuf>,
+    #[serde(default)]
+    allow_ip: Vec<String>,
+    #[serde(default)]
+    deny_ip: Vec<String>,
+    #[serde(default)]
+    allow_origin: Vec<String>,
+    #[serde(default)]
+    request_header_add: Vec<String>,
+    #[serde(default)]
+    request_header_remove: Vec<String>,
+    #[serde(default)]
+    response_header_add: Vec<String>,
+    #[serde(default)]
+    response_header_remove: Vec<String>,
+}
+
+impl TunnelEntry {
+    /// The entry's policy keys as the flags `burrow http` takes; files are found relative to
+    /// `base`.
+    fn policy_args(&self, base: &Path) -> crate::policy::PolicyArgs {
+        crate::policy::PolicyArgs {
+            basic_auth: self.basic_auth.clone(),
+            basic_auth_file: self.basic_auth_file.iter().map(|p| base.join(p)).collect(),
+            allow_ip: self.allow_ip.clone(),
+            deny_ip: self.deny_ip.clone(),
+            allow_origin: self.allow_origin.clone(),
+            request_header_add: self.request_header_add.clone(),
+            request_header_remove: self.request_header_remove.clone(),
+            response_header_add: self.response_header_add.clone(),
+            response_header_remove: self.response_header_remove.clone(),
+        }
+    }
+}
+
+/// The policy the flags describe (passwords hashed here), or `None` when none was given.
+fn tunnel_policy(
+    args: &crate::policy::PolicyArgs,
+) -> anyhow::Result<Option<burrow_proto::v1::TunnelPolicy>> {
+    if args.is_empty() {
+        return Ok(None);
+    }
+    args.to_proto().map(Some)
 }
 
 pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
@@ -181,6 +237,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 subdomain: a.subdomain.clone().unwrap_or_default(),
                 target: Target::parse(&a.target)?,
                 host_header: HostHeader::parse(&a.host_header)?,
+                policy: tunnel_policy(&a.policy)?,
             };
             run_tunnels(&a.edge, None, vec![spec]).await
         }
@@ -194,6 +251,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                 "{} lists no [[tunnel]]",
                 a.config.display()
             );
+            let base = a.config.parent().unwrap_or(Path::new("."));
             let mut specs = Vec::new();
             for (i, t) in file.tunnel.iter().enumerate() {
                 specs.push(TunnelSpec {
@@ -203,9 +261,10 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
                         .with_context(|| format!("tunnel {}", i + 1))?,
                     host_header: HostHeader::parse(t.host_header.as_deref().unwrap_or("rewrite"))
                         .with_context(|| format!("tunnel {}", i + 1))?,
+                    policy: tunnel_policy(&t.policy_args(base))
+                        .with_context(|| format!("tunnel {}", i + 1))?,
                 });
             }
-            let base = a.config.parent().unwrap_or(Path::new("."));
             let file_edge = FileEdge {
                 edge: file.edge,
                 edge_ca: file.edge_ca.map(|p| base.join(p)),

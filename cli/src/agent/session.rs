@@ -312,7 +312,7 @@ async fn connect_once(
                 subdomain: s.subdomain.clone(),
                 local_addr: s.target.authority(),
                 key: s.key.clone(),
-                policy: None,
+                policy: s.policy.clone(),
             })
             .collect(),
         agent_instance: instance.to_owned(),
@@ -335,6 +335,7 @@ async fn connect_once(
     }
 
     let mut urls = HashMap::new();
+    let mut pinned = Vec::new();
     for b in &answer.tunnels {
         let local = specs
             .iter()
@@ -342,6 +343,9 @@ async fn connect_once(
             .map(|s| s.target.authority())
             .unwrap_or_default();
         urls.insert(b.key.clone(), (local, b.public_urls.clone()));
+        if b.pinned_policy {
+            pinned.push(b.subdomain.clone());
+        }
     }
     let printed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let conn_cancel = shutdown.child_token();
@@ -369,6 +373,12 @@ async fn connect_once(
                 for u in public {
                     let _ = writeln!(out, "Forwarding {u} -> {local}");
                 }
+            }
+            for sub in &pinned {
+                let _ = writeln!(
+                    out,
+                    "Policy pinned on the reservation of {sub} applies too (set by a team admin; visitors must pass it and this tunnel's own rules)"
+                );
             }
             if !team.is_empty() {
                 let _ = writeln!(out, "Team {team}; press Ctrl-C to stop");

@@ -81,13 +81,37 @@ pub async fn start_edge_full(
     agent_plaintext: bool,
     tweak: impl FnOnce(&mut Limits),
 ) -> Edge {
+    let visitors: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    start_edge_on(
+        control,
+        identity,
+        agent_addr,
+        with_https,
+        agent_plaintext,
+        visitors,
+        tweak,
+    )
+    .await
+}
+
+/// Like [`start_edge_full`], with the visitor listeners bound on `visitors` (e.g. `[::1]:0`
+/// for IPv6 visitors).
+pub async fn start_edge_on(
+    control: ControlConfig,
+    identity: TlsIdentity,
+    agent_addr: Option<SocketAddr>,
+    with_https: bool,
+    agent_plaintext: bool,
+    visitors: SocketAddr,
+    tweak: impl FnOnce(&mut Limits),
+) -> Edge {
     let https = if with_https {
-        Some(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        Some(TcpListener::bind(visitors).await.unwrap())
     } else {
         None
     };
     let https_addr = https.as_ref().map(|l| l.local_addr().unwrap());
-    let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = TcpListener::bind(visitors).await.unwrap();
     let agent = TcpListener::bind(agent_addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap()))
         .await
         .unwrap();

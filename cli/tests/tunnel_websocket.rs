@@ -435,8 +435,6 @@ async fn after_the_101_bytes_pass_unchanged_both_ways_so_permessage_deflate_just
     );
     v.write_all(req.as_bytes()).await.unwrap();
     let from_client = odd_frames(true);
-    // Sent right behind the request: must not reach the local server before its 101.
-    v.write_all(&from_client).await.unwrap();
 
     let mut head = Vec::new();
     let mut b = [0u8; 1];
@@ -457,6 +455,8 @@ async fn after_the_101_bytes_pass_unchanged_both_ways_so_permessage_deflate_just
         head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
         "{head}"
     );
+    // Frames only after the 101 (bytes sent before it are refused; see below).
+    v.write_all(&from_client).await.unwrap();
     let mut got = vec![0u8; from_server.len()];
     tokio::time::timeout(STEP, v.read_exact(&mut got))
         .await
@@ -763,4 +763,283 @@ async fn a_websocket_over_its_byte_rate_is_slowed_not_cut() {
         took >= Duration::from_millis(2500),
         "not throttled: {took:?}"
     );
+}
+
+/// A raw local server that answers every upgrade by what it finds: 400 without a
+/// `Sec-WebSocket-Key`, 426 for a version other than 13, else 101 after `delay`. Reports each
+/// request head, then every byte received after it.
+async fn judging_local_server(
+    delay: Duration,
+) -> (
+    std::net::SocketAddr,
+    mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if s.read_exact(&mut b).await.is_err() {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8(head).unwrap();
+                let get = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                    })
+                };
+                let answer = match (get("sec-websocket-key"), get("sec-websocket-version")) {
+                    (None, _) => "HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nmissing key".to_owned(),
+                    (Some(_), v) if v.as_deref() != Some("13") => {
+                        "HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\nContent-Length: 11\r\n\r\nwant v13 :)".to_owned()
+                    }
+                    (Some(key), _) => {
+                        tokio::time::sleep(delay).await;
+                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
+                            key.as_bytes(),
+                        );
+                        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+                    }
+                };
+                let _ = s.write_all(answer.as_bytes()).await;
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(Ok(n)) =
+                    tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await
+                {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                }
+                let _ = tx.send((head, got));
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// Writes `parts` to the edge as a visitor (pausing `gap` between them) and returns the
+/// response head and whatever body bytes came with it.
+async fn raw_visit(edge: &Edge, parts: &[&[u8]], gap: Duration) -> String {
+    let mut s = TcpStream::connect(edge.http).await.unwrap();
+    for (i, p) in parts.iter().enumerate() {
+        if i > 0 {
+            tokio::time::sleep(gap).await;
+        }
+        s.write_all(p).await.unwrap();
+    }
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await {
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn upgrade_head(edge: &Edge, sub: &str, extra: &str) -> String {
+    format!(
+        "GET /chat HTTP/1.1\r\nHost: {sub}.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n{extra}\r\n",
+        edge.http.port()
+    )
+}
+
+#[tokio::test]
+async fn an_upgrade_with_a_missing_key_or_a_wrong_version_gets_the_local_servers_own_answer() {
+    let (local, mut heads) = judging_local_server(Duration::ZERO).await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "judge"],
+    )
+    .await;
+
+    let no_key = upgrade_head(&edge, "judge", "Sec-WebSocket-Version: 13\r\n");
+    let answer = raw_visit(&edge, &[no_key.as_bytes()], Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.ends_with("missing key"), "{answer}");
+    let (head, _) = heads.recv().await.unwrap();
+    assert!(
+        !head.to_ascii_lowercase().contains("sec-websocket-key"),
+        "{head}"
+    );
+
+    let old = upgrade_head(
+        &edge,
+        "judge",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n",
+    );
+    let answer = raw_visit(&edge, &[old.as_bytes()], Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 426"), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("sec-websocket-version: 13"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("want v13 :)"), "{answer}");
+    let (head, _) = heads.recv().await.unwrap();
+    assert!(
+        head.contains("Sec-WebSocket-Version: 8") || head.contains("sec-websocket-version: 8"),
+        "{head}"
+    );
+
+    // A malformed key is the local server's business too: it reaches it unchanged.
+    let odd = upgrade_head(
+        &edge,
+        "judge",
+        "Sec-WebSocket-Key: not base64!\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    let answer = raw_visit(&edge, &[odd.as_bytes()], Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    let (head, _) = heads.recv().await.unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("sec-websocket-key: not base64!"),
+        "{head}"
+    );
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_are_refused_with_400_and_never_reach_the_local_server()
+{
+    let (local, mut heads) = judging_local_server(Duration::ZERO).await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "early"],
+    )
+    .await;
+    let head = upgrade_head(
+        &edge,
+        "early",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    // A masked text frame, then a smuggled request, in the same write as the upgrade.
+    let mut smuggled = head.clone().into_bytes();
+    smuggled.extend_from_slice(&[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2]);
+    smuggled.extend_from_slice(b"GET /admin HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let answer = raw_visit(&edge, &[&smuggled], Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("101 Switching Protocols"),
+        "the page says why: {answer}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), heads.recv())
+            .await
+            .is_err(),
+        "the upgrade reached the local server"
+    );
+
+    // The same request without the early bytes is fine.
+    let answer = raw_visit(&edge, &[head.as_bytes()], Duration::ZERO).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    heads.recv().await.unwrap();
+}
+
+#[tokio::test]
+async fn bytes_sent_while_the_local_server_is_still_answering_the_upgrade_are_refused_with_400() {
+    // The local server takes 600 ms to accept; the visitor sends a frame after 100 ms.
+    let (local, mut heads) = judging_local_server(Duration::from_millis(600)).await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "eager"],
+    )
+    .await;
+    let head = upgrade_head(
+        &edge,
+        "eager",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    let frame: &[u8] = &[0x81, 0x82, 1, 2, 3, 4, b'h' ^ 1, b'i' ^ 2];
+    let answer = raw_visit(&edge, &[head.as_bytes(), frame], Duration::from_millis(100)).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    // The local server saw the upgrade (it had already been forwarded) but never the
+    // visitor's frame: at most the agent's own close frame (1001, going away).
+    let (_, after) = heads.recv().await.unwrap();
+    assert!(
+        after.is_empty() || (after.len() == 8 && after[0] == 0x88),
+        "bytes reached the local server: {after:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_websocket_that_stays_over_its_byte_rate_is_closed_with_1008_and_a_reason_both_ways() {
+    let (local, seen) = local_echo_server().await;
+    let edge = standalone_edge_with(|l| {
+        l.default_max_websocket_bytes_per_second = 64 * 1024;
+        l.ws_rate_limit_grace = Duration::from_millis(800);
+    })
+    .await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "hog"],
+    )
+    .await;
+    let (ws, _) = connect(&edge, "hog", "/", &[]).await;
+    let (mut tx, mut rx) = ws.split();
+    // Send 32 KiB messages as fast as the edge takes them, far over 64 KiB/s, for as long
+    // as the connection lasts.
+    let sender = tokio::spawn(async move {
+        let chunk = vec![1u8; 32 * 1024];
+        while tx.send(Message::binary(chunk.clone())).await.is_ok() {}
+    });
+    let started = tokio::time::Instant::now();
+    let close = loop {
+        let m = tokio::time::timeout(STEP, rx.next())
+            .await
+            .expect("the edge closed the connection in time");
+        match m {
+            Some(Ok(Message::Close(c))) => break c,
+            Some(Ok(_)) => continue,
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    };
+    let close = close.expect("a close code");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("65536 bytes/s"), "{}", close.reason);
+    assert!(
+        started.elapsed() >= Duration::from_millis(800),
+        "closed before the grace ran out"
+    );
+    sender.abort();
+    // The local server was told the same.
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let closes = seen.lock().await.closes.clone();
+        if let Some(Some((code, reason))) = closes.first() {
+            assert_eq!(*code, 1008);
+            assert!(reason.contains("bytes/s"), "{reason}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the local server never got a close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

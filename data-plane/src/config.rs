@@ -105,6 +105,10 @@ pub struct Limits {
     /// Most bytes per second in each direction of one WebSocket when the control plane sets
     /// no limit (0: unlimited). Excess is delayed, not dropped.
     pub default_max_websocket_bytes_per_second: u64,
+    /// How long one direction of a WebSocket may stay over its byte rate (its sender kept
+    /// waiting the whole time) before the edge closes it with 1008 and a reason. Bursts
+    /// shorter than this are only slowed.
+    pub ws_rate_limit_grace: Duration,
     /// After one direction of a WebSocket ends, how long the other may keep going before the
     /// edge drops the connection.
     pub ws_close_timeout: Duration,
@@ -157,6 +161,7 @@ impl Default for Limits {
             ws_ping_interval: Some(Duration::from_secs(30)),
             ws_idle_timeout: Some(Duration::from_secs(75)),
             ws_close_timeout: Duration::from_secs(5),
+            ws_rate_limit_grace: Duration::from_secs(10),
             default_max_websockets_per_tunnel: 0,
             default_max_requests_per_second_per_tunnel: 0,
             default_max_websocket_bytes_per_second: 0,
@@ -253,6 +258,7 @@ impl Config {
             (l.upstream_response_timeout, "upstream_response_timeout"),
             (l.agent_keepalive_interval, "agent_keepalive_interval"),
             (l.ws_close_timeout, "ws_close_timeout"),
+            (l.ws_rate_limit_grace, "ws_rate_limit_grace"),
             (l.control_call_timeout, "control_call_timeout"),
         ];
         for (d, name) in durations {

@@ -11,6 +11,8 @@
 const OPCODE_CLOSE: u8 = 0x8;
 /// Opcodes below this carry data (continuation, text, binary, reserved data opcodes 3–7).
 const FIRST_CONTROL_OPCODE: u8 = 0x8;
+/// Opcode of a pong frame (RFC 6455 §5.5.3).
+const OPCODE_PONG: u8 = 0xA;
 
 /// Counters for one direction of a WebSocket connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -25,6 +27,12 @@ pub struct FrameStats {
     pub closed: bool,
     /// Status code of the close frame, when it carried one.
     pub close_code: Option<u16>,
+    /// Complete control frames seen (close, ping, pong).
+    pub control_frames: u64,
+    /// Bytes of control frames, headers included (the rest of `bytes` is data frames).
+    pub control_bytes: u64,
+    /// Complete pong frames with an empty payload: answers to the edge's keepalive pings.
+    pub empty_pongs: u64,
 }
 
 /// Follows frame headers in a byte stream. Feed it every byte, in order, with
@@ -64,6 +72,16 @@ impl FrameObserver {
         self.header_len == 0 && self.remaining == 0
     }
 
+    /// How many more bytes may be read without passing the next frame boundary: the rest of
+    /// the current payload, 1 inside a header (its length is not known yet), 0 at a boundary.
+    pub fn bytes_to_boundary(&self) -> usize {
+        if self.remaining > 0 {
+            usize::try_from(self.remaining).unwrap_or(usize::MAX)
+        } else {
+            usize::from(self.header_len > 0)
+        }
+    }
+
     /// Follows `bytes`, the next bytes of the stream.
     pub fn observe(&mut self, mut bytes: &[u8]) {
         self.stats.bytes += bytes.len() as u64;
@@ -85,6 +103,9 @@ impl FrameObserver {
                         self.close_code[pos as usize] = unmasked;
                     }
                 }
+                if self.opcode >= FIRST_CONTROL_OPCODE {
+                    self.stats.control_bytes += take as u64;
+                }
                 self.payload_seen += take as u64;
                 self.remaining -= take as u64;
                 bytes = &bytes[take..];
@@ -96,6 +117,10 @@ impl FrameObserver {
             // In a header: take one byte at a time (headers are at most 14 bytes).
             self.header[self.header_len] = bytes[0];
             self.header_len += 1;
+            // The first header byte holds the opcode, so every byte is classified as it goes.
+            if self.header[0] & 0x0f >= FIRST_CONTROL_OPCODE {
+                self.stats.control_bytes += 1;
+            }
             bytes = &bytes[1..];
             if let Some(len) = self.header_complete() {
                 self.start_payload(len);
@@ -157,6 +182,12 @@ impl FrameObserver {
         if self.opcode < FIRST_CONTROL_OPCODE && self.fin {
             self.stats.messages += 1;
         }
+        if self.opcode >= FIRST_CONTROL_OPCODE {
+            self.stats.control_frames += 1;
+            if self.opcode == OPCODE_PONG && self.payload_seen == 0 {
+                self.stats.empty_pongs += 1;
+            }
+        }
         if self.opcode == OPCODE_CLOSE {
             self.stats.closed = true;
             if self.payload_seen >= 2 {
@@ -185,6 +216,33 @@ pub fn client_close_frame(code: u16, mask: [u8; 4]) -> [u8; 8] {
         c[0] ^ mask[0],
         c[1] ^ mask[1],
     ]
+}
+
+/// Longest close reason RFC 6455 §5.5 allows (125-byte control payload minus the code).
+pub const MAX_CLOSE_REASON: usize = 123;
+
+/// A close frame with `code` and `reason` (cut to [`MAX_CLOSE_REASON`] bytes at a character
+/// boundary), masked with `mask` when it goes toward a server.
+pub fn close_frame_with_reason(code: u16, reason: &str, mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut end = reason.len().min(MAX_CLOSE_REASON);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut payload = code.to_be_bytes().to_vec();
+    payload.extend_from_slice(&reason.as_bytes()[..end]);
+    let mut out = vec![0x80 | OPCODE_CLOSE];
+    match mask {
+        None => {
+            out.push(payload.len() as u8);
+            out.extend_from_slice(&payload);
+        }
+        Some(m) => {
+            out.push(0x80 | payload.len() as u8);
+            out.extend_from_slice(&m);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i % 4]));
+        }
+    }
+    out
 }
 
 /// An empty ping frame as a server sends it, for keepalives toward a visitor.
@@ -240,6 +298,25 @@ mod tests {
         assert!(s.closed);
         assert_eq!(s.close_code, Some(1000));
         assert!(obs.at_boundary());
+        assert_eq!(s.control_frames, 2);
+        // ping: 2 + 4 mask + 1; close: 2 + 4 mask + 4.
+        assert_eq!(s.control_bytes, 7 + 10);
+    }
+
+    #[test]
+    fn empty_pongs_are_counted_apart_from_pongs_with_a_payload() {
+        let mut bytes = frame(true, 0xA, Some([1, 2, 3, 4]), b"");
+        bytes.extend(frame(true, 0xA, Some([1, 2, 3, 4]), b"x"));
+        bytes.extend(frame(true, 0xA, None, b""));
+        let mut obs = FrameObserver::new();
+        for b in &bytes {
+            obs.observe(std::slice::from_ref(b));
+        }
+        let s = obs.stats();
+        assert_eq!(s.empty_pongs, 2);
+        assert_eq!(s.control_frames, 3);
+        assert_eq!(s.control_bytes, bytes.len() as u64);
+        assert_eq!(s.messages, 0);
     }
 
     #[test]
@@ -253,6 +330,28 @@ mod tests {
         obs.observe(&bytes[100..]);
         assert!(obs.at_boundary());
         assert_eq!(obs.stats().messages, 1);
+    }
+
+    #[test]
+    fn a_close_frame_with_a_reason_parses_with_its_code_and_a_cut_reason() {
+        for mask in [None, Some([1, 2, 3, 4])] {
+            let long = "é".repeat(100);
+            let bytes = close_frame_with_reason(1008, &long, mask);
+            let mut o = FrameObserver::new();
+            o.observe(&bytes);
+            assert!(o.at_boundary());
+            assert_eq!(o.stats().close_code, Some(1008));
+            assert!(bytes.len() <= 2 + 4 + 125);
+            let unmasked: Vec<u8> = match mask {
+                None => bytes[4..].to_vec(),
+                Some(m) => bytes[8..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| b ^ m[(i + 2) % 4])
+                    .collect(),
+            };
+            assert!(std::str::from_utf8(&unmasked).is_ok());
+        }
     }
 
     #[test]

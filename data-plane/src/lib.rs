@@ -12,10 +12,12 @@
 //! - `registry`: live agent sessions and the route table.
 //! - `agents`: the agent listener and handshake.
 //! - `proxy`: the visitor listener, routing by `Host`, header handling.
+//! - `early`: refusing bytes a visitor sends before the 101 of an upgrade.
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
 //! - [`frame`]: the WebSocket frame observer used by the relay.
 //! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
 //! - `pages`: the edge's own error pages.
+//! - `metrics`: Prometheus metrics and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - `policy`: tunnel policies (basic auth, IP and Origin allow lists, header rules).
 
 use std::net::SocketAddr;
@@ -31,8 +33,10 @@ use tokio_util::task::TaskTracker;
 mod agents;
 pub mod config;
 mod control;
+mod early;
 pub mod frame;
 pub mod headers;
+mod metrics;
 mod pages;
 mod policy;
 mod proxy;
@@ -53,6 +57,9 @@ pub struct Listeners {
     pub https: Option<TcpListener>,
     /// Agent listener (TLS).
     pub agent: TcpListener,
+    /// Admin listener: `/metrics`, `/healthz` and `/readyz` over plain HTTP. Keep it off
+    /// the public network (the default binds loopback).
+    pub admin: Option<TcpListener>,
 }
 
 /// Shared state of a running edge.
@@ -62,6 +69,10 @@ pub(crate) struct State {
     pub(crate) control: Arc<control::Control>,
     /// Public URL templates, `{sub}` to be replaced.
     pub(crate) url_templates: Vec<String>,
+    /// Prometheus metrics.
+    pub(crate) metrics: metrics::EdgeMetrics,
+    /// True once the listeners accept, false again when shutdown starts (`/readyz`).
+    pub(crate) accepting: std::sync::atomic::AtomicBool,
 }
 
 impl State {
@@ -140,7 +151,19 @@ pub async fn run(
         registry: Arc::clone(&registry),
         control: Arc::clone(&control),
         url_templates,
+        metrics: metrics::EdgeMetrics::new(),
+        accepting: std::sync::atomic::AtomicBool::new(false),
     });
+    // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.
+    let admin_stop = CancellationToken::new();
+    let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
+    if let Some(l) = listeners.admin {
+        tokio::spawn(metrics::serve_admin(
+            l,
+            Arc::clone(&state),
+            admin_stop.clone(),
+        ));
+    }
     let tracker = TaskTracker::new();
     tracker.spawn(Arc::clone(&control).run_background(
         registration,
@@ -177,14 +200,21 @@ pub async fn run(
             tracker.clone(),
         ));
     }
+    state
+        .accepting
+        .store(true, std::sync::atomic::Ordering::Relaxed);
     tracing::info!(
         http = ?http_addr,
         https = ?https_addr,
         agents = ?agent_addr,
+        admin = ?admin_addr,
         domain = %state.config.domain,
         "edge running"
     );
     shutdown.cancelled().await;
+    state
+        .accepting
+        .store(false, std::sync::atomic::Ordering::Relaxed);
     tracker.close();
     if tokio::time::timeout(state.config.limits.drain_timeout, tracker.wait())
         .await
@@ -192,5 +222,6 @@ pub async fn run(
     {
         tracing::warn!("drain timeout reached; dropping remaining connections");
     }
+    admin_stop.cancel();
     Ok(())
 }

@@ -36,6 +36,10 @@ struct Args {
     /// Agent listener (TLS).
     #[arg(long, default_value = "127.0.0.1:4443")]
     agent_listen: String,
+    /// Admin listener serving /metrics (Prometheus), /healthz and /readyz over plain HTTP;
+    /// "off" disables it. Keep it off the public network.
+    #[arg(long, env = "BURROW_EDGE_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
+    admin_addr: String,
     /// Public visitor URL template, `{sub}` replaced by the subdomain.
     #[arg(long)]
     public_url: Option<String>,
@@ -84,6 +88,10 @@ struct Args {
     /// Seconds of silence after which a visitor WebSocket is closed (0 never closes).
     #[arg(long, default_value_t = 75)]
     ws_idle_timeout: u64,
+    /// Seconds a WebSocket may stay over its tunnel's byte rate before the edge closes it
+    /// with 1008 and a reason (shorter bursts are only slowed).
+    #[arg(long, default_value_t = 10)]
+    ws_rate_limit_grace: u64,
     /// Seconds a visitor may take to send its request headers.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
@@ -230,6 +238,7 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         ws_idle_timeout: (args.ws_idle_timeout > 0)
             .then(|| Duration::from_secs(args.ws_idle_timeout)),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
+        ws_rate_limit_grace: Duration::from_secs(args.ws_rate_limit_grace),
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         max_visitor_connections: args.max_visitor_connections,
@@ -268,6 +277,11 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         None => None,
     };
     let agent = bind(&args.agent_listen, "agents").await?;
+    let admin = if args.admin_addr == "off" {
+        None
+    } else {
+        Some(bind(&args.admin_addr, "the admin endpoints (/metrics)").await?)
+    };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();
     tokio::spawn(async move {
@@ -275,7 +289,13 @@ async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         s.cancel();
     });
-    burrow_edge::run(config, Listeners { http, https, agent }, shutdown).await
+    let listeners = Listeners {
+        http,
+        https,
+        agent,
+        admin,
+    };
+    burrow_edge::run(config, listeners, shutdown).await
 }
 
 async fn wait_for_signal() {

@@ -25,13 +25,18 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::early::{Early, Recorder};
 use crate::registry::{Route, UpBody};
-use crate::relay::{relay, RelayOptions};
+use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
 
 /// How long a WebSocket upgrade waits for the agent's HTTP/2 settings on a brand-new agent
 /// connection.
 const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// The 400 page's sentence for bytes sent before the 101 (see [`crate::early`]).
+const EARLY_BYTES: &str = "The client sent data after its upgrade request without waiting for \
+     the server's 101 Switching Protocols answer (RFC 6455 §4.1).";
 
 /// Accepts visitor connections until `shutdown`. `tls` makes it the HTTPS listener.
 pub(crate) async fn serve(
@@ -66,6 +71,7 @@ pub(crate) async fn serve(
         let t2 = tracker.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            state.metrics.visitor_connection();
             state
                 .registry
                 .visitor_connections
@@ -112,16 +118,23 @@ async fn serve_connection<I>(
         .max_buf_size(limits.max_header_bytes.max(8192) * 4)
         .header_read_timeout(limits.header_read_timeout);
     let svc_state = Arc::clone(&state);
+    let early = Early::new(limits.max_header_bytes.saturating_add(1024));
+    let io = Recorder::new(io, Arc::clone(&early));
     // Credentials this visitor connection has proven (tunnel policies' basic auth).
     let visitor = Arc::new(crate::policy::Visitor::default());
     let svc = service_fn(move |req| {
         let state = Arc::clone(&svc_state);
         let tracker = tracker.clone();
+        let early = Arc::clone(&early);
         let visitor = Arc::clone(&visitor);
         async move {
             let gate = Arc::clone(&state);
-            let inner = |req| async move { handle(req, peer, scheme, state, tracker).await };
-            Ok::<_, Infallible>(crate::policy::guard(req, peer, &gate, &visitor, inner).await)
+            let inner =
+                |req| async move { handle(req, peer, scheme, state, tracker, &early).await };
+            let timer = gate.metrics.request(&gate, &req);
+            let resp = crate::policy::guard(req, peer, &gate, &visitor, inner).await;
+            timer.finish(&resp);
+            Ok::<_, Infallible>(resp)
         }
     });
     let conn = builder
@@ -182,8 +195,10 @@ async fn handle(
     scheme: &'static str,
     state: Arc<State>,
     tracker: TaskTracker,
+    early: &Early,
 ) -> Response<UpBody> {
     let started = Instant::now();
+    let (early_mark, early_beyond_head) = early.mark();
     let domain = &state.config.domain;
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
     let host = req
@@ -237,6 +252,10 @@ async fn handle(
             || req.headers().contains_key(header::TRANSFER_ENCODING);
         if has_body {
             return pages::bad_request("An upgrade request must not carry a body.");
+        }
+        if early_beyond_head {
+            tracing::info!(subdomain = %sub, %peer, "upgrade refused: bytes sent before the 101");
+            return pages::bad_request(EARLY_BYTES);
         }
     }
     let visitor_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
@@ -329,6 +348,13 @@ async fn handle(
             .headers()
             .get(HEADER_STATUS)
             .is_some_and(|v| v.as_bytes() == b"101");
+    if switching && early.read_since(early_mark) {
+        // The local server accepted, but the visitor did not wait for its answer; dropping
+        // `resp` ends the agent stream, so the local server sees its connection close.
+        counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+        tracing::info!(subdomain = %sub, %peer, "upgrade refused: bytes sent before the 101");
+        return pages::bad_request(EARLY_BYTES);
+    }
     if let (true, Some(visitor_upgrade)) = (switching, visitor_upgrade) {
         let agent_upgrade = hyper::upgrade::on(&mut resp);
         let proto = resp.headers().get(HEADER_UPGRADE).cloned().or_else(|| {
@@ -353,6 +379,7 @@ async fn handle(
             idle_timeout: state.config.limits.ws_idle_timeout,
             max_bytes_per_second: Some(route.limits().max_bytes_per_second).filter(|r| *r > 0),
             close_timeout: state.config.limits.ws_close_timeout,
+            rate_limit_grace: state.config.limits.ws_rate_limit_grace,
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();
@@ -373,7 +400,8 @@ async fn handle(
                     return;
                 }
             };
-            let report = relay(TokioIo::new(v), TokioIo::new(a), opts, stop).await;
+            let sink = Arc::new(route.metrics.websocket());
+            let report = relay_observed(TokioIo::new(v), TokioIo::new(a), opts, stop, sink).await;
             let c = &route.counters;
             c.connections_open.fetch_sub(1, Ordering::Relaxed);
             c.bytes_in
@@ -472,6 +500,7 @@ impl http_body::Body for Counted {
                     &c.bytes_out
                 };
                 counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                self.route.metrics.body_bytes(self.inbound, d.len() as u64);
             }
         }
         r

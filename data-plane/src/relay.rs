@@ -5,19 +5,23 @@
 //! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
 //! never inside a frame. The same boundary lets the edge ping an idle visitor.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{
-    client_close_frame, server_close_frame, FrameObserver, FrameStats, SERVER_PING_FRAME,
+    client_close_frame, close_frame_with_reason, server_close_frame, FrameObserver, FrameStats,
+    SERVER_PING_FRAME,
 };
 
 /// Close code for "going away" (RFC 6455 §7.4.1).
 pub const CLOSE_GOING_AWAY: u16 = 1001;
 /// Close code for "internal error" (RFC 6455 §7.4.1).
 pub const CLOSE_INTERNAL_ERROR: u16 = 1011;
+/// Close code for "policy violation" (RFC 6455 §7.4.1): a connection stayed over its limit.
+pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 
 /// First size of each relay buffer, in bytes.
 const INITIAL_BUFFER: usize = 4096;
@@ -33,6 +37,15 @@ enum End {
     WriteError,
     /// The source sent nothing for the idle timeout.
     Idle,
+    /// The source stayed over its byte rate for longer than the grace period.
+    OverLimit,
+}
+
+/// Why the edge itself ended a relay; both sides get a close frame with this code and reason.
+#[derive(Debug, Clone)]
+struct Verdict {
+    code: u16,
+    reason: String,
 }
 
 /// What went through one relayed connection.
@@ -55,6 +68,10 @@ pub struct RelayOptions {
     /// Most bytes per second in each direction; `None` is unlimited. Excess is delayed
     /// (backpressure reaches the sender through TCP), never dropped.
     pub max_bytes_per_second: Option<u64>,
+    /// How long a direction may stay over `max_bytes_per_second` (the sender kept waiting
+    /// the whole time) before the edge closes the connection with 1008 and a reason toward
+    /// both sides. Short bursts are only slowed; a sender that never lets up is cut.
+    pub rate_limit_grace: Duration,
     pub close_timeout: Duration,
 }
 
@@ -73,22 +90,77 @@ where
     V: AsyncRead + AsyncWrite + Send + 'static,
     A: AsyncRead + AsyncWrite + Send + 'static,
 {
+    relay_observed(visitor, agent, opts, stop, Arc::new(NoSink)).await
+}
+
+/// Receives what a relay sees while it runs (the edge's metrics), not only at the end as
+/// [`RelayReport`] does. Called from the relay's task: keep it quick.
+pub trait RelaySink: Send + Sync {
+    /// The counters of direction `dir` grew from `before` to `after`.
+    fn frames(&self, dir: Direction, before: &FrameStats, after: &FrameStats);
+    /// The edge wrote a close frame of its own with `code` toward the destination of `dir`
+    /// (its source vanished, went idle or broke a limit).
+    fn injected_close(&self, _dir: Direction, _code: u16) {}
+    /// The edge sent a keepalive ping toward the visitor.
+    fn ping_sent(&self) {}
+    /// The visitor answered the latest keepalive ping with an empty pong after `rtt`.
+    fn ping_answered(&self, _rtt: Duration) {}
+}
+
+/// A [`RelaySink`] that ignores everything.
+struct NoSink;
+
+impl RelaySink for NoSink {
+    fn frames(&self, _: Direction, _: &FrameStats, _: &FrameStats) {}
+}
+
+/// [`relay`], telling `sink` what passes as it passes.
+pub async fn relay_observed<V, A>(
+    visitor: V,
+    agent: A,
+    opts: RelayOptions,
+    stop: CancellationToken,
+    sink: Arc<dyn RelaySink>,
+) -> RelayReport
+where
+    V: AsyncRead + AsyncWrite + Send + 'static,
+    A: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (vr, vw) = tokio::io::split(visitor);
     let (ar, aw) = tokio::io::split(agent);
     let mut up_observer = FrameObserver::new();
     let mut down_observer = FrameObserver::new();
     // An idle visitor ends both directions.
     let stop = stop.child_token();
+    let verdict = Arc::new(OnceLock::new());
+    let pinged = Arc::new(std::sync::Mutex::new(None));
     {
         let up = pump(
             vr,
             aw,
             Direction::ToLocal,
             opts,
-            stop.clone(),
+            Ends {
+                stop: stop.clone(),
+                verdict: Arc::clone(&verdict),
+                sink: Arc::clone(&sink),
+                pinged: Arc::clone(&pinged),
+            },
             &mut up_observer,
         );
-        let down = pump(ar, vw, Direction::ToVisitor, opts, stop, &mut down_observer);
+        let down = pump(
+            ar,
+            vw,
+            Direction::ToVisitor,
+            opts,
+            Ends {
+                stop,
+                verdict,
+                sink,
+                pinged,
+            },
+            &mut down_observer,
+        );
         tokio::pin!(up, down);
         // After one direction ends, the other gets `close_timeout` to end by itself — even
         // when close frames already went both ways: cutting it short would drop a stream
@@ -109,12 +181,23 @@ where
     }
 }
 
+/// One direction of a relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub enum Direction {
     /// Visitor → local server: frames are masked (client to server).
     ToLocal,
     /// Local server → visitor: frames are unmasked.
     ToVisitor,
+}
+
+/// What ends both directions of one relay: a cancel, and why the edge cancelled.
+struct Ends {
+    stop: CancellationToken,
+    verdict: Arc<OnceLock<Verdict>>,
+    /// Told what passes.
+    sink: Arc<dyn RelaySink>,
+    /// When the latest keepalive ping toward the visitor went out, until its pong comes back.
+    pinged: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
 }
 
 async fn pump<R, W>(
@@ -122,12 +205,15 @@ async fn pump<R, W>(
     mut dst: W,
     dir: Direction,
     opts: RelayOptions,
-    stop: CancellationToken,
+    ends: Ends,
     observer: &mut FrameObserver,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let stop = ends.stop;
+    // Since when every read has been over the byte rate.
+    let mut over_since: Option<tokio::time::Instant> = None;
     // Start small so an idle connection costs little; grow to the full size once a read
     // fills the buffer (bulk transfer).
     let mut buf = vec![0u8; INITIAL_BUFFER.min(opts.buffer)];
@@ -148,7 +234,7 @@ async fn pump<R, W>(
     };
     let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(silence);
-    let end = loop {
+    let mut end = loop {
         let read = tokio::select! {
             r = src.read(&mut buf) => r,
             () = stop.cancelled() => break End::Eof,
@@ -162,6 +248,12 @@ async fn pump<R, W>(
                 {
                     break End::WriteError;
                 }
+                if observer.at_boundary() && !observer.stats().closed {
+                    ends.sink.ping_sent();
+                    if let Ok(mut p) = ends.pinged.lock() {
+                        *p = Some(tokio::time::Instant::now());
+                    }
+                }
                 if let Some(p) = ping {
                     idle.as_mut().reset(tokio::time::Instant::now() + p);
                 }
@@ -172,7 +264,16 @@ async fn pump<R, W>(
             Ok(0) => break End::Eof,
             Ok(n) => {
                 let grow = n == buf.len() && buf.len() < opts.buffer;
+                let before = observer.stats();
                 observer.observe(&buf[..n]);
+                let after = observer.stats();
+                ends.sink.frames(dir, &before, &after);
+                if after.empty_pongs > before.empty_pongs {
+                    let sent = ends.pinged.lock().ok().and_then(|mut p| p.take());
+                    if let Some(sent) = sent {
+                        ends.sink.ping_answered(sent.elapsed());
+                    }
+                }
                 if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
                     break End::WriteError;
                 }
@@ -183,6 +284,19 @@ async fn pump<R, W>(
                 if let Some(rate) = opts.max_bytes_per_second.filter(|r| *r > 0) {
                     // Hold the average at `rate`: wait until `total` bytes are due.
                     let due = started + Duration::from_secs_f64(total as f64 / rate as f64);
+                    let now = tokio::time::Instant::now();
+                    if due > now {
+                        let since = *over_since.get_or_insert(now);
+                        if now.duration_since(since) >= opts.rate_limit_grace {
+                            let _ = ends.verdict.set(Verdict {
+                                code: CLOSE_POLICY_VIOLATION,
+                                reason: format!("over the tunnel's limit of {rate} bytes/s"),
+                            });
+                            break End::OverLimit;
+                        }
+                    } else {
+                        over_since = None;
+                    }
                     tokio::select! {
                         () = tokio::time::sleep_until(due) => {}
                         () = stop.cancelled() => break End::Eof,
@@ -198,24 +312,83 @@ async fn pump<R, W>(
             Err(_) => break End::ReadError,
         }
     };
+    if matches!(end, End::Eof | End::OverLimit)
+        && ends.verdict.get().is_some()
+        && !observer.at_boundary()
+    {
+        // The edge is closing this connection: finish the frame under way (at full speed, at
+        // most `close_timeout`) so the close frame lands on a boundary.
+        let finished = tokio::time::timeout(opts.close_timeout, async {
+            loop {
+                let want = observer.bytes_to_boundary().min(buf.len());
+                if want == 0 {
+                    return true;
+                }
+                match src.read(&mut buf[..want]).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => {
+                        observer.observe(&buf[..n]);
+                        if dst.write_all(&buf[..n]).await.is_err() {
+                            return false;
+                        }
+                    }
+                }
+            }
+        })
+        .await;
+        if !matches!(finished, Ok(true)) {
+            end = End::ReadError;
+        }
+    }
     // The source vanished without a close frame: tell the destination, if we can do so
     // without cutting a frame in half.
     if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
-        let code = if matches!(end, End::Eof | End::Idle) {
-            CLOSE_GOING_AWAY
-        } else {
-            CLOSE_INTERNAL_ERROR
+        let code = match ends.verdict.get() {
+            Some(v) => v.code,
+            None if matches!(end, End::Eof | End::Idle) => CLOSE_GOING_AWAY,
+            None => CLOSE_INTERNAL_ERROR,
         };
-        let _ = match dir {
-            Direction::ToVisitor => dst.write_all(&server_close_frame(code)).await,
-            Direction::ToLocal => {
-                dst.write_all(&client_close_frame(code, rand::random()))
+        ends.sink.injected_close(dir, code);
+        let _ = match (ends.verdict.get(), dir) {
+            (Some(v), Direction::ToVisitor) => {
+                dst.write_all(&close_frame_with_reason(v.code, &v.reason, None))
                     .await
+            }
+            (Some(v), Direction::ToLocal) => {
+                let mask = Some(rand::random());
+                dst.write_all(&close_frame_with_reason(v.code, &v.reason, mask))
+                    .await
+            }
+            (None, dir) => {
+                let code = if matches!(end, End::Eof | End::Idle) {
+                    CLOSE_GOING_AWAY
+                } else {
+                    CLOSE_INTERNAL_ERROR
+                };
+                match dir {
+                    Direction::ToVisitor => dst.write_all(&server_close_frame(code)).await,
+                    Direction::ToLocal => {
+                        dst.write_all(&client_close_frame(code, rand::random()))
+                            .await
+                    }
+                }
             }
         };
     }
     let _ = dst.shutdown().await;
-    if end == End::Idle {
+    if matches!(end, End::Idle | End::OverLimit) {
         stop.cancel();
+    }
+    if ends.verdict.get().is_some() && matches!(end, End::Eof | End::OverLimit) {
+        // The edge closed the connection: keep reading (and dropping) what the source still
+        // sends, so a peer blocked writing gets to read the close frame and answer it.
+        let _ = tokio::time::timeout(opts.close_timeout, async {
+            while let Ok(n) = src.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }

@@ -363,6 +363,7 @@ impl Forwarder {
                 ping_interval: None,
                 idle_timeout: None,
                 max_bytes_per_second: None,
+                rate_limit_grace: CLOSE_TIMEOUT,
                 close_timeout: CLOSE_TIMEOUT,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are

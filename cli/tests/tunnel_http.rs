@@ -528,6 +528,7 @@ async fn a_plaintext_agent_connection_works_for_benchmarks_on_one_machine() {
             http: Some(http),
             https: None,
             agent: agent_listener,
+            admin: None,
         },
         shutdown.clone(),
     ));

@@ -190,6 +190,7 @@ async fn handle(
                 rate: RateWindow::default(),
                 policies: Policies::new(b.policy.clone(), b.pinned.clone()),
                 refusals: Refusals::default(),
+                metrics: state.metrics.tunnel(&grant.team_name, &b.subdomain),
             })
         })
         .collect();

@@ -123,6 +123,8 @@ pub(crate) struct Control {
     backend: Backend,
     /// Edge id from `RegisterEdge`; `None` until registered.
     edge_id: RwLock<Option<String>>,
+    /// Whether the latest registration or heartbeat got an answer (`/readyz`).
+    reachable: std::sync::atomic::AtomicBool,
     /// Reconnect grace announced by the control plane.
     grace: RwLock<Option<Duration>>,
     /// Authorizations keyed by SHA-256(token) and the requested names.
@@ -195,6 +197,7 @@ impl Control {
         Ok(Self {
             backend,
             edge_id: RwLock::new(edge_id),
+            reachable: std::sync::atomic::AtomicBool::new(true),
             grace: RwLock::new(None),
             cache: Mutex::new(HashMap::new()),
             limits: limits.clone(),
@@ -203,6 +206,23 @@ impl Control {
 
     fn edge_id(&self) -> Option<String> {
         self.edge_id.read().ok().and_then(|g| g.clone())
+    }
+
+    fn set_reachable(&self, yes: bool) {
+        self.reachable
+            .store(yes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the edge is connected to its control plane (always, standalone); `Err` says
+    /// why not.
+    pub(crate) fn readiness(&self) -> Result<(), String> {
+        if self.edge_id().is_none() {
+            return Err("not registered with the control plane yet".to_owned());
+        }
+        if !self.reachable.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err("the control plane did not answer the latest heartbeat".to_owned());
+        }
+        Ok(())
     }
 
     /// How long a vanished tunnel's name shows as offline.
@@ -425,6 +445,7 @@ impl Control {
                 Ok(r) => {
                     let r = r.into_inner();
                     tracing::info!(edge_id = %r.edge_id, "registered with the control plane");
+                    self.set_reachable(true);
                     if let Ok(mut g) = self.edge_id.write() {
                         *g = Some(r.edge_id);
                     }
@@ -472,7 +493,7 @@ impl Control {
                 visitor_connections: counts.visitor_connections,
             };
             match client.clone().heartbeat(hb).await {
-                Ok(_) => {}
+                Ok(_) => self.set_reachable(true),
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     // The control plane forgot us (e.g. its database was reset): register again.
                     if let Ok(r) = client.clone().register_edge(registration.clone()).await {
@@ -481,7 +502,10 @@ impl Control {
                         }
                     }
                 }
-                Err(s) => tracing::debug!(err = %s.message(), "heartbeat failed"),
+                Err(s) => {
+                    self.set_reachable(false);
+                    tracing::debug!(err = %s.message(), "heartbeat failed");
+                }
             }
             let stats = registry.stats();
             if !stats.is_empty() {

@@ -717,6 +717,7 @@ where
     }
     if let Some(reason) = refusal {
         route.refusals.count(reason);
+        route.metrics.refused(reason.as_str());
         tracing::info!(
             subdomain = %sub,
             %peer,

@@ -152,6 +152,8 @@ pub(crate) struct Route {
     pub(crate) policies: Policies,
     /// Visitors refused by a policy, by reason.
     pub(crate) refusals: Refusals,
+    /// The tunnel's Prometheus series (shared by routes of the same team and name).
+    pub(crate) metrics: Arc<crate::metrics::TunnelSeries>,
 }
 
 impl Route {

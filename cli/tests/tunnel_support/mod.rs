@@ -26,6 +26,8 @@ pub struct Edge {
     /// HTTPS visitor listener, when started with one.
     pub https: Option<SocketAddr>,
     pub agent: SocketAddr,
+    /// Admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin: SocketAddr,
     /// PEM file of the edge's self-signed agent certificate, for `--edge-ca`.
     pub ca_file: PathBuf,
     /// Whether the agent listener speaks plain TCP (agents then connect with
@@ -117,6 +119,8 @@ pub async fn start_edge_on(
         .unwrap();
     let http_addr = http.local_addr().unwrap();
     let agent_addr = agent.local_addr().unwrap();
+    let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin.local_addr().unwrap();
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let ca_file = dir.path().join("edge-ca.pem");
     std::fs::write(&ca_file, &identity.cert_pem).unwrap();
@@ -140,6 +144,7 @@ pub async fn start_edge_on(
             http: Some(http),
             https,
             agent,
+            admin: Some(admin),
         },
         shutdown.clone(),
     ));
@@ -147,6 +152,7 @@ pub async fn start_edge_on(
         http: http_addr,
         https: https_addr,
         agent: agent_addr,
+        admin: admin_addr,
         ca_file,
         agent_plaintext,
         shutdown,

@@ -88,6 +88,18 @@ struct Args {
     /// Seconds of silence after which a visitor WebSocket is closed (0 never closes).
     #[arg(long, default_value_t = 75)]
     ws_idle_timeout: u64,
+    /// Most WebSockets open at once through one tunnel, when the control plane sets no limit
+    /// (0: unlimited). Over it, visitors get 429 before the upgrade.
+    #[arg(long, default_value_t = 0)]
+    default_max_websockets_per_tunnel: u32,
+    /// Most new visitor requests (upgrades included) per second to one tunnel, when the
+    /// control plane sets no limit (0: unlimited). Over it, visitors get 429.
+    #[arg(long, default_value_t = 0)]
+    default_max_requests_per_second_per_tunnel: u32,
+    /// Most bytes per second in each direction of one WebSocket, when the control plane sets
+    /// no limit (0: unlimited). Excess is slowed; see --ws-rate-limit-grace.
+    #[arg(long, default_value_t = 0)]
+    default_max_websocket_bytes_per_second: u64,
     /// Seconds a WebSocket may stay over its tunnel's byte rate before the edge closes it
     /// with 1008 and a reason (shorter bursts are only slowed).
     #[arg(long, default_value_t = 10)]
@@ -239,6 +251,9 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
             .then(|| Duration::from_secs(args.ws_idle_timeout)),
         header_read_timeout: Duration::from_secs(args.header_read_timeout),
         ws_rate_limit_grace: Duration::from_secs(args.ws_rate_limit_grace),
+        default_max_websockets_per_tunnel: args.default_max_websockets_per_tunnel,
+        default_max_requests_per_second_per_tunnel: args.default_max_requests_per_second_per_tunnel,
+        default_max_websocket_bytes_per_second: args.default_max_websocket_bytes_per_second,
         max_header_bytes: args.max_header_bytes,
         max_headers: args.max_headers,
         max_visitor_connections: args.max_visitor_connections,

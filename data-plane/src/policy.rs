@@ -520,6 +520,8 @@ impl Policies {
 pub(crate) struct Verifier {
     /// Bounds argon2 verifications in flight (each holds its hash's memory).
     permits: Arc<Semaphore>,
+    /// argon2 verifications run so far.
+    runs: AtomicU64,
 }
 
 impl Verifier {
@@ -528,7 +530,14 @@ impl Verifier {
             permits: Arc::new(Semaphore::new(
                 limits.basic_auth_max_concurrent_verifications.max(1),
             )),
+            runs: AtomicU64::new(0),
         }
+    }
+
+    /// How many argon2 verifications ran (cache hits excluded).
+    #[allow(dead_code)] // Read by tests and the metrics exporter.
+    pub(crate) fn runs(&self) -> u64 {
+        self.runs.load(Ordering::Relaxed)
     }
 
     /// Checks `password` against `hash` on the blocking pool, waiting for a permit first.
@@ -536,6 +545,7 @@ impl Verifier {
         let Ok(permit) = Arc::clone(&self.permits).acquire_owned().await else {
             return false;
         };
+        self.runs.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
             Argon2::default()
@@ -882,6 +892,68 @@ mod tests {
         assert!(Policy::compile(&pb::TunnelPolicy::default(), &limits)
             .unwrap()
             .is_none());
+    }
+
+    fn hashed(user: &str, password: &str) -> pb::BasicAuthUser {
+        use argon2::password_hash::{PasswordHasher as _, SaltString};
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        pb::BasicAuthUser {
+            username: user.into(),
+            password_hash: Argon2::default()
+                .hash_password(password.as_bytes(), &salt)
+                .unwrap()
+                .to_string(),
+        }
+    }
+
+    fn auth(user_pass: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        let v = base64::engine::general_purpose::STANDARD.encode(user_pass);
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Basic {v}")).unwrap(),
+        );
+        h
+    }
+
+    #[tokio::test]
+    async fn a_password_is_verified_once_per_connection_and_once_per_tunnel_within_the_ttl() {
+        let mut limits = Limits::default();
+        let p = pb::TunnelPolicy {
+            basic_auth: vec![hashed("ann", "pw"), hashed("bob", "other")],
+            ..Default::default()
+        };
+        let policy = Policy::compile(&p, &limits).unwrap().unwrap();
+        let verifier = Verifier::new(&limits);
+        let conn = Visitor::default();
+        for _ in 0..3 {
+            assert!(passes_basic_auth(&policy, &auth("ann:pw"), &conn, &verifier).await);
+        }
+        assert_eq!(
+            verifier.runs(),
+            1,
+            "keep-alive requests reuse the verification"
+        );
+        // Another connection with the same header: the tunnel's cache answers.
+        assert!(passes_basic_auth(&policy, &auth("ann:pw"), &Visitor::default(), &verifier).await);
+        assert_eq!(verifier.runs(), 1);
+        // Wrong passwords and unknown users each cost one verification and are never cached.
+        for wrong in ["ann:nope", "ann:nope", "eve:pw", "bob:pw"] {
+            assert!(!passes_basic_auth(&policy, &auth(wrong), &conn, &verifier).await);
+        }
+        assert_eq!(verifier.runs(), 5);
+        assert!(!passes_basic_auth(&policy, &HeaderMap::new(), &conn, &verifier).await);
+        assert_eq!(verifier.runs(), 5);
+
+        // Without the tunnel cache, each new connection verifies once.
+        limits.basic_auth_cache_ttl = Duration::ZERO;
+        let policy = Policy::compile(&p, &limits).unwrap().unwrap();
+        for _ in 0..2 {
+            let conn = Visitor::default();
+            assert!(passes_basic_auth(&policy, &auth("bob:other"), &conn, &verifier).await);
+            assert!(passes_basic_auth(&policy, &auth("bob:other"), &conn, &verifier).await);
+        }
+        assert_eq!(verifier.runs(), 7);
     }
 
     #[test]

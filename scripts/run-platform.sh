@@ -10,6 +10,8 @@
 #   BURROW_API_ADDR     control-plane gRPC listener (default 127.0.0.1:7070)
 #   BURROW_HTTP_ADDR    edge visitor listener (default 127.0.0.1:8080)
 #   BURROW_AGENT_ADDR   edge agent listener (default 127.0.0.1:4443)
+#   BURROW_EDGE_ADMIN_ADDR     edge /metrics, /healthz, /readyz (default 127.0.0.1:9090)
+#   BURROW_CONTROL_ADMIN_ADDR  control-plane /metrics, /healthz, /readyz (default 127.0.0.1:9091)
 #   BURROW_PROFILE      cargo profile: release (default) or dev (faster to build)
 # Options:
 #   --stop-postgres     stop the private PostgreSQL cluster started by an earlier run, and exit
@@ -21,6 +23,8 @@ STATE=${BURROW_STATE_DIR:-$PWD/.dev}
 API_ADDR=${BURROW_API_ADDR:-127.0.0.1:7070}
 HTTP_ADDR=${BURROW_HTTP_ADDR:-127.0.0.1:8080}
 AGENT_ADDR=${BURROW_AGENT_ADDR:-127.0.0.1:4443}
+EDGE_ADMIN_ADDR=${BURROW_EDGE_ADMIN_ADDR:-127.0.0.1:9090}
+CONTROL_ADMIN_ADDR=${BURROW_CONTROL_ADMIN_ADDR:-127.0.0.1:9091}
 PROFILE=${BURROW_PROFILE:-release}
 
 if [ "${1:-}" = "--stop-postgres" ]; then
@@ -33,9 +37,9 @@ if [ "${1:-}" = "--stop-postgres" ]; then
 fi
 
 port_busy() { (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null; }
-for addr in "$API_ADDR" "$HTTP_ADDR" "$AGENT_ADDR"; do
+for addr in "$API_ADDR" "$HTTP_ADDR" "$AGENT_ADDR" "$EDGE_ADMIN_ADDR" "$CONTROL_ADMIN_ADDR"; do
   if port_busy "$addr"; then
-    echo "error: $addr is already in use (is Burrow already running?). Stop that process or set BURROW_API_ADDR / BURROW_HTTP_ADDR / BURROW_AGENT_ADDR." >&2
+    echo "error: $addr is already in use (is Burrow already running?). Stop that process or set BURROW_API_ADDR / BURROW_HTTP_ADDR / BURROW_AGENT_ADDR / BURROW_EDGE_ADMIN_ADDR / BURROW_CONTROL_ADMIN_ADDR." >&2
     exit 1
   fi
 done
@@ -87,7 +91,7 @@ wait_for() { # what, check command...
 }
 
 echo "==> control plane on $API_ADDR (log: $STATE/control.log)"
-"$BIN/burrow-control" serve --listen "$API_ADDR" >>"$STATE/control.log" 2>&1 &
+"$BIN/burrow-control" serve --listen "$API_ADDR" --admin-addr "$CONTROL_ADMIN_ADDR" >>"$STATE/control.log" 2>&1 &
 pids+=($!)
 export BURROW_API="http://$API_ADDR"
 wait_for "the control plane" "$BIN/burrow" whoami --token-file "$STATE/admin.token"
@@ -104,6 +108,7 @@ fi
 echo "==> edge: visitors on $HTTP_ADDR, agents on $AGENT_ADDR (log: $STATE/edge.log)"
 "$BIN/burrow-edge" --name local-edge --domain localhost --control "http://$API_ADDR" \
   --edge-token-file "$STATE/edge.token" --http "$HTTP_ADDR" --agent-listen "$AGENT_ADDR" \
+  --admin-addr "$EDGE_ADMIN_ADDR" \
   --self-signed --self-signed-out "$STATE/edge-ca.pem" >>"$STATE/edge.log" 2>&1 &
 pids+=($!)
 wait_for "the edge" port_busy "$AGENT_ADDR"
@@ -113,6 +118,8 @@ cat <<MSG
 Burrow is running.
   control plane  http://$API_ADDR   (admin token: $STATE/admin.token)
   edge           http://*.localhost:${HTTP_ADDR##*:}   agents connect to $AGENT_ADDR
+  metrics        edge http://$EDGE_ADMIN_ADDR/metrics   control plane http://$CONTROL_ADMIN_ADDR/metrics
+                 (and /healthz, /readyz on both)
 
 Open a tunnel to a server on port 3000 (in another terminal):
 

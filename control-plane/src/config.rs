@@ -99,8 +99,12 @@ pub struct Config {
     pub http2_keepalive_interval: Duration,
     /// Most concurrent calls (HTTP/2 streams) on one connection.
     pub max_concurrent_streams: u32,
-    /// Limits handed to edges with every authorization.
+    /// Limits handed to edges with every authorization: the platform defaults, which a
+    /// platform admin can override per team (`TeamService.SetTunnelLimits`).
     pub tunnel_limits: TunnelLimits,
+    /// Most days one `UsageService.GetUsage` call may span, so one call reads a bounded
+    /// number of rows per team.
+    pub max_usage_range_days: u32,
     /// Counters the server updates (argon2 verifications, …); clone it before calling
     /// [`crate::run`] to read them.
     pub metrics: Metrics,
@@ -151,6 +155,7 @@ impl Default for Config {
                 max_bytes_per_second_per_connection: 0,
                 max_tunnels_per_session: 16,
             },
+            max_usage_range_days: 366,
             metrics: Metrics::default(),
         }
     }
@@ -198,6 +203,11 @@ impl Config {
         if self.stream_buffer == 0 {
             return Err(ConfigError(
                 "the stream buffer must hold at least one event".into(),
+            ));
+        }
+        if self.max_usage_range_days == 0 {
+            return Err(ConfigError(
+                "the usage range must allow at least one day".into(),
             ));
         }
         if self.token_cache_capacity == 0 {

@@ -13,6 +13,8 @@
 //! - [`hashing`]: argon2id off the async threads, bounded, with [`Metrics`].
 //! - [`auth`]: bearer-token verification, the verified-token cache, failed-attempt limits.
 //! - [`store`]: audit and change-log rows, team and account lookups.
+//! - [`policy`]: validation and storage of reservation-pinned tunnel policies.
+//! - [`limits`]: per-team tunnel limits over the platform defaults.
 //! - [`feed`]: tailing the change log (LISTEN/NOTIFY nudge plus a short poll).
 //! - [`service`]: one module per gRPC service.
 //!
@@ -26,6 +28,8 @@ pub mod domain;
 pub mod error;
 pub mod feed;
 pub mod hashing;
+pub mod limits;
+pub mod policy;
 pub mod service;
 pub mod store;
 pub mod token;
@@ -82,7 +86,7 @@ pub(crate) struct AppState {
 /// Shared handle to [`AppState`].
 pub(crate) type State = Arc<AppState>;
 
-/// Serves every gRPC service (Account, Team, Token, Reservation, Tunnel, Edge), gRPC health
+/// Serves every gRPC service (Account, Team, Token, Reservation, Tunnel, Edge, Usage), gRPC health
 /// and reflection on `listener` until `shutdown` is cancelled, then drains in-flight calls for
 /// up to [`Config::shutdown_grace`]. The pool should be built with [`pool_options`].
 pub async fn run(
@@ -177,6 +181,7 @@ pub async fn run(
         .add_service(service::reservation::server(state.clone()))
         .add_service(service::edge::server(state.clone()))
         .add_service(service::tunnel::server(state.clone()))
+        .add_service(service::usage::server(state.clone()))
         .serve_with_incoming_shutdown(incoming, async move {
             stop.cancelled().await;
             // End server streams (Watch, WatchTunnels) so the drain can finish.

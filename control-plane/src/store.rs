@@ -32,6 +32,12 @@ pub(crate) mod change {
     pub(crate) const TUNNEL_STARTED: &str = "tunnel_started";
     /// A tunnel session ended: `{session_id, team_id}`.
     pub(crate) const TUNNEL_ENDED: &str = "tunnel_ended";
+    /// A reservation's pinned policy was set, cleared, or dropped with the reservation:
+    /// `{subdomain, team_id}`. The policy itself is read from `reservations` when streamed.
+    pub(crate) const RESERVATION_POLICY_CHANGED: &str = "reservation_policy_changed";
+    /// A team's tunnel-limit overrides changed: `{team_id, max_websocket_connections, …}`
+    /// (each override a number or null).
+    pub(crate) const TEAM_LIMITS_CHANGED: &str = "team_limits_changed";
 }
 
 /// Appends a change-log row in the caller's transaction; returns its revision.

@@ -12,6 +12,7 @@ use burrow_proto::v1::{
     self, account_service_client::AccountServiceClient, edge_service_client::EdgeServiceClient,
     reservation_service_client::ReservationServiceClient, team_service_client::TeamServiceClient,
     token_service_client::TokenServiceClient, tunnel_service_client::TunnelServiceClient,
+    usage_service_client::UsageServiceClient,
 };
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +128,9 @@ impl TestApp {
     }
     fn tunnels(&self) -> TunnelServiceClient<Channel> {
         TunnelServiceClient::new(self.channel.clone())
+    }
+    fn usage(&self) -> UsageServiceClient<Channel> {
+        UsageServiceClient::new(self.channel.clone())
     }
 
     /// Creates an account (by the admin) and logs it in.
@@ -347,6 +351,9 @@ async fn every_method_refuses_calls_without_a_token(pool: PgPool) {
         code(app.reservations().list_reservations(none()).await),
         code(app.reservations().release(none()).await),
         code(app.reservations().transfer(none()).await),
+        code(app.reservations().set_reservation_policy(none()).await),
+        code(app.teams().set_tunnel_limits(none()).await),
+        code(app.usage().get_usage(none()).await),
         code(app.tunnels().list_tunnels(none()).await),
         code(app.tunnels().kill_tunnel(none()).await),
         code(app.edges().register_edge(none()).await),
@@ -358,7 +365,7 @@ async fn every_method_refuses_calls_without_a_token(pool: PgPool) {
     ];
     codes.push(code(app.tunnels().watch_tunnels(none()).await.map(|_| ())));
     codes.push(code(app.edges().watch(none()).await.map(|_| ())));
-    assert_eq!(codes.len(), 29);
+    assert_eq!(codes.len(), 32);
     assert!(
         codes.iter().all(|c| *c == Code::Unauthenticated),
         "{codes:?}"
@@ -2100,6 +2107,7 @@ async fn health_and_reflection_are_served(pool: PgPool) {
         "burrow.v1.ReservationService",
         "burrow.v1.TunnelService",
         "burrow.v1.EdgeService",
+        "burrow.v1.UsageService",
         "grpc.health.v1.Health",
     ] {
         assert!(
@@ -2164,4 +2172,767 @@ async fn the_binary_serves_after_migrating_and_drains_on_sigterm(pool: PgPool) {
         .expect("the server exits within 15 s of SIGTERM")
         .unwrap();
     assert!(status.success(), "{status:?}");
+}
+
+// === reservation policies ===
+
+/// An argon2id PHC hash of `password`, as `burrow reservation policy set` sends it.
+async fn password_hash(password: &str) -> String {
+    burrow_control::hashing::Hasher::new(1, Metrics::default())
+        .unwrap()
+        .hash(password.to_owned())
+        .await
+        .unwrap()
+}
+
+fn sample_policy(hash: &str) -> v1::TunnelPolicy {
+    v1::TunnelPolicy {
+        basic_auth: vec![v1::BasicAuthUser {
+            username: "reviewer".into(),
+            password_hash: hash.into(),
+        }],
+        allow_ips: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+        deny_ips: vec!["10.9.0.0/16".into()],
+        allow_origins: vec!["https://app.example.com".into()],
+        request_headers_add: vec![v1::Header {
+            name: "X-From".into(),
+            value: "burrow".into(),
+        }],
+        request_headers_remove: vec!["Cookie".into()],
+        response_headers_add: vec![v1::Header {
+            name: "X-Frame-Options".into(),
+            value: "DENY".into(),
+        }],
+        response_headers_remove: vec!["Server".into()],
+    }
+}
+
+impl TestApp {
+    async fn set_policy(
+        &self,
+        token: &str,
+        subdomain: &str,
+        policy: Option<v1::TunnelPolicy>,
+    ) -> Result<v1::Reservation, Status> {
+        self.reservations()
+            .set_reservation_policy(req(
+                token,
+                v1::SetReservationPolicyRequest {
+                    subdomain: subdomain.into(),
+                    policy,
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    async fn add_member(&self, by: &User, team: &str, who: &User, role: v1::Role) {
+        self.teams()
+            .add_member(req(
+                &by.token,
+                v1::AddMemberRequest {
+                    team: team.into(),
+                    account: who.email.clone(),
+                    role: role as i32,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn watch_from_now(&self, edge: &str, edge_id: &str) -> tonic::Streaming<v1::WatchEvent> {
+        let mut stream = self
+            .edges()
+            .watch(req(
+                edge,
+                v1::WatchRequest {
+                    edge_id: edge_id.into(),
+                    after_revision: 0,
+                },
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(
+            next_event(&mut stream).await,
+            v1::watch_event::Event::Hello(_)
+        ));
+        stream
+    }
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn reservation_policies_are_pinned_by_team_admins_and_shown_without_hashes(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bob = app.user("bob@example.com").await;
+    let dana = app.user("dana@example.com").await;
+    let carol = app.owner("carol@example.com", "other").await;
+    app.add_member(&alice, "acme", &bob, v1::Role::Member).await;
+    app.add_member(&alice, "acme", &dana, v1::Role::Admin).await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    let hash = password_hash("open sesame").await;
+    let policy = sample_policy(&hash);
+
+    // A member may not pin; another team cannot even see the reservation.
+    let refused = app
+        .set_policy(&bob.token, "chat", Some(policy.clone()))
+        .await;
+    assert_eq!(code(refused), Code::PermissionDenied);
+    let hidden = app
+        .set_policy(&carol.token, "chat", Some(policy.clone()))
+        .await;
+    assert_eq!(code(hidden), Code::NotFound);
+    let missing = app
+        .set_policy(&alice.token, "nosuch", Some(policy.clone()))
+        .await;
+    assert_eq!(code(missing), Code::NotFound);
+
+    // An admin may; the answer shows every rule but no hash.
+    let shown = app
+        .set_policy(&dana.token, "chat", Some(policy.clone()))
+        .await
+        .unwrap()
+        .policy
+        .expect("the pinned policy is shown");
+    assert_eq!(shown.basic_auth.len(), 1);
+    assert_eq!(shown.basic_auth[0].username, "reviewer");
+    assert_eq!(shown.basic_auth[0].password_hash, "");
+    assert_eq!(shown.allow_ips, policy.allow_ips);
+    assert_eq!(
+        shown.response_headers_remove,
+        policy.response_headers_remove
+    );
+    let listed = app
+        .reservations()
+        .list_reservations(req(&bob.token, v1::ListReservationsRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservations;
+    let listed = listed[0].policy.clone().unwrap();
+    assert_eq!(listed.basic_auth[0].password_hash, "");
+    assert_eq!(listed.allow_origins, policy.allow_origins);
+
+    // One audit row per change, naming the user but not carrying the hash.
+    let details: Vec<String> = sqlx::query_scalar(
+        "SELECT details::text FROM audit_log WHERE action = 'reservation.policy.set'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(details.len(), 1);
+    assert!(details[0].contains("reviewer"), "{}", details[0]);
+    assert!(!details[0].contains("$argon2id$"), "{}", details[0]);
+
+    // An empty policy clears it.
+    let cleared = app
+        .set_policy(&alice.token, "chat", Some(v1::TunnelPolicy::default()))
+        .await
+        .unwrap();
+    assert_eq!(cleared.policy, None);
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT policy FROM reservations WHERE subdomain = 'chat'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, None);
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn malformed_policies_are_refused_with_a_sentence_naming_the_problem(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    let hash = password_hash("open sesame").await;
+    let good = sample_policy(&hash);
+    type Edit = Box<dyn Fn(&mut v1::TunnelPolicy)>;
+    let cases: Vec<(Edit, &str)> = vec![
+        (
+            Box::new(|p| p.allow_ips.push("10.0.0.0/33".into())),
+            "prefix length",
+        ),
+        (
+            Box::new(|p| p.deny_ips.push("intranet".into())),
+            "not an IP network",
+        ),
+        (
+            Box::new(|p| {
+                p.allow_ips = (0..257)
+                    .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
+                    .collect()
+            }),
+            "at most 256",
+        ),
+        (
+            Box::new(|p| p.allow_origins.push("ftp://files.example.com".into())),
+            "http:// or https://",
+        ),
+        (
+            Box::new(|p| p.allow_origins.push("https://app.example.com/path".into())),
+            "no path",
+        ),
+        (
+            Box::new(|p| p.request_headers_remove.push("Host".into())),
+            "cannot add or remove",
+        ),
+        (
+            Box::new(|p| p.response_headers_remove.push("Transfer-Encoding".into())),
+            "cannot add or remove",
+        ),
+        (
+            Box::new(|p| {
+                p.request_headers_add.push(v1::Header {
+                    name: "X Bad".into(),
+                    value: "1".into(),
+                })
+            }),
+            "header name",
+        ),
+        (
+            Box::new(|p| {
+                p.response_headers_add.push(v1::Header {
+                    name: "X-A".into(),
+                    value: "a\r\nSet-Cookie: x".into(),
+                })
+            }),
+            "header value",
+        ),
+        (
+            Box::new(|p| p.basic_auth[0].password_hash = "hunter2".into()),
+            "argon2id PHC",
+        ),
+        (
+            Box::new(|p| {
+                p.basic_auth[0].password_hash =
+                    "$argon2i$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo".into()
+            }),
+            "argon2id PHC",
+        ),
+        (
+            Box::new(|p| {
+                p.basic_auth[0].password_hash =
+                    "$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA".into()
+            }),
+            "lower argon2 parameters",
+        ),
+        (
+            Box::new(|p| p.basic_auth[0].username = "a:b".into()),
+            "contains ':'",
+        ),
+        (
+            Box::new(|p| p.basic_auth[0].username = String::new()),
+            "cannot be empty",
+        ),
+        (
+            Box::new(|p| p.basic_auth.push(p.basic_auth[0].clone())),
+            "listed twice",
+        ),
+    ];
+    for (edit, want) in cases {
+        let mut policy = good.clone();
+        edit(&mut policy);
+        let status = app
+            .set_policy(&alice.token, "chat", Some(policy))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+        assert!(
+            status.message().contains(want),
+            "{want:?} not in {:?}",
+            status.message()
+        );
+        assert!(!status.message().contains("hunter2"));
+    }
+    let stored: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT policy FROM reservations WHERE subdomain = 'chat'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored, None, "nothing refused was stored");
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_pinned_policy_reaches_edges_with_its_hashes_and_goes_with_the_reservation(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge, edge_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    let mut stream = app.watch_from_now(&edge, &edge_id).await;
+
+    let hash = password_hash("open sesame").await;
+    app.set_policy(&alice.token, "chat", Some(sample_policy(&hash)))
+        .await
+        .unwrap();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::ReservationPolicyChanged(c) => {
+            assert_eq!(c.subdomain, "chat");
+            let policy = c.policy.expect("the event carries the policy");
+            assert_eq!(policy, sample_policy(&hash), "with the hash, unchanged");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let auth = app
+        .authorize(&edge, &agent.secret, &["chat", "free"])
+        .await
+        .unwrap();
+    assert_eq!(auth.allowed[0].subdomain, "chat");
+    assert_eq!(auth.allowed[0].pinned_policy, Some(sample_policy(&hash)));
+    assert_eq!(auth.allowed[1].pinned_policy, None);
+
+    // Clearing is streamed as a policy-less event.
+    app.set_policy(&alice.token, "chat", None).await.unwrap();
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::ReservationPolicyChanged(c) => assert_eq!(c.policy, None),
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Releasing drops the policy: after ReservationChanged, edges hear it is gone.
+    app.set_policy(&alice.token, "chat", Some(sample_policy(&hash)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::ReservationPolicyChanged(_)
+    ));
+    app.reservations()
+        .release(req(
+            &alice.token,
+            v1::ReleaseRequest {
+                subdomain: "chat".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::ReservationChanged(_)
+    ));
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::ReservationPolicyChanged(c) => {
+            assert_eq!(c.subdomain, "chat");
+            assert_eq!(c.policy, None);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+
+    // Transferring drops it too.
+    app.reserve(&alice, "acme", "chat").await.unwrap();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::ReservationChanged(_)
+    ));
+    app.set_policy(&alice.token, "chat", Some(sample_policy(&hash)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::ReservationPolicyChanged(_)
+    ));
+    let beta = app.owner("beta-owner@example.com", "beta").await;
+    app.add_member(
+        &beta,
+        "beta",
+        &User {
+            id: String::new(),
+            email: "alice@example.com".into(),
+            token: String::new(),
+        },
+        v1::Role::Admin,
+    )
+    .await;
+    let moved = app
+        .reservations()
+        .transfer(req(
+            &alice.token,
+            v1::TransferRequest {
+                subdomain: "chat".into(),
+                to_team: "beta".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(moved.team, "beta");
+    assert_eq!(moved.policy, None);
+    assert!(matches!(
+        next_event(&mut stream).await,
+        v1::watch_event::Event::ReservationChanged(_)
+    ));
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::ReservationPolicyChanged(c) => assert_eq!(c.policy, None),
+        other => panic!("unexpected {other:?}"),
+    }
+    app.stop().await;
+}
+
+// === team tunnel limits ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn team_tunnel_limits_are_set_by_platform_admins_and_reach_edges(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let defaults = Config::default().tunnel_limits;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge, edge_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let mut stream = app.watch_from_now(&edge, &edge_id).await;
+    let set = |token: &str, limits: v1::TunnelLimits| {
+        let mut client = app.teams();
+        let request = req(
+            token,
+            v1::SetTunnelLimitsRequest {
+                team: "acme".into(),
+                limits: Some(limits),
+            },
+        );
+        async move {
+            client
+                .set_tunnel_limits(request)
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let ours = v1::TunnelLimits {
+        max_websocket_connections: 5,
+        max_new_connections_per_second: 0,
+        max_bytes_per_second_per_connection: 1_000_000,
+        max_tunnels_per_session: 0,
+    };
+    // Even the team's owner may not raise its own limits.
+    assert_eq!(code(set(&alice.token, ours).await), Code::PermissionDenied);
+
+    let effective = v1::TunnelLimits {
+        max_websocket_connections: 5,
+        max_new_connections_per_second: defaults.max_new_connections_per_second,
+        max_bytes_per_second_per_connection: 1_000_000,
+        max_tunnels_per_session: defaults.max_tunnels_per_session,
+    };
+    let team = set(&app.admin, ours).await.unwrap();
+    assert_eq!(team.tunnel_limits, Some(effective));
+    let shown = app
+        .teams()
+        .get_team(req(
+            &alice.token,
+            v1::GetTeamRequest {
+                team: "acme".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.tunnel_limits, Some(effective));
+    let listed = app
+        .teams()
+        .list_teams(req(&alice.token, v1::ListTeamsRequest { all: false }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.teams[0].tunnel_limits, Some(effective));
+    let auth = app
+        .authorize(&edge, &agent.secret, &["demo"])
+        .await
+        .unwrap();
+    assert_eq!(auth.limits, Some(effective));
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::TeamLimitsChanged(c) => {
+            assert_eq!(c.team_id, team.id);
+            assert_eq!(c.limits, Some(effective));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let audits: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM audit_log WHERE action = 'team.limits.set'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(audits, 1);
+
+    // Zeros go back to the platform defaults.
+    let reset = set(&app.admin, v1::TunnelLimits::default()).await.unwrap();
+    let platform = v1::TunnelLimits {
+        max_websocket_connections: defaults.max_websocket_connections,
+        max_new_connections_per_second: defaults.max_new_connections_per_second,
+        max_bytes_per_second_per_connection: defaults.max_bytes_per_second_per_connection,
+        max_tunnels_per_session: defaults.max_tunnels_per_session,
+    };
+    assert_eq!(reset.tunnel_limits, Some(platform));
+    match next_event(&mut stream).await {
+        v1::watch_event::Event::TeamLimitsChanged(c) => assert_eq!(c.limits, Some(platform)),
+        other => panic!("unexpected {other:?}"),
+    }
+    let auth = app
+        .authorize(&edge, &agent.secret, &["demo"])
+        .await
+        .unwrap();
+    assert_eq!(auth.limits, Some(platform));
+
+    let too_big = v1::TunnelLimits {
+        max_websocket_connections: u32::MAX,
+        ..Default::default()
+    };
+    assert_eq!(code(set(&app.admin, too_big).await), Code::InvalidArgument);
+    app.stop().await;
+}
+
+// === usage metering ===
+
+fn stats(session: &str, conns: u64, bytes_in: u64, bytes_out: u64, ws: u64) -> v1::TunnelStats {
+    v1::TunnelStats {
+        session_id: session.into(),
+        connections_total: conns,
+        connections_open: 1,
+        bytes_in,
+        bytes_out,
+        websocket_messages: ws,
+    }
+}
+
+impl TestApp {
+    async fn report(&self, edge: &str, edge_id: &str, stats: Vec<v1::TunnelStats>) {
+        self.edges()
+            .report_tunnel_stats(req(
+                edge,
+                v1::ReportTunnelStatsRequest {
+                    edge_id: edge_id.into(),
+                    stats,
+                },
+            ))
+            .await
+            .unwrap();
+    }
+
+    async fn usage_rows(&self) -> Vec<(String, i64, i64, i64, i64)> {
+        sqlx::query_as(
+            "SELECT t.name, u.bytes_in, u.bytes_out, u.connections, u.websocket_messages
+             FROM usage_daily u JOIN teams t ON t.id = u.team_id
+             WHERE u.day = (now() AT TIME ZONE 'UTC')::date ORDER BY t.name",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .unwrap()
+    }
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn usage_grows_by_what_each_report_added_and_never_shrinks(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let bert = app.owner("bert@example.com", "beta").await;
+    let (edge, edge_id) = app.edge().await;
+    let a_agent = app.agent_token(&alice, "acme", &[]).await;
+    let b_agent = app.agent_token(&bert, "beta", &[]).await;
+    let a_auth = app
+        .authorize(&edge, &a_agent.secret, &["one", "two"])
+        .await
+        .unwrap();
+    let b_auth = app
+        .authorize(&edge, &b_agent.secret, &["three"])
+        .await
+        .unwrap();
+    let one = app.open(&edge, &edge_id, &a_auth, "one").await.unwrap().id;
+    let two = app.open(&edge, &edge_id, &a_auth, "two").await.unwrap().id;
+    let three = app
+        .open(&edge, &edge_id, &b_auth, "three")
+        .await
+        .unwrap()
+        .id;
+
+    app.report(
+        &edge,
+        &edge_id,
+        vec![
+            stats(&one, 2, 100, 200, 3),
+            stats(&two, 1, 10, 20, 0),
+            stats(&three, 4, 1000, 2000, 40),
+        ],
+    )
+    .await;
+    assert_eq!(
+        app.usage_rows().await,
+        vec![
+            ("acme".into(), 110, 220, 3, 3),
+            ("beta".into(), 1000, 2000, 4, 40)
+        ]
+    );
+    // Second report: one grew; two went backwards in some counters (its edge restarted the
+    // count), which adds nothing for those and only the growth of the others; three is quiet.
+    app.report(
+        &edge,
+        &edge_id,
+        vec![
+            stats(&one, 5, 150, 260, 10),
+            stats(&two, 0, 5, 30, 0),
+            stats(&three, 4, 1000, 2000, 40),
+        ],
+    )
+    .await;
+    assert_eq!(
+        app.usage_rows().await,
+        vec![
+            ("acme".into(), 160, 290, 6, 10),
+            ("beta".into(), 1000, 2000, 4, 40)
+        ]
+    );
+    // After going backwards, the lower value is the base for the next report.
+    app.report(&edge, &edge_id, vec![stats(&two, 2, 8, 30, 1)])
+        .await;
+    assert_eq!(app.usage_rows().await[0], ("acme".into(), 163, 290, 8, 11));
+    let stored: (i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT connections_total, connections_open, bytes_in, bytes_out, websocket_messages
+         FROM tunnel_sessions WHERE id = $1::uuid",
+    )
+    .bind(&two)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(stored, (2, 1, 8, 30, 1));
+
+    // Another edge cannot report on (or bill) sessions it does not hold.
+    let other_token = burrow_control::create_edge_token(&app.pool, "edge-2")
+        .await
+        .unwrap();
+    let other_id = app
+        .edges()
+        .register_edge(req(
+            &other_token,
+            v1::RegisterEdgeRequest {
+                name: "edge-2".into(),
+                domain: "localhost".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .edge_id;
+    app.report(
+        &other_token,
+        &other_id,
+        vec![stats(&one, 99, 99_999, 99_999, 99)],
+    )
+    .await;
+    assert_eq!(app.usage_rows().await[0], ("acme".into(), 163, 290, 8, 11));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn concurrent_reports_add_up_exactly(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge, edge_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let names: Vec<String> = (0..20).map(|i| format!("s{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let auth = app.authorize(&edge, &agent.secret, &refs).await.unwrap();
+    let mut sessions = Vec::new();
+    for name in &names {
+        sessions.push(app.open(&edge, &edge_id, &auth, name).await.unwrap().id);
+    }
+    let reports = sessions.iter().map(|id| {
+        let mut client = app.edges();
+        let request = req(
+            &edge,
+            v1::ReportTunnelStatsRequest {
+                edge_id: edge_id.clone(),
+                stats: vec![stats(id, 3, 1000, 500, 7)],
+            },
+        );
+        async move { client.report_tunnel_stats(request).await.unwrap() }
+    });
+    futures::future::join_all(reports).await;
+    assert_eq!(
+        app.usage_rows().await,
+        vec![("acme".into(), 20_000, 10_000, 60, 140)]
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn usage_is_shown_to_team_members_for_a_checked_range_of_days(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let carol = app.owner("carol@example.com", "other").await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    sqlx::query(
+        "INSERT INTO usage_daily (team_id, day, bytes_in, bytes_out, connections,
+                                  websocket_messages)
+         SELECT t.id, d.day::date, 1, 2, 3, 4
+         FROM teams t, (VALUES ('2026-01-01'), ('2026-01-15'), ('2026-02-01')) AS d(day)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let get = |token: &str, team: &str, from: &str, to: &str| {
+        let mut client = app.usage();
+        let request = req(
+            token,
+            v1::GetUsageRequest {
+                team: team.into(),
+                from: from.into(),
+                to: to.into(),
+            },
+        );
+        async move { client.get_usage(request).await.map(|r| r.into_inner().days) }
+    };
+    let days = get(&alice.token, "acme", "2026-01-01", "2026-01-31")
+        .await
+        .unwrap();
+    let shown: Vec<(&str, &str)> = days
+        .iter()
+        .map(|d| (d.team.as_str(), d.day.as_str()))
+        .collect();
+    assert_eq!(shown, [("acme", "2026-01-01"), ("acme", "2026-01-15")]);
+    assert_eq!(
+        (
+            days[0].bytes_in,
+            days[0].bytes_out,
+            days[0].connections,
+            days[0].websocket_messages
+        ),
+        (1, 2, 3, 4)
+    );
+    // Without a team: the caller's teams only; a platform admin sees every team.
+    let mine = get(&alice.token, "", "2026-01-01", "2026-02-28")
+        .await
+        .unwrap();
+    assert_eq!(mine.len(), 3);
+    assert!(mine.iter().all(|d| d.team == "acme"));
+    let all = get(&app.admin, "", "2026-01-01", "2026-02-28")
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+    assert_eq!(
+        get(&app.admin, "acme", "2026-02-01", "2026-02-01")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Someone else's team, or an agent token: refused.
+    assert_eq!(
+        code(get(&carol.token, "acme", "", "").await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(get(&agent.secret, "acme", "", "").await),
+        Code::PermissionDenied
+    );
+    // Dates are checked.
+    for (from, to, want) in [
+        ("2026-13-01", "", "YYYY-MM-DD"),
+        ("", "yesterday", "YYYY-MM-DD"),
+        ("2026-02-01", "2026-01-01", "after it ends"),
+        ("2024-01-01", "2026-01-01", "more than 366 days"),
+    ] {
+        let status = get(&alice.token, "acme", from, to).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains(want), "{}", status.message());
+    }
+    // Defaults: the 30 days up to today.
+    assert!(get(&alice.token, "acme", "", "").await.unwrap().is_empty());
+    app.stop().await;
 }

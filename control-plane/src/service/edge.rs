@@ -1,6 +1,7 @@
 //! `EdgeService`: the internal API edges call with an edge token — registration, heartbeats,
 //! agent authorization, tunnel sessions and the change feed.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use burrow_proto::v1::{self, edge_service_server::EdgeService};
@@ -15,6 +16,8 @@ use uuid::Uuid;
 use crate::domain::{scopes_allow, Subdomain};
 use crate::error::{unique_violation, ApiError, ApiResult};
 use crate::feed::{changes_after, current_revision, wait_for_changes, ChangeRow, PAGE};
+use crate::limits::{self, Overrides};
+use crate::policy;
 use crate::service::tunnel::{end_session, load_session};
 use crate::store::{self, change};
 use crate::token::TokenKind;
@@ -167,11 +170,12 @@ impl EdgeApi {
             .fetch_one(&mut *conn)
             .await?;
         let names: Vec<String> = subdomains.iter().map(|s| s.as_str().to_owned()).collect();
-        let reserved: Vec<(String, Uuid)> =
-            sqlx::query_as("SELECT subdomain, team_id FROM reservations WHERE subdomain = ANY($1)")
-                .bind(&names)
-                .fetch_all(&mut *conn)
-                .await?;
+        let reserved: Vec<(String, Uuid, Option<Vec<u8>>)> = sqlx::query_as(
+            "SELECT subdomain, team_id, policy FROM reservations WHERE subdomain = ANY($1)",
+        )
+        .bind(&names)
+        .fetch_all(&mut *conn)
+        .await?;
         let mut allowed = Vec::with_capacity(subdomains.len());
         for name in &subdomains {
             if !scopes_allow(&agent.scopes, name.as_str()) {
@@ -181,12 +185,9 @@ impl EdgeApi {
                     agent.scopes.join(", ")
                 )));
             }
-            let holder = reserved
-                .iter()
-                .find(|(s, _)| s == name.as_str())
-                .map(|(_, t)| *t);
+            let holder = reserved.iter().find(|(s, _, _)| s == name.as_str());
             match holder {
-                Some(t) if t != team_id => {
+                Some((_, t, _)) if *t != team_id => {
                     return Err(ApiError::PermissionDenied(format!(
                         "subdomain {:?} is reserved by another team",
                         name.as_str()
@@ -195,7 +196,11 @@ impl EdgeApi {
                 holder => allowed.push(v1::AllowedSubdomain {
                     subdomain: name.as_str().to_owned(),
                     reserved: holder.is_some(),
-                    pinned_policy: None,
+                    // With the hashes: the edge verifies visitors against them.
+                    pinned_policy: match holder {
+                        Some((_, _, stored)) => policy::decode(stored.as_deref())?,
+                        None => None,
+                    },
                 }),
             }
         }
@@ -205,18 +210,15 @@ impl EdgeApi {
         if let Some(token_expiry) = agent.expires_at {
             expires = expires.min(token_expiry);
         }
-        let limits = &self.state.config.tunnel_limits;
+        let limits = limits::overrides(&mut conn, team_id)
+            .await?
+            .effective(&self.state.config.tunnel_limits);
         Ok(v1::AuthorizeAgentResponse {
             token_id: agent.token_id,
             team_id: team_id.to_string(),
             team_name,
             allowed,
-            limits: Some(v1::TunnelLimits {
-                max_websocket_connections: limits.max_websocket_connections,
-                max_new_connections_per_second: limits.max_new_connections_per_second,
-                max_bytes_per_second_per_connection: limits.max_bytes_per_second_per_connection,
-                max_tunnels_per_session: limits.max_tunnels_per_session,
-            }),
+            limits: Some(limits),
             expires_at: Some(store::ts(expires)),
             scopes: agent.scopes,
         })
@@ -484,44 +486,96 @@ impl EdgeApi {
             ));
         }
         let edge_id = parse_uuid("edge_id", &req.edge_id)?;
-        let mut ids = Vec::with_capacity(req.stats.len());
+        // The last entry wins when a session appears twice in one report.
+        let mut reported: BTreeMap<Uuid, (Counters, i64)> = BTreeMap::new();
         for s in &req.stats {
-            ids.push(parse_uuid("stats.session_id", &s.session_id)?);
+            let id = parse_uuid("stats.session_id", &s.session_id)?;
+            reported.insert(
+                id,
+                (Counters::from_report(s), clamp_i64(s.connections_open)),
+            );
         }
-        let total: Vec<i64> = req
-            .stats
-            .iter()
-            .map(|s| clamp_i64(s.connections_total))
-            .collect();
-        let open: Vec<i64> = req
-            .stats
-            .iter()
-            .map(|s| clamp_i64(s.connections_open))
-            .collect();
-        let bytes_in: Vec<i64> = req.stats.iter().map(|s| clamp_i64(s.bytes_in)).collect();
-        let bytes_out: Vec<i64> = req.stats.iter().map(|s| clamp_i64(s.bytes_out)).collect();
-        let ws: Vec<i64> = req
-            .stats
-            .iter()
-            .map(|s| clamp_i64(s.websocket_messages))
-            .collect();
+        if reported.is_empty() {
+            return Ok(v1::ReportTunnelStatsResponse {});
+        }
+        let ids: Vec<Uuid> = reported.keys().copied().collect();
+        let mut tx = self.state.pool.begin().await?;
+        // Lock the sessions (in id order, so concurrent reports cannot deadlock) and read the
+        // counters stored by the previous report: usage grows by the difference.
+        let previous: Vec<(Uuid, Uuid, i64, i64, i64, i64)> = sqlx::query_as(
+            "SELECT id, team_id, connections_total, bytes_in, bytes_out, websocket_messages
+             FROM tunnel_sessions WHERE id = ANY($1) AND edge_id = $2
+             ORDER BY id FOR UPDATE",
+        )
+        .bind(&ids)
+        .bind(edge_id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut growth: BTreeMap<Uuid, Counters> = BTreeMap::new();
+        // Sessions of this edge that exist: (id, counters now, connections open now).
+        let mut known = Vec::with_capacity(previous.len());
+        for (id, team, connections, bytes_in, bytes_out, ws) in previous {
+            let Some(&(now, open)) = reported.get(&id) else {
+                continue;
+            };
+            known.push((id, now, open));
+            let before = Counters {
+                connections,
+                bytes_in,
+                bytes_out,
+                websocket_messages: ws,
+            };
+            growth
+                .entry(team)
+                .or_default()
+                .add(now.growth_since(&before));
+        }
+        let column =
+            |f: fn(&Counters) -> i64| known.iter().map(|(_, c, _)| f(c)).collect::<Vec<_>>();
+        let open: Vec<i64> = known.iter().map(|(_, _, open)| *open).collect();
         sqlx::query(
             "UPDATE tunnel_sessions s SET connections_total = u.total,
                  connections_open = u.open, bytes_in = u.bin, bytes_out = u.bout,
                  websocket_messages = u.ws
-             FROM UNNEST($2::uuid[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[],
-                         $7::bigint[]) AS u(id, total, open, bin, bout, ws)
-             WHERE s.id = u.id AND s.edge_id = $1",
+             FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
+                         $6::bigint[]) AS u(id, total, open, bin, bout, ws)
+             WHERE s.id = u.id",
         )
-        .bind(edge_id)
-        .bind(&ids)
-        .bind(&total)
+        .bind(known.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(column(|c| c.connections))
         .bind(&open)
-        .bind(&bytes_in)
-        .bind(&bytes_out)
-        .bind(&ws)
-        .execute(&self.state.pool)
+        .bind(column(|c| c.bytes_in))
+        .bind(column(|c| c.bytes_out))
+        .bind(column(|c| c.websocket_messages))
+        .execute(&mut *tx)
         .await?;
+        growth.retain(|_, g| !g.is_zero());
+        if !growth.is_empty() {
+            let teams: Vec<Uuid> = growth.keys().copied().collect();
+            let sum = |f: fn(&Counters) -> i64| growth.values().map(f).collect::<Vec<_>>();
+            // One row per team (already summed), in team order; the day is the database's
+            // UTC date, so replicas agree on where midnight is.
+            sqlx::query(
+                "INSERT INTO usage_daily AS d (team_id, day, bytes_in, bytes_out, connections,
+                                               websocket_messages)
+                 SELECT u.team, (now() AT TIME ZONE 'UTC')::date, u.bin, u.bout, u.conns, u.ws
+                 FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+                      AS u(team, bin, bout, conns, ws)
+                 ON CONFLICT (team_id, day) DO UPDATE SET
+                     bytes_in = d.bytes_in + EXCLUDED.bytes_in,
+                     bytes_out = d.bytes_out + EXCLUDED.bytes_out,
+                     connections = d.connections + EXCLUDED.connections,
+                     websocket_messages = d.websocket_messages + EXCLUDED.websocket_messages",
+            )
+            .bind(&teams)
+            .bind(sum(|c| c.bytes_in))
+            .bind(sum(|c| c.bytes_out))
+            .bind(sum(|c| c.connections))
+            .bind(sum(|c| c.websocket_messages))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(v1::ReportTunnelStatsResponse {})
     }
 
@@ -558,6 +612,52 @@ impl EdgeApi {
     }
 }
 
+/// The cumulative counters of one session, as stored and as reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Counters {
+    connections: i64,
+    bytes_in: i64,
+    bytes_out: i64,
+    websocket_messages: i64,
+}
+
+impl Counters {
+    fn from_report(s: &v1::TunnelStats) -> Self {
+        Self {
+            connections: clamp_i64(s.connections_total),
+            bytes_in: clamp_i64(s.bytes_in),
+            bytes_out: clamp_i64(s.bytes_out),
+            websocket_messages: clamp_i64(s.websocket_messages),
+        }
+    }
+
+    /// How far each counter grew since `before`. A counter that went backwards (the edge
+    /// restarted its count) adds nothing: usage never shrinks, and the new, lower value is
+    /// the base for the next report.
+    fn growth_since(&self, before: &Self) -> Self {
+        let grew = |now: i64, then: i64| now.saturating_sub(then).max(0);
+        Self {
+            connections: grew(self.connections, before.connections),
+            bytes_in: grew(self.bytes_in, before.bytes_in),
+            bytes_out: grew(self.bytes_out, before.bytes_out),
+            websocket_messages: grew(self.websocket_messages, before.websocket_messages),
+        }
+    }
+
+    fn add(&mut self, other: Self) {
+        self.connections = self.connections.saturating_add(other.connections);
+        self.bytes_in = self.bytes_in.saturating_add(other.bytes_in);
+        self.bytes_out = self.bytes_out.saturating_add(other.bytes_out);
+        self.websocket_messages = self
+            .websocket_messages
+            .saturating_add(other.websocket_messages);
+    }
+
+    fn is_zero(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 /// The edge-facing form of a change-log row, if edges care about its kind.
 fn watch_event(row: &ChangeRow) -> Option<v1::WatchEvent> {
     use v1::watch_event::Event;
@@ -584,6 +684,52 @@ fn watch_event(row: &ChangeRow) -> Option<v1::WatchEvent> {
     })
 }
 
+/// A `ReservationPolicyChanged` carrying the reservation's policy as it is now (with hashes).
+/// Reading it now rather than copying it into the change log means a replaced or cleared
+/// policy leaves no hash behind, and an edge replaying old rows ends at the current policy.
+/// Absent when the reservation no longer exists for that team (released or transferred).
+async fn policy_event(state: &State, row: &ChangeRow) -> ApiResult<v1::WatchEvent> {
+    let subdomain = row.field("subdomain");
+    let team_id = row.field("team_id");
+    let stored: Option<Option<Vec<u8>>> = match Uuid::parse_str(&team_id) {
+        Ok(team) => {
+            sqlx::query_scalar(
+                "SELECT policy FROM reservations WHERE subdomain = $1 AND team_id = $2",
+            )
+            .bind(&subdomain)
+            .bind(team)
+            .fetch_optional(&state.pool)
+            .await?
+        }
+        Err(_) => None,
+    };
+    Ok(v1::WatchEvent {
+        revision: row.revision,
+        event: Some(v1::watch_event::Event::ReservationPolicyChanged(
+            v1::ReservationPolicyChanged {
+                subdomain,
+                team_id,
+                policy: policy::decode(stored.flatten().as_deref())?,
+            },
+        )),
+    })
+}
+
+/// A `TeamLimitsChanged` with the team's effective limits under this replica's defaults.
+fn limits_event(state: &State, row: &ChangeRow) -> v1::WatchEvent {
+    let payload: serde_json::Value = serde_json::from_str(&row.payload).unwrap_or_default();
+    let limits = Overrides::from_json(&payload).effective(&state.config.tunnel_limits);
+    v1::WatchEvent {
+        revision: row.revision,
+        event: Some(v1::watch_event::Event::TeamLimitsChanged(
+            v1::TeamLimitsChanged {
+                team_id: row.field("team_id"),
+                limits: Some(limits),
+            },
+        )),
+    }
+}
+
 /// Streams change-log rows after `cursor` until the edge leaves or the server shuts down.
 async fn watch_changes(
     state: State,
@@ -596,7 +742,12 @@ async fn watch_changes(
         let full = rows.len() as i64 >= PAGE;
         for row in &rows {
             cursor = row.revision;
-            if let Some(event) = watch_event(row) {
+            let event = match row.kind.as_str() {
+                change::RESERVATION_POLICY_CHANGED => Some(policy_event(&state, row).await?),
+                change::TEAM_LIMITS_CHANGED => Some(limits_event(&state, row)),
+                _ => watch_event(row),
+            };
+            if let Some(event) = event {
                 if tx.send(Ok(event)).await.is_err() {
                     return Ok(());
                 }

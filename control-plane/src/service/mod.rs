@@ -7,6 +7,7 @@ pub mod reservation;
 pub mod team;
 pub mod token;
 pub mod tunnel;
+pub mod usage;
 
 use crate::auth::Caller;
 use crate::error::ApiResult;

@@ -1,5 +1,8 @@
 //! `ReservationService`: subdomains reserved for a team. Uniqueness is the database's unique
 //! constraint; the losers of a race get ALREADY_EXISTS naming the subdomain.
+//!
+//! A reservation may carry a pinned [`v1::TunnelPolicy`] (see [`crate::policy`]). It belongs
+//! to the reservation, not to the name: releasing or transferring the reservation drops it.
 
 use burrow_proto::v1::{self, reservation_service_server::ReservationService};
 use chrono::{DateTime, Utc};
@@ -10,6 +13,7 @@ use uuid::Uuid;
 use crate::auth::Caller;
 use crate::domain::Subdomain;
 use crate::error::{unique_violation, ApiError, ApiResult};
+use crate::policy;
 use crate::store::{self, change};
 use crate::State;
 
@@ -33,23 +37,27 @@ struct ReservationRow {
     team: String,
     created_by: Option<String>,
     created_at: DateTime<Utc>,
+    /// Encoded pinned policy, NULL when none.
+    policy: Option<Vec<u8>>,
 }
 
 const RESERVATION_SELECT: &str = "SELECT r.id, r.subdomain, r.team_id, t.name AS team,
-        a.email AS created_by, r.created_at
+        a.email AS created_by, r.created_at, r.policy
      FROM reservations r JOIN teams t ON t.id = r.team_id
      LEFT JOIN accounts a ON a.id = r.created_by";
 
 impl ReservationRow {
-    fn to_proto(&self) -> v1::Reservation {
-        v1::Reservation {
+    /// The public form: the pinned policy without its password hashes.
+    fn to_proto(&self) -> ApiResult<v1::Reservation> {
+        let policy = policy::decode(self.policy.as_deref())?;
+        Ok(v1::Reservation {
             id: self.id.to_string(),
             subdomain: self.subdomain.clone(),
             team: self.team.clone(),
             created_by: self.created_by.clone().unwrap_or_default(),
             created_at: Some(store::ts(self.created_at)),
-            policy: None,
-        }
+            policy: policy.as_ref().map(policy::public_view),
+        })
     }
 }
 
@@ -128,7 +136,7 @@ impl ReservationApi {
                 .fetch_one(&mut *tx)
                 .await?;
         tx.commit().await?;
-        Ok(row.to_proto())
+        row.to_proto()
     }
 
     async fn list(
@@ -164,7 +172,10 @@ impl ReservationApi {
             .await?
         };
         Ok(v1::ListReservationsResponse {
-            reservations: rows.iter().map(ReservationRow::to_proto).collect(),
+            reservations: rows
+                .iter()
+                .map(ReservationRow::to_proto)
+                .collect::<ApiResult<_>>()?,
         })
     }
 
@@ -196,6 +207,15 @@ impl ReservationApi {
             json!({"subdomain": subdomain.as_str(), "team_id": ""}),
         )
         .await?;
+        if row.policy.is_some() {
+            // The policy went with the reservation; live tunnels stop applying it.
+            store::record_change(
+                &mut tx,
+                change::RESERVATION_POLICY_CHANGED,
+                json!({"subdomain": subdomain.as_str(), "team_id": row.team_id.to_string()}),
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(v1::ReleaseResponse {})
     }
@@ -211,7 +231,8 @@ impl ReservationApi {
         let mut tx = self.state.pool.begin().await?;
         let row = manageable(&mut tx, &caller, &subdomain).await?;
         let (to, _) = store::team_for(&mut tx, &caller, "to_team", &req.to_team, true).await?;
-        sqlx::query("UPDATE reservations SET team_id = $2 WHERE id = $1")
+        // The pinned policy was the old team's decision; the new team pins its own.
+        sqlx::query("UPDATE reservations SET team_id = $2, policy = NULL WHERE id = $1")
             .bind(row.id)
             .bind(to.id)
             .execute(&mut *tx)
@@ -230,13 +251,72 @@ impl ReservationApi {
             json!({"subdomain": subdomain.as_str(), "team_id": to.id.to_string()}),
         )
         .await?;
+        if row.policy.is_some() {
+            store::record_change(
+                &mut tx,
+                change::RESERVATION_POLICY_CHANGED,
+                json!({"subdomain": subdomain.as_str(), "team_id": to.id.to_string()}),
+            )
+            .await?;
+        }
         let row =
             sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
                 .bind(row.id)
                 .fetch_one(&mut *tx)
                 .await?;
         tx.commit().await?;
-        Ok(row.to_proto())
+        row.to_proto()
+    }
+
+    async fn set_policy(
+        &self,
+        request: Request<v1::SetReservationPolicyRequest>,
+    ) -> ApiResult<v1::Reservation> {
+        let caller = super::caller(&self.state, &request).await?;
+        caller.require_api()?;
+        let req = request.into_inner();
+        let subdomain = Subdomain::parse(&req.subdomain, "subdomain", &self.state.config)?;
+        let new = req.policy.filter(|p| !policy::is_empty(p));
+        if let Some(p) = &new {
+            policy::validate(p)?;
+        }
+        let mut tx = self.state.pool.begin().await?;
+        let row = manageable(&mut tx, &caller, &subdomain).await?;
+        sqlx::query("UPDATE reservations SET policy = $2 WHERE id = $1")
+            .bind(row.id)
+            .bind(new.as_ref().map(policy::encode))
+            .execute(&mut *tx)
+            .await?;
+        store::audit(
+            &mut tx,
+            Some(&caller),
+            if new.is_some() {
+                "reservation.policy.set"
+            } else {
+                "reservation.policy.clear"
+            },
+            &format!("subdomain:{subdomain}"),
+            json!({
+                "team_id": row.team_id.to_string(),
+                "policy": new.as_ref().map(policy::audit_summary),
+            }),
+        )
+        .await?;
+        // Edges read the policy (with its hashes) from the reservation when they stream the
+        // change, so the change log never keeps a copy of a hash after it is replaced.
+        store::record_change(
+            &mut tx,
+            change::RESERVATION_POLICY_CHANGED,
+            json!({"subdomain": subdomain.as_str(), "team_id": row.team_id.to_string()}),
+        )
+        .await?;
+        let row =
+            sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
+                .bind(row.id)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        row.to_proto()
     }
 }
 
@@ -244,11 +324,9 @@ impl ReservationApi {
 impl ReservationService for ReservationApi {
     async fn set_reservation_policy(
         &self,
-        _request: Request<v1::SetReservationPolicyRequest>,
+        request: Request<v1::SetReservationPolicyRequest>,
     ) -> Result<Response<v1::Reservation>, Status> {
-        Err(Status::unimplemented(
-            "reservation policies are not available yet",
-        ))
+        Ok(Response::new(self.set_policy(request).await?))
     }
 
     async fn reserve(

@@ -1,4 +1,4 @@
-//! `TeamService`: teams and their members.
+//! `TeamService`: teams, their members, and the tunnel limits their tunnels run under.
 
 use burrow_proto::v1::{self, team_service_server::TeamService};
 use chrono::{DateTime, Utc};
@@ -8,7 +8,8 @@ use uuid::Uuid;
 
 use crate::domain::{parse_name, Role, TeamName};
 use crate::error::{unique_violation, ApiError, ApiResult};
-use crate::store::{self, TeamRow, Tx};
+use crate::limits::{self, Overrides};
+use crate::store::{self, change, TeamRow, Tx};
 use crate::State;
 
 /// The `TeamService` implementation.
@@ -45,7 +46,12 @@ impl MemberRow {
 const MEMBER_SELECT: &str = "SELECT m.account_id, a.email, a.display_name, m.role, m.joined_at
      FROM memberships m JOIN accounts a ON a.id = m.account_id";
 
-fn team_proto(team: &TeamRow, role: Option<Role>, members: Vec<v1::Member>) -> v1::Team {
+fn team_proto(
+    team: &TeamRow,
+    role: Option<Role>,
+    members: Vec<v1::Member>,
+    tunnel_limits: v1::TunnelLimits,
+) -> v1::Team {
     v1::Team {
         id: team.id.to_string(),
         name: team.name.clone(),
@@ -53,7 +59,7 @@ fn team_proto(team: &TeamRow, role: Option<Role>, members: Vec<v1::Member>) -> v
         created_at: Some(store::ts(team.created_at)),
         members,
         my_role: role.map_or(v1::Role::Unspecified, Role::to_proto) as i32,
-        tunnel_limits: None,
+        tunnel_limits: Some(tunnel_limits),
     }
 }
 
@@ -116,7 +122,8 @@ impl TeamApi {
         .await?;
         let owner = member(&mut tx, team.id, me).await?;
         tx.commit().await?;
-        Ok(team_proto(&team, Some(Role::Owner), vec![owner]))
+        let limits = Overrides::default().effective(&self.state.config.tunnel_limits);
+        Ok(team_proto(&team, Some(Role::Owner), vec![owner], limits))
     }
 
     async fn get(&self, request: Request<v1::GetTeamRequest>) -> ApiResult<v1::Team> {
@@ -131,10 +138,14 @@ impl TeamApi {
         .bind(team.id)
         .fetch_all(&mut *conn)
         .await?;
+        let limits = limits::overrides(&mut conn, team.id)
+            .await?
+            .effective(&self.state.config.tunnel_limits);
         Ok(team_proto(
             &team,
             role,
             members.iter().map(MemberRow::to_proto).collect(),
+            limits,
         ))
     }
 
@@ -157,17 +168,18 @@ impl TeamApi {
             display_name: String,
             created_at: DateTime<Utc>,
             role: Option<String>,
+            #[sqlx(flatten)]
+            limits: Overrides,
         }
-        let sql = if req.all {
-            "SELECT t.id, t.name, t.display_name, t.created_at, m.role
-             FROM teams t LEFT JOIN memberships m ON m.team_id = t.id AND m.account_id = $1
-             ORDER BY t.name"
-        } else {
-            "SELECT t.id, t.name, t.display_name, t.created_at, m.role
-             FROM teams t JOIN memberships m ON m.team_id = t.id AND m.account_id = $1
-             ORDER BY t.name"
-        };
-        let rows = sqlx::query_as::<_, Row>(sql)
+        let join = if req.all { "LEFT JOIN" } else { "JOIN" };
+        let sql = format!(
+            "SELECT t.id, t.name, t.display_name, t.created_at, m.role, {}
+             FROM teams t {join} memberships m ON m.team_id = t.id AND m.account_id = $1
+             ORDER BY t.name",
+            limits::COLUMNS
+        );
+        let defaults = &self.state.config.tunnel_limits;
+        let rows = sqlx::query_as::<_, Row>(&sql)
             .bind(me)
             .fetch_all(&self.state.pool)
             .await?;
@@ -181,7 +193,12 @@ impl TeamApi {
                         display_name: r.display_name,
                         created_at: r.created_at,
                     };
-                    team_proto(&team, r.role.as_deref().map(Role::from_db), Vec::new())
+                    team_proto(
+                        &team,
+                        r.role.as_deref().map(Role::from_db),
+                        Vec::new(),
+                        r.limits.effective(defaults),
+                    )
                 })
                 .collect(),
         })
@@ -341,15 +358,69 @@ impl TeamApi {
     }
 }
 
+impl TeamApi {
+    async fn set_limits(
+        &self,
+        request: Request<v1::SetTunnelLimitsRequest>,
+    ) -> ApiResult<v1::Team> {
+        let caller = super::caller(&self.state, &request).await?;
+        caller.require_platform_admin()?;
+        let req = request.into_inner();
+        let overrides = Overrides::from_request(&req.limits.unwrap_or_default())?;
+        let mut tx = self.state.pool.begin().await?;
+        let team = store::find_team(&mut tx, "team", &req.team).await?;
+        sqlx::query(
+            "UPDATE teams SET max_websocket_connections = $2, max_new_connections_per_second = $3,
+                 max_bytes_per_second_per_connection = $4, max_tunnels_per_session = $5
+             WHERE id = $1",
+        )
+        .bind(team.id)
+        .bind(overrides.max_websocket_connections)
+        .bind(overrides.max_new_connections_per_second)
+        .bind(overrides.max_bytes_per_second_per_connection)
+        .bind(overrides.max_tunnels_per_session)
+        .execute(&mut *tx)
+        .await?;
+        store::audit(
+            &mut tx,
+            Some(&caller),
+            "team.limits.set",
+            &format!("team:{}", team.id),
+            overrides.to_json(),
+        )
+        .await?;
+        // The overrides, not the effective values: each replica streams them merged with the
+        // defaults it runs with.
+        let mut payload = overrides.to_json();
+        payload["team_id"] = team.id.to_string().into();
+        store::record_change(&mut tx, change::TEAM_LIMITS_CHANGED, payload).await?;
+        let role = match caller.account_id {
+            Some(account) => store::role_in(&mut tx, team.id, account).await?,
+            None => None,
+        };
+        let members = sqlx::query_as::<_, MemberRow>(&format!(
+            "{MEMBER_SELECT} WHERE m.team_id = $1 ORDER BY a.email"
+        ))
+        .bind(team.id)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(team_proto(
+            &team,
+            role,
+            members.iter().map(MemberRow::to_proto).collect(),
+            overrides.effective(&self.state.config.tunnel_limits),
+        ))
+    }
+}
+
 #[tonic::async_trait]
 impl TeamService for TeamApi {
     async fn set_tunnel_limits(
         &self,
-        _request: Request<v1::SetTunnelLimitsRequest>,
+        request: Request<v1::SetTunnelLimitsRequest>,
     ) -> Result<Response<v1::Team>, Status> {
-        Err(Status::unimplemented(
-            "team tunnel limits are not available yet",
-        ))
+        Ok(Response::new(self.set_limits(request).await?))
     }
 
     async fn create_team(

@@ -1,0 +1,414 @@
+//! Tunnel policies pinned on reservations: validation, storage form and the public view.
+//!
+//! A policy is stored as the encoded `burrow.v1.TunnelPolicy` (protobuf bytes in
+//! `reservations.policy`), so fields added to the message later need no migration. Every rule
+//! is checked here before it is stored, because edges enforce what they are given: a CIDR that
+//! does not parse or a hash with an extravagant argon2 cost would otherwise fail (or cost) at
+//! the edge, visitor after visitor.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv6Addr};
+
+use argon2::password_hash::PasswordHash;
+use argon2::Params;
+use burrow_proto::v1::{self, TunnelPolicy};
+use prost::Message as _;
+
+use crate::error::{ApiError, ApiResult};
+
+/// Most basic-auth users in one policy.
+pub const MAX_BASIC_AUTH_USERS: usize = 32;
+/// Most entries in each of the IP allow and deny lists.
+pub const MAX_IP_RULES: usize = 256;
+/// Most entries in the Origin allow list.
+pub const MAX_ORIGINS: usize = 64;
+/// Most entries in each header add/remove list.
+pub const MAX_HEADER_RULES: usize = 32;
+/// Longest basic-auth username, in bytes.
+pub const MAX_USERNAME_BYTES: usize = 128;
+/// Longest password hash string, in bytes.
+pub const MAX_PASSWORD_HASH_BYTES: usize = 512;
+/// Longest origin, in bytes.
+pub const MAX_ORIGIN_BYTES: usize = 512;
+/// Longest header name, in bytes.
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Longest added header value, in bytes.
+pub const MAX_HEADER_VALUE_BYTES: usize = 4096;
+/// Largest argon2 memory cost accepted in a password hash (KiB). Edges verify the hash once
+/// per visitor connection, so an extravagant cost would be a denial of service on them.
+pub const MAX_ARGON2_M_COST_KIB: u32 = 65_536;
+/// Most argon2 passes accepted in a password hash.
+pub const MAX_ARGON2_T_COST: u32 = 8;
+/// Most argon2 lanes accepted in a password hash.
+pub const MAX_ARGON2_P_COST: u32 = 4;
+
+/// Headers that describe one hop of a connection (RFC 9110 §7.6.1) or its framing, plus
+/// `Host`: a policy may neither add nor remove them, since the edge owns them.
+pub const RESERVED_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+/// The request field every policy error names.
+const FIELD: &str = "policy";
+
+fn invalid(reason: String) -> ApiError {
+    ApiError::invalid(FIELD, reason)
+}
+
+/// Whether the policy has no rule at all (and so means "no pinned policy").
+pub fn is_empty(policy: &TunnelPolicy) -> bool {
+    policy.basic_auth.is_empty()
+        && policy.allow_ips.is_empty()
+        && policy.deny_ips.is_empty()
+        && policy.allow_origins.is_empty()
+        && policy.request_headers_add.is_empty()
+        && policy.request_headers_remove.is_empty()
+        && policy.response_headers_add.is_empty()
+        && policy.response_headers_remove.is_empty()
+}
+
+/// The stored form.
+pub(crate) fn encode(policy: &TunnelPolicy) -> Vec<u8> {
+    policy.encode_to_vec()
+}
+
+/// The policy a stored value holds; `None` for NULL. A value that no longer decodes is an
+/// internal error (it was validated when stored).
+pub(crate) fn decode(stored: Option<&[u8]>) -> ApiResult<Option<TunnelPolicy>> {
+    match stored {
+        None => Ok(None),
+        Some(bytes) => TunnelPolicy::decode(bytes)
+            .map(Some)
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("stored policy: {e}"))),
+    }
+}
+
+/// What the public API shows: everything but the password hashes.
+pub fn public_view(policy: &TunnelPolicy) -> TunnelPolicy {
+    let mut shown = policy.clone();
+    for user in &mut shown.basic_auth {
+        user.password_hash.clear();
+    }
+    shown
+}
+
+/// A short description for the audit log: rule counts and user names, never hashes.
+pub(crate) fn audit_summary(policy: &TunnelPolicy) -> serde_json::Value {
+    serde_json::json!({
+        "basic_auth_users": policy.basic_auth.iter().map(|u| u.username.as_str()).collect::<Vec<_>>(),
+        "allow_ips": policy.allow_ips,
+        "deny_ips": policy.deny_ips,
+        "allow_origins": policy.allow_origins,
+        "request_headers_add": policy.request_headers_add.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        "request_headers_remove": policy.request_headers_remove,
+        "response_headers_add": policy.response_headers_add.iter().map(|h| h.name.as_str()).collect::<Vec<_>>(),
+        "response_headers_remove": policy.response_headers_remove,
+    })
+}
+
+/// Checks every rule: list lengths, CIDRs, origins, header names and values, basic-auth
+/// usernames and argon2id hashes. The error is a sentence saying what to change.
+pub fn validate(policy: &TunnelPolicy) -> ApiResult<()> {
+    check_len(
+        "basic-auth users",
+        policy.basic_auth.len(),
+        MAX_BASIC_AUTH_USERS,
+    )?;
+    let mut seen = HashSet::new();
+    for user in &policy.basic_auth {
+        check_username(&user.username)?;
+        if !seen.insert(user.username.as_str()) {
+            return Err(invalid(format!(
+                "basic-auth user {:?} is listed twice",
+                user.username
+            )));
+        }
+        check_password_hash(user)?;
+    }
+    check_len("allow_ips entries", policy.allow_ips.len(), MAX_IP_RULES)?;
+    check_len("deny_ips entries", policy.deny_ips.len(), MAX_IP_RULES)?;
+    for cidr in policy.allow_ips.iter().chain(&policy.deny_ips) {
+        check_cidr(cidr)?;
+    }
+    check_len(
+        "allow_origins entries",
+        policy.allow_origins.len(),
+        MAX_ORIGINS,
+    )?;
+    for origin in &policy.allow_origins {
+        check_origin(origin)?;
+    }
+    for (what, list) in [
+        ("request_headers_add", &policy.request_headers_add),
+        ("response_headers_add", &policy.response_headers_add),
+    ] {
+        check_len(what, list.len(), MAX_HEADER_RULES)?;
+        for header in list {
+            check_header(header)?;
+        }
+    }
+    for (what, list) in [
+        ("request_headers_remove", &policy.request_headers_remove),
+        ("response_headers_remove", &policy.response_headers_remove),
+    ] {
+        check_len(what, list.len(), MAX_HEADER_RULES)?;
+        for name in list {
+            check_header_name(name)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, len: usize, max: usize) -> ApiResult<()> {
+    if len > max {
+        return Err(invalid(format!(
+            "{len} {what} given; a policy holds at most {max}"
+        )));
+    }
+    Ok(())
+}
+
+fn check_username(username: &str) -> ApiResult<()> {
+    if username.is_empty() {
+        return Err(invalid("a basic-auth username cannot be empty".into()));
+    }
+    if username.len() > MAX_USERNAME_BYTES {
+        return Err(invalid(format!(
+            "a basic-auth username is longer than {MAX_USERNAME_BYTES} bytes"
+        )));
+    }
+    if username.contains(':') {
+        return Err(invalid(format!(
+            "basic-auth username {username:?} contains ':', which RFC 7617 forbids"
+        )));
+    }
+    if username.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "basic-auth username {username:?} contains a control character"
+        )));
+    }
+    Ok(())
+}
+
+fn check_password_hash(user: &v1::BasicAuthUser) -> ApiResult<()> {
+    let hash = &user.password_hash;
+    let bad = || {
+        invalid(format!(
+            "the password hash of basic-auth user {:?} is not an argon2id PHC string \
+             ($argon2id$v=19$m=…,t=…,p=…$salt$hash); send a hash, never the password \
+             (`burrow reservation policy set` hashes for you)",
+            user.username
+        ))
+    };
+    if hash.len() > MAX_PASSWORD_HASH_BYTES || !hash.starts_with("$argon2id$") {
+        return Err(bad());
+    }
+    let parsed = PasswordHash::new(hash).map_err(|_| bad())?;
+    if parsed.hash.is_none() || parsed.salt.is_none() {
+        return Err(bad());
+    }
+    let params = Params::try_from(&parsed).map_err(|_| bad())?;
+    if params.m_cost() > MAX_ARGON2_M_COST_KIB
+        || params.t_cost() > MAX_ARGON2_T_COST
+        || params.p_cost() > MAX_ARGON2_P_COST
+    {
+        return Err(invalid(format!(
+            "the password hash of basic-auth user {:?} asks for more than \
+             m={MAX_ARGON2_M_COST_KIB},t={MAX_ARGON2_T_COST},p={MAX_ARGON2_P_COST}; hash it \
+             with lower argon2 parameters",
+            user.username
+        )));
+    }
+    Ok(())
+}
+
+/// A CIDR block (`10.0.0.0/8`, `2001:db8::/32`) or a bare address.
+fn check_cidr(cidr: &str) -> ApiResult<()> {
+    let (addr, prefix) = match cidr.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (cidr, None),
+    };
+    let Ok(addr) = addr.parse::<IpAddr>() else {
+        return Err(invalid(format!(
+            "{cidr:?} is not an IP network; write a CIDR block such as 10.0.0.0/8 or \
+             2001:db8::/32, or a bare address"
+        )));
+    };
+    if let Some(prefix) = prefix {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let ok = prefix.bytes().all(|b| b.is_ascii_digit())
+            && prefix.parse::<u8>().is_ok_and(|p| p <= max);
+        if !ok {
+            return Err(invalid(format!(
+                "{cidr:?}: the prefix length after '/' must be a number from 0 to {max}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// An origin as browsers send it (RFC 6454 §6.1): `http(s)://host[:port]`, nothing after.
+fn check_origin(origin: &str) -> ApiResult<()> {
+    let bad = |why: &str| {
+        invalid(format!(
+            "{origin:?} is not an origin: {why}; write scheme://host[:port] such as \
+             https://app.example.com"
+        ))
+    };
+    if origin.len() > MAX_ORIGIN_BYTES {
+        return Err(bad("too long"));
+    }
+    let lower = origin.to_ascii_lowercase();
+    let rest = lower
+        .strip_prefix("https://")
+        .or_else(|| lower.strip_prefix("http://"))
+        .ok_or_else(|| bad("the scheme must be http:// or https://"))?;
+    if rest.is_empty() {
+        return Err(bad("the host is missing"));
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err(bad("an origin has no path, query or fragment"));
+    }
+    if rest.contains('@') {
+        return Err(bad("an origin has no user name"));
+    }
+    let authority: http::uri::Authority = rest.parse().map_err(|_| bad("the host is invalid"))?;
+    let host = authority.host();
+    if host.is_empty() {
+        return Err(bad("the host is missing"));
+    }
+    if let Some(inner) = host.strip_prefix('[') {
+        let inner = inner.strip_suffix(']').unwrap_or(inner);
+        if inner.parse::<Ipv6Addr>().is_err() {
+            return Err(bad("the IPv6 address is invalid"));
+        }
+    } else if !host
+        .split('.')
+        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    {
+        return Err(bad("the host is invalid"));
+    }
+    if let Some(port) = rest.get(host.len()..).filter(|p| !p.is_empty()) {
+        match port.strip_prefix(':').map(str::parse::<u16>) {
+            Some(Ok(p)) if p != 0 => {}
+            _ => return Err(bad("the port must be a number from 1 to 65535")),
+        }
+    }
+    Ok(())
+}
+
+fn check_header_name(name: &str) -> ApiResult<()> {
+    if name.len() > MAX_HEADER_NAME_BYTES {
+        return Err(invalid(format!(
+            "a header name is longer than {MAX_HEADER_NAME_BYTES} bytes"
+        )));
+    }
+    let Ok(parsed) = http::HeaderName::from_bytes(name.as_bytes()) else {
+        return Err(invalid(format!(
+            "{name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
+        )));
+    };
+    if RESERVED_HEADERS.contains(&parsed.as_str()) {
+        return Err(invalid(format!(
+            "header {name} belongs to the connection, not the request; a policy cannot add or \
+             remove it"
+        )));
+    }
+    Ok(())
+}
+
+fn check_header(header: &v1::Header) -> ApiResult<()> {
+    check_header_name(&header.name)?;
+    if header.value.len() > MAX_HEADER_VALUE_BYTES {
+        return Err(invalid(format!(
+            "the value of header {} is longer than {MAX_HEADER_VALUE_BYTES} bytes",
+            header.name
+        )));
+    }
+    if http::HeaderValue::from_str(&header.value).is_err() {
+        return Err(invalid(format!(
+            "the value of header {} is not a valid HTTP header value (visible ASCII, spaces \
+             and tabs only)",
+            header.name
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn with(f: impl FnOnce(&mut TunnelPolicy)) -> ApiResult<()> {
+        let mut p = TunnelPolicy::default();
+        f(&mut p);
+        validate(&p)
+    }
+
+    #[test]
+    fn cidrs_origins_and_headers_are_checked() {
+        assert!(with(|p| p.allow_ips = vec![
+            "10.0.0.0/8".into(),
+            "2001:db8::/32".into(),
+            "192.0.2.1".into(),
+            "::1/128".into()
+        ])
+        .is_ok());
+        for bad in [
+            "10.0.0.0/33",
+            "10.0.0.0/+8",
+            "::/129",
+            "host.example",
+            "10.0.0.0/",
+        ] {
+            assert!(with(|p| p.deny_ips = vec![bad.into()]).is_err(), "{bad}");
+        }
+        for good in [
+            "https://a.example.com",
+            "http://localhost:3000",
+            "http://[::1]:8080",
+        ] {
+            assert!(
+                with(|p| p.allow_origins = vec![good.into()]).is_ok(),
+                "{good}"
+            );
+        }
+        for bad in [
+            "ftp://a.com",
+            "https://a.com/",
+            "https://u@a.com",
+            "https://a.com:0",
+            "https://a.com:x",
+            "https://",
+            "a.com",
+        ] {
+            assert!(
+                with(|p| p.allow_origins = vec![bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+        for bad in ["Host", "Connection", "transfer-encoding", "bad name", ""] {
+            assert!(
+                with(|p| p.request_headers_remove = vec![bad.into()]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(with(|p| p.response_headers_add = vec![v1::Header {
+            name: "X-A".into(),
+            value: "line\r\nInjected: 1".into()
+        }])
+        .is_err());
+    }
+}

@@ -113,6 +113,28 @@ async fn scrape_until(edge: &Edge, what: &str, ok: impl Fn(&Scrape) -> bool) -> 
     }
 }
 
+/// Standard base64 (RFC 4648), for a basic-auth header.
+fn b64(s: &str) -> String {
+    const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in s.as_bytes().chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(A[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
 fn tunnel(sub: &str) -> [(&str, &str); 2] {
     [("team", "standalone"), ("tunnel", sub)]
 }
@@ -456,6 +478,60 @@ async fn policy_refusals_are_counted_by_reason() {
             "burrow_edge_http_requests_total",
             &[t[0], t[1], ("status_class", "4xx")]
         ),
+        2.0
+    );
+
+    let _locked = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "locked",
+            "--basic-auth",
+            "ann:correct-horse",
+        ],
+    )
+    .await;
+    let t = tunnel("locked");
+    let before = Scrape::take(&edge).await;
+    let (status, _, _) = visit(&edge, "locked", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 401);
+    let wrong = format!("Basic {}", b64("ann:wrong-horse"));
+    let (status, _, _) = visit(
+        &edge,
+        "locked",
+        "GET",
+        "/hello",
+        &[("authorization", &wrong)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 401);
+    let right = format!("Basic {}", b64("ann:correct-horse"));
+    let (status, _, _) = visit(
+        &edge,
+        "locked",
+        "GET",
+        "/hello",
+        &[("authorization", &right)],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let after = Scrape::take(&edge).await;
+    assert_eq!(
+        after.delta(
+            &before,
+            "burrow_edge_policy_refusals_total",
+            &[t[0], t[1], ("reason", "basic_auth")]
+        ),
+        2.0
+    );
+    // A missing password costs nothing; a wrong and a right one one argon2 run each.
+    assert_eq!(
+        after.delta(&before, "burrow_edge_basic_auth_verifications_total", &[]),
         2.0
     );
     edge.stop().await;

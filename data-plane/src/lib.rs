@@ -151,7 +151,7 @@ pub async fn run(
         registry: Arc::clone(&registry),
         control: Arc::clone(&control),
         url_templates,
-        metrics: metrics::EdgeMetrics::new(),
+        metrics: metrics::EdgeMetrics::new(Arc::clone(&registry)),
         accepting: std::sync::atomic::AtomicBool::new(false),
     });
     // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.

@@ -25,10 +25,11 @@ use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -161,11 +162,51 @@ fn request_histogram() -> Histogram {
     Histogram::new(REQUEST_BUCKETS)
 }
 
+/// Values read at scrape time from the edge's live state.
+struct Sampled(Arc<crate::registry::Registry>);
+
+impl std::fmt::Debug for Sampled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sampled")
+    }
+}
+
+impl Collector for Sampled {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let counts = self.0.counts();
+        let gauges = [
+            (
+                "agent_sessions",
+                "Agent connections bound to this edge",
+                i64::from(counts.agent_sessions),
+            ),
+            (
+                "tunnels",
+                "Tunnels routable on this edge",
+                i64::from(counts.tunnels),
+            ),
+            (
+                "visitor_connections_open",
+                "Visitor TCP connections open (HTTP and HTTPS listeners)",
+                i64::try_from(counts.visitor_connections).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, help, v) in gauges {
+            let g = ConstGauge::new(v);
+            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        }
+        let c = ConstCounter::new(self.0.verifier.runs());
+        c.encode(encoder.encode_descriptor(
+            "basic_auth_verifications",
+            "argon2id verifications of visitors' basic-auth passwords (cache misses)",
+            None,
+            c.metric_type(),
+        )?)
+    }
+}
+
 /// Every metric family of the edge.
 struct Families {
-    agent_sessions: Gauge,
-    tunnels: Gauge,
-    visitor_connections_open: Gauge,
     visitor_connections: Counter,
     unrouted_requests: Family<UnroutedLabels, Counter>,
     http_requests: Family<StatusLabels, Counter>,
@@ -190,11 +231,8 @@ pub(crate) struct EdgeMetrics {
 }
 
 impl EdgeMetrics {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(registry: Arc<crate::registry::Registry>) -> Self {
         let f = Families {
-            agent_sessions: Gauge::default(),
-            tunnels: Gauge::default(),
-            visitor_connections_open: Gauge::default(),
             visitor_connections: Counter::default(),
             unrouted_requests: Family::default(),
             http_requests: Family::default(),
@@ -210,21 +248,6 @@ impl EdgeMetrics {
             bytes: Family::default(),
         };
         let mut r = Registry::with_prefix("burrow_edge");
-        r.register(
-            "agent_sessions",
-            "Agent connections bound to this edge",
-            f.agent_sessions.clone(),
-        );
-        r.register(
-            "tunnels",
-            "Tunnels routable on this edge",
-            f.tunnels.clone(),
-        );
-        r.register(
-            "visitor_connections_open",
-            "Visitor TCP connections open (HTTP and HTTPS listeners)",
-            f.visitor_connections_open.clone(),
-        );
         r.register(
             "visitor_connections",
             "Visitor TCP connections accepted",
@@ -290,6 +313,7 @@ impl EdgeMetrics {
             "Bytes through a tunnel: request and response bodies plus WebSocket traffic (in: visitor to local server, out: back)",
             f.bytes.clone(),
         );
+        r.register_collector(Box::new(Sampled(registry)));
         Self {
             registry: r,
             f: Arc::new(f),
@@ -390,13 +414,7 @@ impl EdgeMetrics {
     }
 
     /// The text exposition of every metric, values read now.
-    pub(crate) fn render(&self, state: &State) -> String {
-        let counts = state.registry.counts();
-        self.f.agent_sessions.set(i64::from(counts.agent_sessions));
-        self.f.tunnels.set(i64::from(counts.tunnels));
-        self.f
-            .visitor_connections_open
-            .set(i64::try_from(counts.visitor_connections).unwrap_or(i64::MAX));
+    pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             return String::new();
@@ -744,11 +762,7 @@ fn admin_answer<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
         );
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            METRICS_CONTENT_TYPE,
-            state.metrics.render(state),
-        ),
+        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.render()),
         "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
         "/readyz" => match readiness(state) {
             Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
@@ -792,7 +806,9 @@ mod tests {
 
     #[test]
     fn a_tunnels_series_go_with_its_last_route() {
-        let m = EdgeMetrics::new();
+        let m = EdgeMetrics::new(Arc::new(crate::registry::Registry::new(
+            &crate::Limits::default(),
+        )));
         let a = m.tunnel("team", "chat");
         let b = m.tunnel("team", "chat");
         a.body_bytes(true, 5);

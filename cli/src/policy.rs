@@ -7,9 +7,6 @@
 //! machine. [`validate_policy`] applies the same rules the control plane applies, so mistakes
 //! are reported before anything is sent.
 
-// Some items are only used once both `burrow http` and `burrow reservation policy` take the flags.
-#![allow(dead_code)]
-
 use std::collections::HashSet;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

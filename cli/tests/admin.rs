@@ -1184,6 +1184,11 @@ async fn every_admin_subcommand_has_help_with_examples() {
         &["tunnel", "list"],
         &["tunnel", "watch"],
         &["tunnel", "kill"],
+        &["reservation", "policy", "set"],
+        &["reservation", "policy", "show"],
+        &["reservation", "policy", "clear"],
+        &["team", "limits"],
+        &["usage"],
     ];
     for args in commands {
         let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
@@ -1200,4 +1205,381 @@ async fn every_admin_subcommand_has_help_with_examples() {
             "{args:?} --help has no examples:\n{text}"
         );
     }
+}
+
+// === reservation policies, team limits, usage ===
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn reservation_policies_are_set_shown_and_cleared_through_the_cli(pool: PgPool) {
+    let db = pool.clone();
+    let app = spawn_app(pool).await;
+    app.burrow(&["team", "create", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    app.burrow(&["reservation", "create", "chat", "--team", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    let users = app.home.path().join("reviewers.txt");
+    std::fs::write(&users, "# who may look\nreviewer:open sesame\n").unwrap();
+    let users = users.to_str().unwrap();
+
+    let set = app
+        .burrow(&[
+            "reservation",
+            "policy",
+            "set",
+            "chat",
+            "--basic-auth-file",
+            users,
+            "--basic-auth",
+            "ci:s3cr3t-pw",
+            "--allow-ip",
+            "10.0.0.0/8",
+            "--allow-ip",
+            "2001:db8::/32",
+            "--deny-ip",
+            "10.9.0.0/16",
+            "--allow-origin",
+            "https://app.example.com",
+            "--request-header-add",
+            "X-From: burrow",
+            "--request-header-remove",
+            "Cookie",
+            "--response-header-add",
+            "X-Frame-Options:DENY",
+            "--response-header-remove",
+            "Server",
+            "-o",
+            "json",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    set.ok();
+    assert!(!set.stdout.contains("$argon2id$") && !set.stdout.contains("open sesame"));
+    let shown = set.json();
+    assert_eq!(shown["subdomain"], "chat");
+    assert_eq!(shown["team"], "web");
+    let policy = &shown["policy"];
+    assert_eq!(
+        policy["basic_auth_users"],
+        serde_json::json!(["ci", "reviewer"])
+    );
+    assert_eq!(
+        policy["allow_ips"],
+        serde_json::json!(["10.0.0.0/8", "2001:db8::/32"])
+    );
+    assert_eq!(policy["deny_ips"], serde_json::json!(["10.9.0.0/16"]));
+    assert_eq!(
+        policy["allow_origins"],
+        serde_json::json!(["https://app.example.com"])
+    );
+    assert_eq!(
+        policy["request_headers_add"],
+        serde_json::json!([{"name": "X-From", "value": "burrow"}])
+    );
+    assert_eq!(
+        policy["response_headers_remove"],
+        serde_json::json!(["Server"])
+    );
+
+    // Only argon2id hashes (OWASP parameters) reached the database.
+    let stored: Vec<u8> =
+        sqlx::query_scalar("SELECT policy FROM reservations WHERE subdomain = 'chat'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    let stored = String::from_utf8_lossy(&stored);
+    assert_eq!(stored.matches("$argon2id$v=19$m=19456,t=2,p=1$").count(), 2);
+    assert!(!stored.contains("open sesame") && !stored.contains("s3cr3t-pw"));
+
+    let table = app
+        .burrow(&["reservation", "policy", "show", "chat"])
+        .by_admin()
+        .run()
+        .await;
+    table.ok();
+    for line in [
+        "basic-auth              reviewer",
+        "allow-ip                2001:db8::/32",
+        "request-header-add      X-From: burrow",
+        "response-header-remove  Server",
+    ] {
+        assert!(
+            table.stdout.contains(line),
+            "{line:?} not in:\n{}",
+            table.stdout
+        );
+    }
+    let listed = app
+        .burrow(&["reservation", "list", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    listed.ok();
+    assert_eq!(
+        listed.json()[0]["policy"]["basic_auth_users"][1],
+        "reviewer"
+    );
+
+    // Mistakes are caught before anything is sent, in one line.
+    let bad = app
+        .burrow(&[
+            "reservation",
+            "policy",
+            "set",
+            "chat",
+            "--allow-ip",
+            "10.0.0.0/33",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    assert!(
+        bad.failed_with_one_line().contains("prefix length"),
+        "{}",
+        bad.stderr
+    );
+    let bad = app
+        .burrow(&[
+            "reservation",
+            "policy",
+            "set",
+            "chat",
+            "--request-header-remove",
+            "Host",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    assert!(
+        bad.failed_with_one_line().contains("Host"),
+        "{}",
+        bad.stderr
+    );
+    let nothing = app
+        .burrow(&["reservation", "policy", "set", "chat"])
+        .by_admin()
+        .run()
+        .await;
+    assert!(nothing.failed_with_one_line().contains("policy clear"));
+    assert_eq!(nothing.code, Some(2));
+
+    let cleared = app
+        .burrow(&["reservation", "policy", "clear", "chat"])
+        .by_admin()
+        .run()
+        .await;
+    cleared.ok();
+    assert_eq!(cleared.stdout, "No policy is pinned on chat.\n");
+    let shown = app
+        .burrow(&["reservation", "policy", "show", "chat", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    shown.ok();
+    assert!(shown.json()["policy"].is_null());
+    let missing = app
+        .burrow(&["reservation", "policy", "show", "nosuch"])
+        .by_admin()
+        .run()
+        .await;
+    assert!(missing.failed_with_one_line().contains("no reservation"));
+
+    // The help says why a password on the command line is a risk.
+    let help = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["reservation", "policy", "set", "--help"])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("(`ps`)"));
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn team_limits_are_shown_to_members_and_set_by_platform_admins(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let defaults = burrow_control::Config::default().tunnel_limits;
+    app.create_alice().await;
+    app.login_alice().await.ok();
+    app.burrow_bare(&["team", "create", "web"]).run().await.ok();
+
+    let shown = app
+        .burrow_bare(&["team", "limits", "web", "-o", "json"])
+        .run()
+        .await;
+    shown.ok();
+    assert_eq!(
+        shown.json(),
+        serde_json::json!({
+            "team": "web",
+            "max_websocket_connections": defaults.max_websocket_connections,
+            "max_new_connections_per_second": defaults.max_new_connections_per_second,
+            "max_bytes_per_second_per_connection": defaults.max_bytes_per_second_per_connection,
+            "max_tunnels_per_session": defaults.max_tunnels_per_session,
+        })
+    );
+    let refused = app
+        .burrow_bare(&["team", "limits", "web", "--max-websockets", "5000"])
+        .run()
+        .await;
+    assert!(
+        refused.failed_with_one_line().contains("platform admins"),
+        "{}",
+        refused.stderr
+    );
+
+    let set = app
+        .burrow(&[
+            "team",
+            "limits",
+            "web",
+            "--max-websockets",
+            "5",
+            "--max-bytes-per-second",
+            "1048576",
+            "-o",
+            "json",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    set.ok();
+    let set = set.json();
+    assert_eq!(set["max_websocket_connections"], 5);
+    assert_eq!(set["max_bytes_per_second_per_connection"], 1_048_576);
+    assert_eq!(
+        set["max_tunnels_per_session"],
+        defaults.max_tunnels_per_session
+    );
+    // The member sees the new values in a table.
+    let table = app.burrow_bare(&["team", "limits", "web"]).run().await;
+    table.ok();
+    assert!(
+        table
+            .stdout
+            .contains("max websocket connections            5\n"),
+        "{}",
+        table.stdout
+    );
+    assert!(table
+        .stdout
+        .contains("max bytes per second per connection  1048576\n"));
+
+    let reset = app
+        .burrow(&["team", "limits", "web", "--reset", "-o", "json"])
+        .by_admin()
+        .run()
+        .await;
+    reset.ok();
+    assert_eq!(
+        reset.json()["max_websocket_connections"],
+        defaults.max_websocket_connections
+    );
+    app.stop().await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn usage_is_shown_per_team_and_day_through_the_cli(pool: PgPool) {
+    let db = pool.clone();
+    let app = spawn_app(pool).await;
+    app.burrow(&["team", "create", "web"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    app.burrow(&["team", "create", "docs"])
+        .by_admin()
+        .run()
+        .await
+        .ok();
+    sqlx::query(
+        "INSERT INTO usage_daily (team_id, day, bytes_in, bytes_out, connections,
+                                  websocket_messages)
+         SELECT t.id, d.day::date, 1536, 3 * 1048576, 12, 340
+         FROM teams t, (VALUES ('2026-01-02'), ('2026-01-20'), ('2026-03-01')) AS d(day)",
+    )
+    .execute(&db)
+    .await
+    .unwrap();
+
+    let json = app
+        .burrow(&[
+            "usage",
+            "--team",
+            "web",
+            "--from",
+            "2026-01-01",
+            "--to",
+            "2026-01-31",
+            "--json",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    json.ok();
+    assert_eq!(
+        json.json(),
+        serde_json::json!([
+            {"team": "web", "day": "2026-01-02", "bytes_in": 1536, "bytes_out": 3145728,
+             "connections": 12, "websocket_messages": 340},
+            {"team": "web", "day": "2026-01-20", "bytes_in": 1536, "bytes_out": 3145728,
+             "connections": 12, "websocket_messages": 340},
+        ])
+    );
+    let table = app
+        .burrow(&["usage", "--from", "2026-01-01", "--to", "2026-01-31"])
+        .by_admin()
+        .run()
+        .await;
+    table.ok();
+    let lines: Vec<&str> = table.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", table.stdout);
+    assert!(lines[0].starts_with("DAY"), "{}", lines[0]);
+    assert!(
+        lines[1].starts_with("2026-01-02  docs  1.5 KiB   3.0 MiB"),
+        "{}",
+        lines[1]
+    );
+
+    let empty = app
+        .burrow(&[
+            "usage",
+            "--team",
+            "web",
+            "--from",
+            "2025-01-01",
+            "--to",
+            "2025-01-31",
+        ])
+        .by_admin()
+        .run()
+        .await;
+    empty.ok();
+    assert_eq!(empty.stdout, "No usage in this range.\n");
+    let bad = app
+        .burrow(&["usage", "--from", "2026-1-1x"])
+        .by_admin()
+        .run()
+        .await;
+    assert!(
+        bad.failed_with_one_line().contains("YYYY-MM-DD"),
+        "{}",
+        bad.stderr
+    );
+    let wide = app
+        .burrow(&["usage", "--from", "2020-01-01", "--to", "2026-01-01"])
+        .by_admin()
+        .run()
+        .await;
+    assert!(
+        wide.failed_with_one_line().contains("366 days"),
+        "{}",
+        wide.stderr
+    );
+    app.stop().await;
 }

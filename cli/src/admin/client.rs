@@ -20,6 +20,7 @@ use burrow_proto::v1::{
     account_service_client::AccountServiceClient,
     reservation_service_client::ReservationServiceClient, team_service_client::TeamServiceClient,
     token_service_client::TokenServiceClient, tunnel_service_client::TunnelServiceClient,
+    usage_service_client::UsageServiceClient,
 };
 
 use super::duration::parse_duration;
@@ -317,6 +318,10 @@ impl Api {
 
     pub(crate) fn tunnels(&self) -> TunnelServiceClient<Authed> {
         TunnelServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
+    }
+
+    pub(crate) fn usage(&self) -> UsageServiceClient<Authed> {
+        UsageServiceClient::with_interceptor(self.channel.clone(), self.bearer.clone())
     }
 
     /// Turns a gRPC status into one sentence a person can act on.

@@ -1,5 +1,5 @@
-//! Admin subcommands: `login`, `logout`, `whoami` and `account|team|token|reservation|tunnel …`,
-//! thin clients of the Burrow gRPC API.
+//! Admin subcommands: `login`, `logout`, `whoami`, `usage` and
+//! `account|team|token|reservation|tunnel …`, thin clients of the Burrow gRPC API.
 //!
 //! # Layout
 //! - `client`: API address and token resolution, the connection, and the one place where gRPC
@@ -8,7 +8,7 @@
 //! - `prompt`: passwords from the terminal (no echo) or standard input.
 //! - `duration`: `30d`-style durations.
 //! - `session`: `login`, `logout`, `whoami`.
-//! - `account`, `team`, `token`, `reservation`, `tunnel`: one module per API noun.
+//! - `account`, `team`, `token`, `reservation`, `tunnel`, `usage`: one module per API noun.
 //!
 //! Every command prints a table by default and JSON with `--output json`; a failure is one
 //! line on standard error and exit status 1 (2 for command-line mistakes).
@@ -53,6 +53,7 @@ mod session;
 mod team;
 mod token;
 mod tunnel;
+mod usage;
 
 use client::{Api, ApiArgs, ENV_TOKEN};
 
@@ -89,7 +90,8 @@ The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, els
     #[command(after_help = "Examples:
   burrow team create web
   burrow team add-member web alice@example.com --role admin
-  burrow team get web")]
+  burrow team get web
+  burrow team limits web --max-websockets 500")]
     Team(Box<team::TeamArgs>),
     /// Manage agent, API and edge tokens (secrets are shown once).
     #[command(after_help = "Examples:
@@ -101,7 +103,8 @@ The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, els
     #[command(after_help = "Examples:
   burrow reservation create chat --team web
   burrow reservation list
-  burrow reservation transfer chat --to mobile")]
+  burrow reservation transfer chat --to mobile
+  burrow reservation policy set chat --basic-auth-file reviewers.txt --allow-ip 10.0.0.0/8")]
     Reservation(Box<reservation::ReservationArgs>),
     /// Inspect and end live tunnels.
     #[command(after_help = "Examples:
@@ -109,6 +112,12 @@ The config file is $BURROW_CONFIG, else $XDG_CONFIG_HOME/burrow/config.toml, els
   burrow tunnel watch
   burrow tunnel kill chat")]
     Tunnel(Box<tunnel::TunnelArgs>),
+    /// Show metered use per team and UTC day: bytes, connections, WebSocket messages.
+    #[command(after_help = "Examples:
+  burrow usage
+  burrow usage --team web --from 2026-01-01 --to 2026-01-31
+  burrow usage --team web --json")]
+    Usage(Box<usage::UsageArgs>),
 }
 
 /// Runs one admin command. Errors come back as one sentence for `main` to print; usage
@@ -136,6 +145,7 @@ async fn dispatch(cmd: AdminCommand) -> anyhow::Result<()> {
         AdminCommand::Token(args) => token::run(*args).await?,
         AdminCommand::Reservation(args) => reservation::run(*args).await?,
         AdminCommand::Tunnel(args) => tunnel::run(*args).await?,
+        AdminCommand::Usage(args) => usage::run(*args).await?,
     }
     Ok(())
 }

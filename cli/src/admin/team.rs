@@ -1,11 +1,11 @@
-//! `burrow team create|get|list|add-member|remove-member|set-role`.
+//! `burrow team create|get|list|add-member|remove-member|set-role|limits`.
 
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
 use burrow_proto::v1::{
     AddMemberRequest, CreateTeamRequest, GetTeamRequest, ListTeamsRequest, Member,
-    RemoveMemberRequest, Role, SetRoleRequest, Team,
+    RemoveMemberRequest, Role, SetRoleRequest, SetTunnelLimitsRequest, Team, TunnelLimits,
 };
 
 use super::client::ApiArgs;
@@ -106,6 +106,109 @@ pub(crate) enum TeamCommand {
         #[arg(value_enum)]
         role: RoleArg,
     },
+    /// Show or set the limits a team's tunnels run under (setting: platform admins only).
+    ///
+    /// Without flags, shows the limits in force. With flags, replaces the team's own limits:
+    /// a limit not given (or given as 0) follows the platform default. Edges apply a change to
+    /// live tunnels at once.
+    #[command(after_help = "Examples:
+  burrow team limits web
+  burrow team limits web --max-websockets 500 --max-bytes-per-second 1048576
+  burrow team limits web --reset       # back to the platform defaults")]
+    Limits {
+        /// Team name (slug) or id.
+        team: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// The `team limits` flags.
+#[derive(Debug, Args)]
+pub(crate) struct LimitArgs {
+    /// Most WebSocket connections open at once through one tunnel.
+    #[arg(long, value_name = "N")]
+    max_websockets: Option<u32>,
+    /// Most new visitor connections per second to one tunnel.
+    #[arg(long, value_name = "N")]
+    max_new_connections_per_second: Option<u32>,
+    /// Most bytes per second in each direction on one visitor connection.
+    #[arg(long, value_name = "N")]
+    max_bytes_per_second: Option<u64>,
+    /// Most tunnels one agent session may bind.
+    #[arg(long, value_name = "N")]
+    max_tunnels: Option<u32>,
+    /// Drop the team's own limits: every limit follows the platform default.
+    #[arg(long, conflicts_with_all = ["max_websockets", "max_new_connections_per_second",
+                                      "max_bytes_per_second", "max_tunnels"])]
+    reset: bool,
+}
+
+impl LimitArgs {
+    /// The limits to set, or `None` when no flag was given (show only).
+    fn to_proto(&self) -> Option<TunnelLimits> {
+        let any = self.max_websockets.is_some()
+            || self.max_new_connections_per_second.is_some()
+            || self.max_bytes_per_second.is_some()
+            || self.max_tunnels.is_some();
+        (any || self.reset).then(|| TunnelLimits {
+            max_websocket_connections: self.max_websockets.unwrap_or(0),
+            max_new_connections_per_second: self.max_new_connections_per_second.unwrap_or(0),
+            max_bytes_per_second_per_connection: self.max_bytes_per_second.unwrap_or(0),
+            max_tunnels_per_session: self.max_tunnels.unwrap_or(0),
+        })
+    }
+}
+
+/// A team's limits as `--output json` shows them (0: the edge's own default).
+#[derive(Debug, Serialize)]
+pub(crate) struct LimitsView {
+    pub(crate) team: String,
+    pub(crate) max_websocket_connections: u32,
+    pub(crate) max_new_connections_per_second: u32,
+    pub(crate) max_bytes_per_second_per_connection: u64,
+    pub(crate) max_tunnels_per_session: u32,
+}
+
+fn show_limits(team: &Team, output: Output) -> anyhow::Result<()> {
+    let l = team.tunnel_limits.unwrap_or_default();
+    let view = LimitsView {
+        team: team.name.clone(),
+        max_websocket_connections: l.max_websocket_connections,
+        max_new_connections_per_second: l.max_new_connections_per_second,
+        max_bytes_per_second_per_connection: l.max_bytes_per_second_per_connection,
+        max_tunnels_per_session: l.max_tunnels_per_session,
+    };
+    match output {
+        Output::Json => print_json(&view),
+        Output::Table => {
+            let cell = |v: u64| {
+                if v == 0 {
+                    "edge default".to_owned()
+                } else {
+                    v.to_string()
+                }
+            };
+            let mut t = Table::new(&["LIMIT", "VALUE"]);
+            t.row(vec![
+                "max websocket connections".into(),
+                cell(view.max_websocket_connections.into()),
+            ]);
+            t.row(vec![
+                "max new connections per second".into(),
+                cell(view.max_new_connections_per_second.into()),
+            ]);
+            t.row(vec![
+                "max bytes per second per connection".into(),
+                cell(view.max_bytes_per_second_per_connection),
+            ]);
+            t.row(vec![
+                "max tunnels per session".into(),
+                cell(view.max_tunnels_per_session.into()),
+            ]);
+            t.print()
+        }
+    }
 }
 
 /// A team as `--output json` shows it.
@@ -289,6 +392,21 @@ pub(crate) async fn run(args: TeamArgs) -> anyhow::Result<()> {
                 .map_err(|s| api.error(s))?
                 .into_inner();
             show_member(&member, output)
+        }
+        TeamCommand::Limits { team, limits } => {
+            let answer = match limits.to_proto() {
+                Some(limits) => {
+                    client
+                        .set_tunnel_limits(SetTunnelLimitsRequest {
+                            team,
+                            limits: Some(limits),
+                        })
+                        .await
+                }
+                None => client.get_team(GetTeamRequest { team }).await,
+            };
+            let team = answer.map_err(|s| api.error(s))?.into_inner();
+            show_limits(&team, output)
         }
     }
 }

@@ -105,6 +105,8 @@ pub struct Config {
     /// Most days one `UsageService.GetUsage` call may span, so one call reads a bounded
     /// number of rows per team.
     pub max_usage_range_days: u32,
+    /// Longest `/readyz` waits for `SELECT 1` on the pool before answering 503.
+    pub readiness_timeout: Duration,
     /// Counters the server updates (argon2 verifications, …); clone it before calling
     /// [`crate::run`] to read them.
     pub metrics: Metrics,
@@ -156,6 +158,7 @@ impl Default for Config {
                 max_tunnels_per_session: 16,
             },
             max_usage_range_days: 366,
+            readiness_timeout: Duration::from_secs(2),
             metrics: Metrics::default(),
         }
     }

@@ -33,6 +33,34 @@ struct MetricsInner {
     argon2_verifications: AtomicU64,
     argon2_hashes: AtomicU64,
     token_cache_hits: AtomicU64,
+    /// Open `EdgeService.Watch` streams.
+    watch_subscribers: AtomicU64,
+    /// Open `TunnelService.WatchTunnels` streams.
+    tunnel_watch_subscribers: AtomicU64,
+}
+
+/// Which server stream a [`Subscription`] counts.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Stream {
+    /// `EdgeService.Watch`.
+    Watch,
+    /// `TunnelService.WatchTunnels`.
+    WatchTunnels,
+}
+
+/// One open server stream, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    metrics: Metrics,
+    stream: Stream,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.metrics
+            .subscribers(self.stream)
+            .fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Metrics {
@@ -49,6 +77,32 @@ impl Metrics {
     /// Authentications answered from the verified-token cache.
     pub fn token_cache_hits(&self) -> u64 {
         self.0.token_cache_hits.load(Ordering::Relaxed)
+    }
+
+    /// Open `EdgeService.Watch` streams.
+    pub fn watch_subscribers(&self) -> u64 {
+        self.0.watch_subscribers.load(Ordering::Relaxed)
+    }
+
+    /// Open `TunnelService.WatchTunnels` streams.
+    pub fn tunnel_watch_subscribers(&self) -> u64 {
+        self.0.tunnel_watch_subscribers.load(Ordering::Relaxed)
+    }
+
+    fn subscribers(&self, stream: Stream) -> &AtomicU64 {
+        match stream {
+            Stream::Watch => &self.0.watch_subscribers,
+            Stream::WatchTunnels => &self.0.tunnel_watch_subscribers,
+        }
+    }
+
+    /// Counts an open `stream` until the returned guard is dropped.
+    pub(crate) fn subscribe(&self, stream: Stream) -> Subscription {
+        self.subscribers(stream).fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            metrics: self.clone(),
+            stream,
+        }
     }
 
     pub(crate) fn count_cache_hit(&self) {

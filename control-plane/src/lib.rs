@@ -17,6 +17,8 @@
 //! - [`limits`]: per-team tunnel limits over the platform defaults.
 //! - [`feed`]: tailing the change log (LISTEN/NOTIFY nudge plus a short poll).
 //! - [`service`]: one module per gRPC service.
+//! - `metrics`: Prometheus metrics, the RPC-counting layer and the admin listener
+//!   (`/metrics`, `/healthz`, `/readyz`).
 //!
 //! # Reading the counters
 //! [`Config::metrics`] is a shared handle: clone it before calling [`run`] and read e.g.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod feed;
 pub mod hashing;
 pub mod limits;
+mod metrics;
 pub mod policy;
 pub mod service;
 pub mod store;
@@ -95,6 +98,32 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listeners = Listeners {
+        grpc: listener,
+        admin: None,
+    };
+    serve(config, pool, listeners, shutdown).await
+}
+
+/// The sockets a control plane serves, bound by the caller (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// The gRPC API.
+    pub grpc: tokio::net::TcpListener,
+    /// Admin listener: `/metrics` (Prometheus), `/healthz` and `/readyz` over plain HTTP.
+    /// Keep it off the public network.
+    pub admin: Option<tokio::net::TcpListener>,
+}
+
+/// Like [`run`], with every listener: also serves the admin endpoints when
+/// [`Listeners::admin`] is given.
+pub async fn serve(
+    config: Config,
+    pool: PgPool,
+    listeners: Listeners,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = listeners.grpc;
     config.validate()?;
     let tracker = TaskTracker::new();
     let hasher = Hasher::new(config.max_concurrent_hashes, config.metrics.clone())?;
@@ -153,6 +182,24 @@ pub async fn run(
         .build_v1alpha()
         .context("building the reflection service")?;
 
+    let rpc_metrics = metrics::ControlMetrics::new(
+        state.pool.clone(),
+        state.config.metrics.clone(),
+        state.config.db_max_connections,
+    );
+    let rpc_layer = rpc_metrics.layer();
+    // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.
+    let admin_stop = CancellationToken::new();
+    if let Some(l) = listeners.admin {
+        tracing::info!(addr = ?l.local_addr().ok(), "admin endpoints listening");
+        let admin = Arc::new(metrics::Admin {
+            metrics: rpc_metrics,
+            pool: state.pool.clone(),
+            readiness_timeout: state.config.readiness_timeout,
+            shutdown: shutdown.clone(),
+        });
+        tokio::spawn(metrics::serve_admin(l, admin, admin_stop.clone()));
+    }
     let mut builder = Server::builder()
         .timeout(state.config.request_timeout)
         .http2_keepalive_interval(Some(state.config.http2_keepalive_interval))
@@ -172,6 +219,7 @@ pub async fn run(
     let stop = shutdown.clone();
     let grace = state.config.shutdown_grace;
     let server = builder
+        .layer(rpc_layer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)
@@ -199,6 +247,7 @@ pub async fn run(
     };
     tracker.close();
     let _ = tokio::time::timeout(grace, tracker.wait()).await;
+    admin_stop.cancel();
     served
 }
 

@@ -80,6 +80,14 @@ struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "BURROW_CONTROL_LISTEN", default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Admin listener serving /metrics (Prometheus), /healthz and /readyz over plain HTTP;
+    /// "off" disables it. Keep it off the public network.
+    #[arg(
+        long,
+        env = "BURROW_CONTROL_ADMIN_ADDR",
+        default_value = "127.0.0.1:9091"
+    )]
+    admin_addr: String,
     /// PEM certificate chain for TLS (with --tls-key).
     #[arg(long, env = "BURROW_CONTROL_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -189,9 +197,24 @@ async fn real_main(cli: Cli) -> Result<(), Failure> {
             let listener = tokio::net::TcpListener::bind(args.listen)
                 .await
                 .with_context(|| format!("binding {}", args.listen))?;
+            let admin = if args.admin_addr == "off" {
+                None
+            } else {
+                Some(
+                    tokio::net::TcpListener::bind(&args.admin_addr)
+                        .await
+                        .with_context(|| {
+                            format!("binding the admin listener {}", args.admin_addr)
+                        })?,
+                )
+            };
             let shutdown = CancellationToken::new();
             tokio::spawn(wait_for_signal(shutdown.clone()));
-            burrow_control::run(config, pool, listener, shutdown).await?;
+            let listeners = burrow_control::Listeners {
+                grpc: listener,
+                admin,
+            };
+            burrow_control::serve(config, pool, listeners, shutdown).await?;
             Ok(())
         }
         Command::Migrate => {

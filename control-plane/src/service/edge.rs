@@ -595,6 +595,10 @@ impl EdgeApi {
         let (tx, rx) = mpsc::channel(self.state.config.stream_buffer);
         let state = self.state.clone();
         tokio::spawn(async move {
+            let _subscriber = state
+                .config
+                .metrics
+                .subscribe(crate::hashing::Stream::Watch);
             let hello = v1::WatchEvent {
                 revision: 0,
                 event: Some(v1::watch_event::Event::Hello(v1::WatchHello {

@@ -190,6 +190,10 @@ impl TunnelApi {
         let (tx, rx) = mpsc::channel(self.state.config.stream_buffer);
         let state = self.state.clone();
         tokio::spawn(async move {
+            let _subscriber = state
+                .config
+                .metrics
+                .subscribe(crate::hashing::Stream::WatchTunnels);
             if let Err(status) = watch_tunnels(state, start, teams, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }

@@ -11,15 +11,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use burrow_proto::v1 as pb;
 use bytes::Bytes;
 use futures::{SinkExt as _, StreamExt as _};
 use http::{HeaderMap, StatusCode};
 use http_body_util::{BodyExt as _, Full};
+use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
+use tunnel_support::control::*;
 use tunnel_support::*;
 
 /// How long any single step may take.
@@ -611,4 +614,221 @@ async fn the_tunnels_file_takes_the_same_policy_keys() {
     .await;
     assert_eq!(status, 403);
     assert_eq!(local.hits(), 2);
+}
+
+// === Policies pinned on reservations (control plane) ===
+
+/// An argon2id PHC hash of `password`, as `burrow` sends it.
+fn hash(password: &str) -> String {
+    use argon2::password_hash::{PasswordHasher as _, SaltString};
+    let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .unwrap()
+        .to_string()
+}
+
+async fn pin(cp: &ControlPlane, owner: &Owner, subdomain: &str, policy: Option<pb::TunnelPolicy>) {
+    let mut req = tonic::Request::new(pb::SetReservationPolicyRequest {
+        subdomain: subdomain.into(),
+        policy,
+    });
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", owner.token).parse().unwrap(),
+    );
+    pb::reservation_service_client::ReservationServiceClient::new(cp.channel.clone())
+        .set_reservation_policy(req)
+        .await
+        .unwrap();
+}
+
+/// Polls until a plain visit to `sub` answers `want`.
+async fn until_status(edge: &Edge, sub: &str, want: u16) {
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (status, _, _) = get(edge, None, sub, "/", &[]).await;
+        if status == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sub} still answers {status}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn an_agent_cannot_loosen_a_policy_pinned_on_the_reservation(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let owner = cp.owner("ann@example.com", "web").await;
+    cp.reserve(&owner, "shop").await;
+    pin(
+        &cp,
+        &owner,
+        "shop",
+        Some(pb::TunnelPolicy {
+            allow_ips: vec!["10.0.0.0/8".into()],
+            basic_auth: vec![pb::BasicAuthUser {
+                username: "admin".into(),
+                password_hash: hash("pinned-pw"),
+            }],
+            ..Default::default()
+        }),
+    )
+    .await;
+    let (_, secret) = cp.agent_token(&owner).await;
+    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let local = local_server().await;
+    let port = local.port();
+    // The agent allows its own address and brings its own user: neither loosens the pin.
+    let agent = start_agent(
+        &edge,
+        &secret,
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "shop",
+            "--allow-ip",
+            "127.0.0.0/8",
+            "--basic-auth",
+            "me:mine",
+        ],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let out = agent.stdout.lock().await.join("\n");
+    assert!(out.contains("pinned on the reservation of shop"), "{out}");
+    let (status, _, body) = get(
+        &edge,
+        None,
+        "shop",
+        "/",
+        &[("authorization", &basic("me:mine"))],
+    )
+    .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, _, _) = ws(
+        &edge,
+        None,
+        "shop",
+        &[("authorization", &basic("admin:pinned-pw"))],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert_eq!(status, 403);
+    assert_eq!(local.hits(), 0);
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_pinned_policy_changed_through_the_api_applies_to_the_running_tunnel(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let owner = cp.owner("ann@example.com", "web").await;
+    cp.reserve(&owner, "live").await;
+    let (_, secret) = cp.agent_token(&owner).await;
+    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let local = local_server().await;
+    let port = local.port();
+    let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "live"]).await;
+    let (status, _, _) = get(&edge, None, "live", "/", &[]).await;
+    assert_eq!(status, 200);
+
+    pin(
+        &cp,
+        &owner,
+        "live",
+        Some(pb::TunnelPolicy {
+            basic_auth: vec![pb::BasicAuthUser {
+                username: "admin".into(),
+                password_hash: hash("pinned-pw"),
+            }],
+            ..Default::default()
+        }),
+    )
+    .await;
+    until_status(&edge, "live", 401).await;
+    let hits = local.hits();
+    let good = basic("admin:pinned-pw");
+    let (status, _, _) = get(&edge, None, "live", "/", &[("authorization", &good)]).await;
+    assert_eq!(status, 200);
+    let (mut socket, _) = ws(&edge, None, "live", &[("authorization", &good)])
+        .await
+        .unwrap();
+    echoes(&mut socket).await;
+    let (status, _, _) = ws(&edge, None, "live", &[]).await.err().unwrap();
+    assert_eq!(status, 401);
+    assert_eq!(local.hits(), hits + 2);
+
+    // Cleared: open again.
+    pin(&cp, &owner, "live", None).await;
+    until_status(&edge, "live", 200).await;
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn new_team_limits_apply_to_the_running_tunnel(pool: PgPool) {
+    let cp = start_control(pool).await;
+    let owner = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&owner).await;
+    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let local = local_server().await;
+    let port = local.port();
+    let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "capped"]).await;
+    let set_limits = |max_websockets: u32| {
+        let mut req = tonic::Request::new(pb::SetTunnelLimitsRequest {
+            team: "web".into(),
+            limits: Some(pb::TunnelLimits {
+                max_websocket_connections: max_websockets,
+                ..Default::default()
+            }),
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", cp.admin).parse().unwrap(),
+        );
+        let channel = cp.channel.clone();
+        async move {
+            pb::team_service_client::TeamServiceClient::new(channel)
+                .set_tunnel_limits(req)
+                .await
+                .unwrap();
+        }
+    };
+    let (mut first, _) = ws(&edge, None, "capped", &[]).await.unwrap();
+    let (mut second, _) = ws(&edge, None, "capped", &[]).await.unwrap();
+
+    set_limits(2).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        match ws(&edge, None, "capped", &[]).await {
+            Err((status, _, _)) => {
+                assert_eq!(status, 429);
+                break;
+            }
+            Ok(_) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the new WebSocket limit never applied"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The open ones keep working.
+    echoes(&mut first).await;
+    echoes(&mut second).await;
+
+    set_limits(0).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        if let Ok((mut third, _)) = ws(&edge, None, "capped", &[]).await {
+            echoes(&mut third).await;
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lifted limit never applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

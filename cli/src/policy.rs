@@ -51,9 +51,11 @@ const M_COST_KIB: u32 = 19_456;
 const T_COST: u32 = 2;
 const P_COST: u32 = 1;
 
-/// Headers that describe one hop of a connection (RFC 9110 §7.6.1) or its framing, plus
-/// `Host`: a policy may neither add nor remove them, since the edge owns them.
-const RESERVED_HEADERS: &[&str] = &[
+/// Headers a policy may neither add nor remove, since the edge and the agent own them: those
+/// describing one hop of a connection (RFC 9110 §7.6.1) or its framing, `Host`, and the
+/// forwarding headers the edge sets itself. Names starting with [`RESERVED_HEADER_PREFIXES`]
+/// are refused too.
+pub(crate) const RESERVED_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -65,7 +67,14 @@ const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
     "content-length",
     "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
 ];
+
+/// Prefixes of header names a policy may neither add nor remove: the WebSocket handshake
+/// (RFC 6455 §11.3) and the agent↔edge protocol's own headers.
+pub(crate) const RESERVED_HEADER_PREFIXES: &[&str] = &["sec-websocket-", "burrow-"];
 
 /// The policy flags, shared by `burrow http` and `burrow reservation policy set`, and the
 /// same keys in the agent's TOML file (`basic_auth = ["user:pass"]`, `allow_ip = […]`, …).
@@ -429,10 +438,14 @@ fn check_header_name(name: &str) -> anyhow::Result<()> {
             "{name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
         );
     };
-    if RESERVED_HEADERS.contains(&parsed.as_str()) {
+    if RESERVED_HEADERS.contains(&parsed.as_str())
+        || RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| parsed.as_str().starts_with(p))
+    {
         anyhow::bail!(
-            "header {name} belongs to the connection, not the request; a policy cannot add or \
-             remove it"
+            "header {name} belongs to the connection or to the tunnel itself (framing, upgrade, \
+             X-Forwarded-*, Burrow-*); a policy cannot add or remove it"
         );
     }
     Ok(())

@@ -42,8 +42,10 @@ pub const MAX_ARGON2_T_COST: u32 = 8;
 /// Most argon2 lanes accepted in a password hash.
 pub const MAX_ARGON2_P_COST: u32 = 4;
 
-/// Headers that describe one hop of a connection (RFC 9110 §7.6.1) or its framing, plus
-/// `Host`: a policy may neither add nor remove them, since the edge owns them.
+/// Headers a policy may neither add nor remove, since the edge and the agent own them: those
+/// describing one hop of a connection (RFC 9110 §7.6.1) or its framing, `Host`, and the
+/// forwarding headers the edge sets itself. Names starting with [`RESERVED_HEADER_PREFIXES`]
+/// are refused too.
 pub const RESERVED_HEADERS: &[&str] = &[
     "connection",
     "keep-alive",
@@ -56,7 +58,14 @@ pub const RESERVED_HEADERS: &[&str] = &[
     "upgrade",
     "content-length",
     "host",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
 ];
+
+/// Prefixes of header names a policy may neither add nor remove: the WebSocket handshake
+/// (RFC 6455 §11.3) and the agent↔edge protocol's own headers.
+pub const RESERVED_HEADER_PREFIXES: &[&str] = &["sec-websocket-", "burrow-"];
 
 /// The request field every policy error names.
 const FIELD: &str = "policy";
@@ -318,10 +327,14 @@ fn check_header_name(name: &str) -> ApiResult<()> {
             "{name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
         )));
     };
-    if RESERVED_HEADERS.contains(&parsed.as_str()) {
+    if RESERVED_HEADERS.contains(&parsed.as_str())
+        || RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| parsed.as_str().starts_with(p))
+    {
         return Err(invalid(format!(
-            "header {name} belongs to the connection, not the request; a policy cannot add or \
-             remove it"
+            "header {name} belongs to the connection or to the tunnel itself (framing, upgrade, \
+             X-Forwarded-*, Burrow-*); a policy cannot add or remove it"
         )));
     }
     Ok(())
@@ -399,7 +412,16 @@ mod tests {
                 "{bad}"
             );
         }
-        for bad in ["Host", "Connection", "transfer-encoding", "bad name", ""] {
+        for bad in [
+            "Host",
+            "Connection",
+            "transfer-encoding",
+            "X-Forwarded-For",
+            "Sec-WebSocket-Key",
+            "Burrow-Session",
+            "bad name",
+            "",
+        ] {
             assert!(
                 with(|p| p.request_headers_remove = vec![bad.into()]).is_err(),
                 "{bad}"

@@ -107,6 +107,11 @@ pub struct Config {
     pub max_usage_range_days: u32,
     /// Longest `/readyz` waits for `SELECT 1` on the pool before answering 503.
     pub readiness_timeout: Duration,
+    /// Most connections served at once on the admin listener (`/metrics`, `/healthz`,
+    /// `/readyz`); more wait for a free slot.
+    pub admin_max_connections: usize,
+    /// How long an admin client may take to send its request head.
+    pub admin_header_timeout: Duration,
     /// Counters the server updates (argon2 verifications, …); clone it before calling
     /// [`crate::run`] to read them.
     pub metrics: Metrics,
@@ -159,6 +164,8 @@ impl Default for Config {
             },
             max_usage_range_days: 366,
             readiness_timeout: Duration::from_secs(2),
+            admin_max_connections: 32,
+            admin_header_timeout: Duration::from_secs(5),
             metrics: Metrics::default(),
         }
     }
@@ -182,6 +189,8 @@ impl Config {
             ("change poll interval", self.change_poll_interval),
             ("request timeout", self.request_timeout),
             ("HTTP/2 keepalive interval", self.http2_keepalive_interval),
+            ("readiness timeout", self.readiness_timeout),
+            ("admin header timeout", self.admin_header_timeout),
         ];
         for (name, value) in positive {
             if value.is_zero() {
@@ -211,6 +220,11 @@ impl Config {
         if self.max_usage_range_days == 0 {
             return Err(ConfigError(
                 "the usage range must allow at least one day".into(),
+            ));
+        }
+        if self.admin_max_connections == 0 {
+            return Err(ConfigError(
+                "the admin listener must allow at least one connection".into(),
             ));
         }
         if self.token_cache_capacity == 0 {

@@ -196,6 +196,8 @@ pub async fn serve(
             metrics: rpc_metrics,
             pool: state.pool.clone(),
             readiness_timeout: state.config.readiness_timeout,
+            max_connections: state.config.admin_max_connections,
+            header_timeout: state.config.admin_header_timeout,
             shutdown: shutdown.clone(),
         });
         tokio::spawn(metrics::serve_admin(l, admin, admin_stop.clone()));

@@ -41,11 +41,6 @@ use crate::hashing::Metrics;
 
 /// Content type of the Prometheus text exposition format.
 const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// Most admin connections served at once; more wait for a free slot. The admin listener is
-/// for a scraper and a health checker, not for the public.
-const ADMIN_MAX_CONNECTIONS: usize = 32;
-/// How long an admin client may take to send its request head.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bounds (seconds) of the RPC latency buckets: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -474,6 +469,10 @@ pub(crate) struct Admin {
     pub(crate) metrics: ControlMetrics,
     pub(crate) pool: PgPool,
     pub(crate) readiness_timeout: Duration,
+    /// Most admin connections at once (the listener is for a scraper and a health checker,
+    /// not for the public).
+    pub(crate) max_connections: usize,
+    pub(crate) header_timeout: Duration,
     /// Cancelled when shutdown starts: `/readyz` answers 503 from then on.
     pub(crate) shutdown: CancellationToken,
 }
@@ -543,7 +542,7 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
 pub(crate) async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    let permits = Arc::new(Semaphore::new(admin.max_connections));
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
@@ -564,13 +563,14 @@ pub(crate) async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, stop: 
         let stop = stop.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            let header_timeout = admin.header_timeout;
             let svc = service_fn(move |req| {
                 let admin = Arc::clone(&admin);
                 async move { Ok::<_, Infallible>(admin.answer(&req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

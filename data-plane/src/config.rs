@@ -124,6 +124,11 @@ pub struct Limits {
     pub drain_timeout: Duration,
     /// Timeout of each call to the control plane.
     pub control_call_timeout: Duration,
+    /// Most connections served at once on the admin listener (`/metrics`, `/healthz`,
+    /// `/readyz`); more wait for a free slot.
+    pub admin_max_connections: usize,
+    /// How long an admin client may take to send its request head.
+    pub admin_header_timeout: Duration,
     /// How long a tunnel remembers a verified basic-auth `Authorization` value (by its
     /// SHA-256), so a browser opening several connections pays argon2 once. Zero: verify
     /// once per visitor connection only.
@@ -169,6 +174,8 @@ impl Default for Limits {
             authorization_cache_entries: 10_000,
             offline_grace: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
+            admin_max_connections: 32,
+            admin_header_timeout: Duration::from_secs(5),
             control_call_timeout: Duration::from_secs(10),
             basic_auth_cache_ttl: Duration::from_secs(60),
             basic_auth_cache_entries: 1_000,
@@ -233,6 +240,7 @@ impl Config {
                 "basic_auth_max_concurrent_verifications",
             ),
             (l.authorization_cache_entries, "authorization_cache_entries"),
+            (l.admin_max_connections, "admin_max_connections"),
         ];
         for (v, name) in positive {
             if v == 0 {

@@ -40,6 +40,9 @@ struct Args {
     /// "off" disables it. Keep it off the public network.
     #[arg(long, env = "BURROW_EDGE_ADMIN_ADDR", default_value = "127.0.0.1:9090")]
     admin_addr: String,
+    /// Most connections served at once on the admin listener.
+    #[arg(long, default_value_t = Limits::default().admin_max_connections)]
+    admin_max_connections: usize,
     /// Public visitor URL template, `{sub}` replaced by the subdomain.
     #[arg(long)]
     public_url: Option<String>,
@@ -260,6 +263,7 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         agent_keepalive_interval: Duration::from_secs(args.agent_keepalive),
         h2_stream_window: args.h2_stream_window,
         h2_connection_window: args.h2_connection_window,
+        admin_max_connections: args.admin_max_connections,
         ..Limits::default()
     };
     Ok(Config {

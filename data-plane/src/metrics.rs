@@ -44,12 +44,6 @@ use crate::State;
 /// Content type of the Prometheus text exposition format.
 pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// Most admin connections served at once; more wait for a free slot. The admin listener is
-/// for a scraper and a health checker, not for the public.
-const ADMIN_MAX_CONNECTIONS: usize = 32;
-/// How long an admin client may take to send its request head.
-const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Upper bounds (seconds) of the request-duration buckets: 1 ms to 60 s.
 const REQUEST_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
@@ -700,7 +694,9 @@ pub(crate) async fn serve_admin(
     state: Arc<State>,
     shutdown: CancellationToken,
 ) {
-    let permits = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    // The admin listener is for a scraper and a health checker, not for the public.
+    let permits = Arc::new(Semaphore::new(state.config.limits.admin_max_connections));
+    let header_timeout = state.config.limits.admin_header_timeout;
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
@@ -727,7 +723,7 @@ pub(crate) async fn serve_admin(
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(ADMIN_HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), svc);
             tokio::pin!(conn);
             tokio::select! {

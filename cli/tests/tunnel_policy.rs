@@ -546,7 +546,12 @@ async fn header_rules_rewrite_requests_for_the_local_server_and_responses_for_th
 
 #[tokio::test]
 async fn a_policy_the_edge_cannot_apply_stops_the_agent_with_a_sentence() {
-    let edge = standalone_edge().await;
+    // This edge accepts cheaper password hashes than the agent makes, and short lists.
+    let edge = standalone_edge_with(|l| {
+        l.basic_auth_max_hash_memory_kib = 1024;
+        l.policy_max_rules = 1;
+    })
+    .await;
     let err = try_start_agent(
         &edge,
         STANDALONE_TOKEN,
@@ -555,8 +560,8 @@ async fn a_policy_the_edge_cannot_apply_stops_the_agent_with_a_sentence() {
             "3000",
             "--subdomain",
             "bad",
-            "--request-header-add",
-            "X-Forwarded-For:1.2.3.4",
+            "--basic-auth",
+            "ann:pw",
         ],
     )
     .await
@@ -566,7 +571,26 @@ async fn a_policy_the_edge_cannot_apply_stops_the_agent_with_a_sentence() {
         err.contains("the tunnel policy for bad is invalid"),
         "{err}"
     );
-    assert!(err.contains("X-Forwarded-For"), "{err}");
+    assert!(err.contains("this edge allows at most 1024 KiB"), "{err}");
+    assert!(!err.contains("ann:pw"), "{err}");
+    let err = try_start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            "3000",
+            "--subdomain",
+            "bad",
+            "--allow-ip",
+            "10.0.0.0/8",
+            "--allow-ip",
+            "192.168.0.0/16",
+        ],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(err.contains("at most 1 allowed addresses, not 2"), "{err}");
 }
 
 #[tokio::test]

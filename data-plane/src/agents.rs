@@ -109,6 +109,7 @@ async fn handle(
     let hello: pb::AgentHello = read_message(&mut tls).await?;
     tracing::Span::current().record("instance", hello.agent_instance.as_str());
 
+    let bind_started = std::time::Instant::now();
     let (grant, bound) = match bind(&state, &hello, peer).await {
         Ok(b) => b,
         Err(e) => {
@@ -196,6 +197,7 @@ async fn handle(
         .collect();
     state.registry.add_agent(Arc::clone(&agent));
     state.registry.insert_routes(&routes);
+    state.registry.catch_up_pins(&routes, bind_started);
     for b in &bound {
         tracing::info!(
             %peer,

@@ -25,6 +25,12 @@ pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
 /// Most names remembered as "recently offline"; older ones are forgotten first.
 const MAX_OFFLINE_NAMES: usize = 100_000;
+/// How long a pinned-policy change is remembered for its name, so a tunnel whose binding was
+/// in flight when the change arrived (authorized with the old policy) still gets the new one.
+/// Longer than any binding takes (handshake and control-plane timeouts are seconds).
+const RECENT_PIN_KEEP: Duration = Duration::from_secs(120);
+/// Most pinned-policy changes remembered at once; the oldest is forgotten first.
+const MAX_RECENT_PINS: usize = 10_000;
 
 /// Checks and case-folds one subdomain label (RFC 1035 label, lower case).
 pub(crate) fn normalize_subdomain(s: &str) -> Result<String, String> {
@@ -181,6 +187,9 @@ pub(crate) struct Counts {
     pub(crate) visitor_connections: u64,
 }
 
+/// A pinned-policy change (`None`: cleared) and when it arrived.
+type RecentPin = (Instant, Option<Arc<Policy>>);
+
 /// The edge's live state.
 pub(crate) struct Registry {
     routes: RwLock<HashMap<String, Arc<Route>>>,
@@ -192,6 +201,8 @@ pub(crate) struct Registry {
     pub(crate) visitor_connections: AtomicU64,
     /// Basic-auth verification, shared by every tunnel.
     pub(crate) verifier: Verifier,
+    /// Recent pinned-policy changes by name, with when they arrived.
+    recent_pins: Mutex<HashMap<String, RecentPin>>,
 }
 
 impl Default for Registry {
@@ -209,6 +220,7 @@ impl Registry {
             next_agent_id: AtomicU64::new(0),
             visitor_connections: AtomicU64::new(0),
             verifier: Verifier::new(limits),
+            recent_pins: Mutex::default(),
         }
     }
 
@@ -358,8 +370,25 @@ impl Registry {
         }
     }
 
-    /// Applies a new pinned policy to the live tunnel on `subdomain`, if any.
+    /// Applies a new pinned policy to the live tunnel on `subdomain`, if any, and remembers it
+    /// briefly for a tunnel being bound on that name right now (see [`Self::catch_up_pins`]).
     pub(crate) fn set_pinned_policy(&self, subdomain: &str, policy: Option<Arc<Policy>>) {
+        if let Ok(mut recent) = self.recent_pins.lock() {
+            let now = Instant::now();
+            if recent.len() >= MAX_RECENT_PINS {
+                recent.retain(|_, (at, _)| now.duration_since(*at) < RECENT_PIN_KEEP);
+            }
+            if recent.len() >= MAX_RECENT_PINS {
+                if let Some(k) = recent
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone())
+                {
+                    recent.remove(&k);
+                }
+            }
+            recent.insert(subdomain.to_owned(), (now, policy.clone()));
+        }
         if let Some(r) = self.route(subdomain) {
             tracing::info!(
                 %subdomain,
@@ -367,6 +396,22 @@ impl Registry {
                 "the reservation's pinned policy changed"
             );
             r.policies.set_pinned(policy);
+        }
+    }
+
+    /// Gives freshly installed `routes` any pinned-policy change that arrived after their
+    /// binding started at `since`: their authorization may predate it.
+    pub(crate) fn catch_up_pins(&self, routes: &[Arc<Route>], since: Instant) {
+        let Ok(recent) = self.recent_pins.lock() else {
+            return;
+        };
+        for r in routes {
+            if let Some((at, policy)) = recent.get(&r.subdomain) {
+                if *at >= since {
+                    tracing::info!(subdomain = %r.subdomain, "applying a pinned-policy change that arrived while the tunnel was being bound");
+                    r.policies.set_pinned(policy.clone());
+                }
+            }
         }
     }
 

@@ -129,6 +129,26 @@ struct Args {
     /// HTTP/2 flow-control window of a whole agent connection, in bytes.
     #[arg(long, default_value_t = Limits::default().h2_connection_window)]
     h2_connection_window: u32,
+    /// Seconds a tunnel remembers a verified basic-auth credential (by its SHA-256), so a
+    /// browser opening several connections pays argon2 once (0: once per connection only).
+    #[arg(long, default_value_t = Limits::default().basic_auth_cache_ttl.as_secs())]
+    basic_auth_cache_ttl: u64,
+    /// Most verified basic-auth credentials one tunnel remembers.
+    #[arg(long, default_value_t = Limits::default().basic_auth_cache_entries)]
+    basic_auth_cache_entries: usize,
+    /// Most argon2 password verifications running at once; others wait. Bounds the memory a
+    /// flood of wrong passwords can take.
+    #[arg(long, default_value_t = Limits::default().basic_auth_max_concurrent_verifications)]
+    basic_auth_max_concurrent_verifications: usize,
+    /// Largest argon2 memory cost (KiB) a tunnel policy's password hash may ask for.
+    #[arg(long, default_value_t = Limits::default().basic_auth_max_hash_memory_kib)]
+    basic_auth_max_hash_memory_kib: u32,
+    /// Largest argon2 time cost (passes) a tunnel policy's password hash may ask for.
+    #[arg(long, default_value_t = Limits::default().basic_auth_max_hash_passes)]
+    basic_auth_max_hash_passes: u32,
+    /// Most entries in each list of a tunnel policy (users, addresses, origins, header rules).
+    #[arg(long, default_value_t = Limits::default().policy_max_rules)]
+    policy_max_rules: usize,
 }
 
 /// Exit code for a configuration that cannot work (sysexits EX_USAGE).
@@ -264,6 +284,12 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         h2_stream_window: args.h2_stream_window,
         h2_connection_window: args.h2_connection_window,
         admin_max_connections: args.admin_max_connections,
+        basic_auth_cache_ttl: Duration::from_secs(args.basic_auth_cache_ttl),
+        basic_auth_cache_entries: args.basic_auth_cache_entries,
+        basic_auth_max_concurrent_verifications: args.basic_auth_max_concurrent_verifications,
+        basic_auth_max_hash_memory_kib: args.basic_auth_max_hash_memory_kib,
+        basic_auth_max_hash_passes: args.basic_auth_max_hash_passes,
+        policy_max_rules: args.policy_max_rules,
         ..Limits::default()
     };
     Ok(Config {

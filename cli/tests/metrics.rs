@@ -538,7 +538,9 @@ async fn policy_refusals_are_counted_by_reason() {
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
-async fn readyz_is_503_until_the_edge_registers_with_the_control_plane(pool: PgPool) {
+async fn readyz_is_503_until_the_edge_registers_and_again_when_the_control_plane_is_gone(
+    pool: PgPool,
+) {
     // No control plane answers here yet.
     let unused = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let dead = unused.local_addr().unwrap();
@@ -577,5 +579,26 @@ async fn readyz_is_503_until_the_edge_registers_with_the_control_plane(pool: PgP
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // The control plane goes away: the next heartbeat (every second here) gets no answer.
+    cp.shutdown.cancel();
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let (status, _, body) = admin_get(edge.admin, "/readyz").await;
+        if status == 503 {
+            assert!(
+                body.contains("did not answer the latest heartbeat"),
+                "{body}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still ready: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, _) = admin_get(edge.admin, "/healthz").await;
+    assert_eq!(status, 200);
     edge.stop().await;
 }

@@ -595,6 +595,17 @@ mod tests {
         );
         assert!(known.contains_key("/burrow.v1.EdgeService/Watch"));
         assert!(!known.contains_key("/burrow.v1.AccountService/Nope"));
+        let rpc = Rpc {
+            calls: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram),
+            known,
+            other: MethodLabels {
+                service: Arc::new(OTHER.to_owned()),
+                method: Arc::new(OTHER.to_owned()),
+            },
+        };
+        let l = rpc.labels("/anything.a.visitor/Chooses");
+        assert_eq!((l.service.as_str(), l.method.as_str()), ("other", "other"));
     }
 
     #[test]

@@ -176,19 +176,19 @@ impl Collector for Sampled {
         counter(
             &mut encoder,
             "argon2_verifications",
-            "argon2id verifications of token secrets and passwords (dummy ones for unknown ids included)",
+            "argon2id verifications of token secrets and passwords (dummy ones for unknown ids included).",
             self.metrics.argon2_verifications(),
         )?;
         counter(
             &mut encoder,
             "argon2_hashes",
-            "argon2id hashes computed (new tokens, rotations, passwords)",
+            "argon2id hashes computed (new tokens, rotations, passwords).",
             self.metrics.argon2_hashes(),
         )?;
         counter(
             &mut encoder,
             "token_cache_hits",
-            "Bearer tokens accepted from the verified-token cache, without argon2",
+            "Bearer tokens accepted from the verified-token cache, without argon2.",
             self.metrics.token_cache_hits(),
         )?;
 
@@ -197,7 +197,7 @@ impl Collector for Sampled {
         let g = ConstGauge::new(i64::from(idle));
         let mut e = encoder.encode_descriptor(
             "db_pool_connections",
-            "Database connections in the pool, by state (idle or in_use)",
+            "Database connections in the pool, by state (idle or in_use).",
             None,
             g.metric_type(),
         )?;
@@ -207,7 +207,7 @@ impl Collector for Sampled {
         let g = ConstGauge::new(i64::from(self.max_connections));
         let e = encoder.encode_descriptor(
             "db_pool_max_connections",
-            "Most database connections the pool may open",
+            "Most database connections the pool may open.",
             None,
             g.metric_type(),
         )?;
@@ -216,7 +216,7 @@ impl Collector for Sampled {
         let g = ConstGauge::new(gauge(self.metrics.watch_subscribers()));
         let mut e = encoder.encode_descriptor(
             "watch_subscribers",
-            "Open server streams: EdgeService.Watch (one per edge) and TunnelService.WatchTunnels",
+            "Open server streams: EdgeService.Watch (one per edge) and TunnelService.WatchTunnels.",
             None,
             g.metric_type(),
         )?;

@@ -171,17 +171,17 @@ impl Collector for Sampled {
         let gauges = [
             (
                 "agent_sessions",
-                "Agent connections bound to this edge",
+                "Agent connections bound to this edge.",
                 i64::from(counts.agent_sessions),
             ),
             (
                 "tunnels",
-                "Tunnels routable on this edge",
+                "Tunnels routable on this edge.",
                 i64::from(counts.tunnels),
             ),
             (
                 "visitor_connections_open",
-                "Visitor TCP connections open (HTTP and HTTPS listeners)",
+                "Visitor TCP connections open (HTTP and HTTPS listeners).",
                 i64::try_from(counts.visitor_connections).unwrap_or(i64::MAX),
             ),
         ];
@@ -192,7 +192,7 @@ impl Collector for Sampled {
         let c = ConstCounter::new(self.0.verifier.runs());
         c.encode(encoder.encode_descriptor(
             "basic_auth_verifications",
-            "argon2id verifications of visitors' basic-auth passwords (cache misses)",
+            "argon2id verifications of visitors' basic-auth passwords (cache misses).",
             None,
             c.metric_type(),
         )?)

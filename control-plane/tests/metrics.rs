@@ -232,7 +232,7 @@ async fn each_call_is_counted_once_with_the_status_it_ended_with(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
-async fn an_open_server_stream_is_a_subscriber_until_the_server_ends_it(pool: PgPool) {
+async fn an_open_server_stream_is_a_subscriber_until_its_client_leaves(pool: PgPool) {
     let app = spawn_app(&pool).await;
     let before = Scrape::take(&app).await;
     assert_eq!(
@@ -277,10 +277,27 @@ async fn an_open_server_stream_is_a_subscriber_until_the_server_ends_it(pool: Pg
         s.get("burrow_control_rpc_duration_seconds_count", &watch),
         2.0
     );
-    // Shutdown ends the stream: the subscriber goes and the call finishes.
-    app.shutdown.cancel();
+    // The client goes away: the subscriber goes and the call ends as CANCELLED.
     drop(stream);
-    let _ = app.server.await;
+    let s = scrape_until(&app, "the subscriber to go", |s| {
+        s.get(
+            "burrow_control_watch_subscribers",
+            &[("stream", "WatchTunnels")],
+        ) == 0.0
+            && s.get(
+                "burrow_control_rpcs_total",
+                &[watch[0], watch[1], ("code", "CANCELLED")],
+            ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        s.get(
+            "burrow_control_rpcs_total",
+            &[watch[0], watch[1], ("code", "OK")]
+        ),
+        0.0
+    );
+    app.stop().await;
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]

@@ -7,42 +7,16 @@
 //! machine. [`validate_policy`] applies the same rules the control plane applies, so mistakes
 //! are reported before anything is sent.
 
-use std::collections::HashSet;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::{Algorithm, Argon2, Params, Version};
+use burrow_proto::policy::MAX_BASIC_AUTH_USERS;
 use burrow_proto::v1::{BasicAuthUser, Header, TunnelPolicy};
 use clap::Args;
 use serde::Deserialize;
 
-/// Most basic-auth users in one policy.
-pub(crate) const MAX_BASIC_AUTH_USERS: usize = 32;
-/// Most entries in each of the IP allow and deny lists.
-pub(crate) const MAX_IP_RULES: usize = 256;
-/// Most entries in the Origin allow list.
-pub(crate) const MAX_ORIGINS: usize = 64;
-/// Most entries in each header add/remove list.
-pub(crate) const MAX_HEADER_RULES: usize = 32;
-/// Longest basic-auth username, in bytes.
-pub(crate) const MAX_USERNAME_BYTES: usize = 128;
-/// Longest password hash string, in bytes.
-pub(crate) const MAX_PASSWORD_HASH_BYTES: usize = 512;
-/// Longest origin, in bytes.
-pub(crate) const MAX_ORIGIN_BYTES: usize = 512;
-/// Longest header name, in bytes.
-pub(crate) const MAX_HEADER_NAME_BYTES: usize = 256;
-/// Longest added header value, in bytes.
-pub(crate) const MAX_HEADER_VALUE_BYTES: usize = 4096;
-/// Largest argon2 memory cost accepted in a password hash (KiB). The edge verifies the hash
-/// once per visitor connection, so an extravagant cost would be a denial of service.
-pub(crate) const MAX_ARGON2_M_COST_KIB: u32 = 65_536;
-/// Most argon2 passes accepted in a password hash.
-pub(crate) const MAX_ARGON2_T_COST: u32 = 8;
-/// Most argon2 lanes accepted in a password hash.
-pub(crate) const MAX_ARGON2_P_COST: u32 = 4;
 /// Largest `--basic-auth-file`, in bytes.
 const MAX_BASIC_AUTH_FILE_BYTES: u64 = 64 * 1024;
 
@@ -50,31 +24,6 @@ const MAX_BASIC_AUTH_FILE_BYTES: u64 = 64 * 1024;
 const M_COST_KIB: u32 = 19_456;
 const T_COST: u32 = 2;
 const P_COST: u32 = 1;
-
-/// Headers a policy may neither add nor remove, since the edge and the agent own them: those
-/// describing one hop of a connection (RFC 9110 §7.6.1) or its framing, `Host`, and the
-/// forwarding headers the edge sets itself. Names starting with [`RESERVED_HEADER_PREFIXES`]
-/// are refused too.
-pub(crate) const RESERVED_HEADERS: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "host",
-    "x-forwarded-for",
-    "x-forwarded-proto",
-    "x-forwarded-host",
-];
-
-/// Prefixes of header names a policy may neither add nor remove: the WebSocket handshake
-/// (RFC 6455 §11.3) and the agent↔edge protocol's own headers.
-pub(crate) const RESERVED_HEADER_PREFIXES: &[&str] = &["sec-websocket-", "burrow-"];
 
 /// The policy flags, shared by `burrow http` and `burrow reservation policy set`, and the
 /// same keys in the agent's TOML file (`basic_auth = ["user:pass"]`, `allow_ip = […]`, …).
@@ -153,7 +102,8 @@ impl PolicyArgs {
         }
         let mut basic_auth = Vec::with_capacity(users.len());
         for (username, password) in users {
-            check_username(&username)?;
+            // Refuse a bad name before spending ~20 ms hashing its password.
+            burrow_proto::policy::check_username(&username).map_err(|e| anyhow::anyhow!(e.0))?;
             let password_hash = hash_password(&password)?;
             basic_auth.push(BasicAuthUser {
                 username,
@@ -240,215 +190,10 @@ fn parse_headers(flag: &str, specs: &[String]) -> anyhow::Result<Vec<Header>> {
         .collect()
 }
 
-fn check_username(username: &str) -> anyhow::Result<()> {
-    if username.is_empty() {
-        anyhow::bail!("a basic-auth username cannot be empty");
-    }
-    if username.len() > MAX_USERNAME_BYTES {
-        anyhow::bail!("basic-auth username is longer than {MAX_USERNAME_BYTES} bytes");
-    }
-    if username.contains(':') {
-        anyhow::bail!("basic-auth username {username:?} contains ':', which RFC 7617 forbids");
-    }
-    if username.chars().any(char::is_control) {
-        anyhow::bail!("basic-auth username {username:?} contains a control character");
-    }
-    Ok(())
-}
-
-/// Check every rule of a policy the way the control plane does: CIDRs parse, origins are
-/// `http(s)://host[:port]`, header names are valid and not connection-level, password hashes
-/// are argon2id PHC strings with bounded cost, and no list is longer than its limit.
+/// Checks every rule the way the control plane and the edge do ([`burrow_proto::policy`]), so
+/// mistakes are reported before anything is sent.
 pub(crate) fn validate_policy(policy: &TunnelPolicy) -> anyhow::Result<()> {
-    check_len(
-        "basic-auth users",
-        policy.basic_auth.len(),
-        MAX_BASIC_AUTH_USERS,
-    )?;
-    let mut seen = HashSet::new();
-    for user in &policy.basic_auth {
-        check_username(&user.username)?;
-        if !seen.insert(user.username.as_str()) {
-            anyhow::bail!("basic-auth user {:?} is listed twice", user.username);
-        }
-        check_password_hash(&user.username, &user.password_hash)?;
-    }
-    check_len("--allow-ip rules", policy.allow_ips.len(), MAX_IP_RULES)?;
-    check_len("--deny-ip rules", policy.deny_ips.len(), MAX_IP_RULES)?;
-    for cidr in policy.allow_ips.iter().chain(&policy.deny_ips) {
-        check_cidr(cidr)?;
-    }
-    check_len(
-        "--allow-origin entries",
-        policy.allow_origins.len(),
-        MAX_ORIGINS,
-    )?;
-    for origin in &policy.allow_origins {
-        check_origin(origin)?;
-    }
-    for (what, list) in [
-        ("--request-header-add", &policy.request_headers_add),
-        ("--response-header-add", &policy.response_headers_add),
-    ] {
-        check_len(what, list.len(), MAX_HEADER_RULES)?;
-        for header in list {
-            check_header_name(&header.name)?;
-            if header.value.len() > MAX_HEADER_VALUE_BYTES {
-                anyhow::bail!(
-                    "the value of header {} is longer than {MAX_HEADER_VALUE_BYTES} bytes",
-                    header.name
-                );
-            }
-            if http::HeaderValue::from_str(&header.value).is_err() {
-                anyhow::bail!(
-                    "the value of header {} is not a valid HTTP header value (visible ASCII, \
-                     spaces and tabs only)",
-                    header.name
-                );
-            }
-        }
-    }
-    for (what, list) in [
-        ("--request-header-remove", &policy.request_headers_remove),
-        ("--response-header-remove", &policy.response_headers_remove),
-    ] {
-        check_len(what, list.len(), MAX_HEADER_RULES)?;
-        for name in list {
-            check_header_name(name)?;
-        }
-    }
-    Ok(())
-}
-
-fn check_len(what: &str, len: usize, max: usize) -> anyhow::Result<()> {
-    if len > max {
-        anyhow::bail!("{len} {what} given; a policy holds at most {max}");
-    }
-    Ok(())
-}
-
-fn check_password_hash(username: &str, hash: &str) -> anyhow::Result<()> {
-    let bad = || {
-        anyhow::anyhow!(
-            "the password hash of basic-auth user {username:?} is not an argon2id PHC string \
-             ($argon2id$v=19$m=…,t=…,p=…$salt$hash)"
-        )
-    };
-    if hash.len() > MAX_PASSWORD_HASH_BYTES || !hash.starts_with("$argon2id$") {
-        return Err(bad());
-    }
-    let parsed = PasswordHash::new(hash).map_err(|_| bad())?;
-    if parsed.hash.is_none() || parsed.salt.is_none() {
-        return Err(bad());
-    }
-    let params = Params::try_from(&parsed).map_err(|_| bad())?;
-    if params.m_cost() > MAX_ARGON2_M_COST_KIB
-        || params.t_cost() > MAX_ARGON2_T_COST
-        || params.p_cost() > MAX_ARGON2_P_COST
-    {
-        anyhow::bail!(
-            "the password hash of basic-auth user {username:?} asks for more than \
-             m={MAX_ARGON2_M_COST_KIB},t={MAX_ARGON2_T_COST},p={MAX_ARGON2_P_COST}; \
-             hash it with lower argon2 parameters"
-        );
-    }
-    Ok(())
-}
-
-/// A CIDR block (`10.0.0.0/8`, `2001:db8::/32`) or a bare address.
-pub(crate) fn check_cidr(cidr: &str) -> anyhow::Result<()> {
-    let (addr, prefix) = match cidr.split_once('/') {
-        Some((addr, prefix)) => (addr, Some(prefix)),
-        None => (cidr, None),
-    };
-    let Ok(addr) = addr.parse::<IpAddr>() else {
-        anyhow::bail!(
-            "{cidr:?} is not an IP network; write a CIDR block such as 10.0.0.0/8 or \
-             2001:db8::/32, or a bare address"
-        );
-    };
-    if let Some(prefix) = prefix {
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        match prefix.parse::<u8>() {
-            Ok(p) if p <= max && !prefix.starts_with('+') => {}
-            _ => anyhow::bail!(
-                "{cidr:?}: the prefix length after '/' must be a number from 0 to {max}"
-            ),
-        }
-    }
-    Ok(())
-}
-
-/// An origin as browsers send it (RFC 6454 §6.1): `http(s)://host[:port]`, nothing after.
-pub(crate) fn check_origin(origin: &str) -> anyhow::Result<()> {
-    let bad = |why: &str| {
-        anyhow::anyhow!(
-            "{origin:?} is not an origin: {why}; write scheme://host[:port] such as \
-             https://app.example.com"
-        )
-    };
-    if origin.len() > MAX_ORIGIN_BYTES {
-        return Err(bad("too long"));
-    }
-    let lower = origin.to_ascii_lowercase();
-    let rest = lower
-        .strip_prefix("https://")
-        .or_else(|| lower.strip_prefix("http://"))
-        .ok_or_else(|| bad("the scheme must be http:// or https://"))?;
-    if rest.is_empty() {
-        return Err(bad("the host is missing"));
-    }
-    if rest.contains(['/', '?', '#']) {
-        return Err(bad("an origin has no path, query or fragment"));
-    }
-    if rest.contains('@') {
-        return Err(bad("an origin has no user name"));
-    }
-    let authority: http::uri::Authority = rest.parse().map_err(|_| bad("the host is invalid"))?;
-    let host = authority.host();
-    if host.is_empty() {
-        return Err(bad("the host is missing"));
-    }
-    if let Some(ip6) = host.strip_prefix('[') {
-        let inner = ip6.strip_suffix(']').unwrap_or(ip6);
-        if inner.parse::<std::net::Ipv6Addr>().is_err() {
-            return Err(bad("the IPv6 address is invalid"));
-        }
-    } else if !host
-        .split('.')
-        .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
-    {
-        return Err(bad("the host is invalid"));
-    }
-    if let Some(port) = rest.get(host.len()..).filter(|p| !p.is_empty()) {
-        match port.strip_prefix(':').map(str::parse::<u16>) {
-            Some(Ok(p)) if p != 0 => {}
-            _ => return Err(bad("the port must be a number from 1 to 65535")),
-        }
-    }
-    Ok(())
-}
-
-fn check_header_name(name: &str) -> anyhow::Result<()> {
-    if name.len() > MAX_HEADER_NAME_BYTES {
-        anyhow::bail!("header name is longer than {MAX_HEADER_NAME_BYTES} bytes");
-    }
-    let Ok(parsed) = http::HeaderName::from_bytes(name.as_bytes()) else {
-        anyhow::bail!(
-            "{name:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~)"
-        );
-    };
-    if RESERVED_HEADERS.contains(&parsed.as_str())
-        || RESERVED_HEADER_PREFIXES
-            .iter()
-            .any(|p| parsed.as_str().starts_with(p))
-    {
-        anyhow::bail!(
-            "header {name} belongs to the connection or to the tunnel itself (framing, upgrade, \
-             X-Forwarded-*, Burrow-*); a policy cannot add or remove it"
-        );
-    }
-    Ok(())
+    burrow_proto::policy::validate(policy).map_err(|e| anyhow::anyhow!(e.0))
 }
 
 #[cfg(test)]

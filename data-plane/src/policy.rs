@@ -19,6 +19,7 @@
 //! Then the request header rules are applied before the request is forwarded, and the
 //! response header rules before the visitor sees the response.
 
+use burrow_proto::policy as policy_rules;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
@@ -182,22 +183,10 @@ struct User {
 /// handshake belong to the edge and the agent.
 fn reserved_header(name: &HeaderName) -> bool {
     let n = name.as_str();
-    matches!(
-        n,
-        "host"
-            | "content-length"
-            | "transfer-encoding"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "x-forwarded-for"
-            | "x-forwarded-proto"
-            | "x-forwarded-host"
-    ) || n.starts_with("sec-websocket-")
-        || n.starts_with("burrow-")
+    policy_rules::RESERVED_HEADERS.contains(&n)
+        || policy_rules::RESERVED_HEADER_PREFIXES
+            .iter()
+            .any(|p| n.starts_with(p))
 }
 
 fn header_name(kind: &str, s: &str) -> Result<HeaderName, String> {
@@ -285,6 +274,8 @@ impl Policy {
                 return Err(format!("a policy may list at most {max} {what}, not {n}"));
             }
         }
+        // The rules every component shares; what follows only adds this edge's own limits.
+        policy_rules::validate(p).map_err(|e| e.0)?;
         let cidrs = |list: &[String], kind: &str| {
             list.iter()
                 .map(|s| {
@@ -303,25 +294,8 @@ impl Policy {
         let origins = p
             .allow_origins
             .iter()
-            .map(|o| {
-                let n = normalize_origin(o);
-                let ok = n.split_once("://").is_some_and(|(scheme, rest)| {
-                    !scheme.is_empty()
-                        && scheme
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"+-.".contains(&b))
-                        && !rest.is_empty()
-                        && !rest.contains(['/', '?', '#', ' '])
-                });
-                if ok {
-                    Ok(n)
-                } else {
-                    Err(format!(
-                        "allow-origin {o:?} is not an origin: write scheme://host[:port], e.g. https://app.example.com"
-                    ))
-                }
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|o| normalize_origin(o))
+            .collect::<Vec<_>>();
         let adds = |list: &[pb::Header], kind: &str| {
             list.iter()
                 .map(|h| header_rule(kind, h))
@@ -882,7 +856,7 @@ mod tests {
                     }],
                     ..Default::default()
                 },
-                "KiB",
+                "lower argon2",
             ),
         ];
         for (p, needle) in cases {
@@ -892,6 +866,20 @@ mod tests {
         assert!(Policy::compile(&pb::TunnelPolicy::default(), &limits)
             .unwrap()
             .is_none());
+        // Within the shared rules but over this edge's own, stricter, limit.
+        let strict = Limits {
+            basic_auth_max_hash_memory_kib: 8 * 1024,
+            ..Limits::default()
+        };
+        let p = pb::TunnelPolicy {
+            basic_auth: vec![pb::BasicAuthUser {
+                username: "ann".into(),
+                password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI".into(),
+            }],
+            ..Default::default()
+        };
+        let err = Policy::compile(&p, &strict).unwrap_err();
+        assert!(err.contains("8192 KiB"), "{err}");
     }
 
     fn hashed(user: &str, password: &str) -> pb::BasicAuthUser {
@@ -962,7 +950,7 @@ mod tests {
             &pb::TunnelPolicy {
                 allow_ips: vec!["10.0.0.0/8".into()],
                 deny_ips: vec!["10.6.6.0/24".into()],
-                allow_origins: vec!["HTTPS://App.Example.com/".into()],
+                allow_origins: vec!["HTTPS://App.Example.com".into()],
                 ..Default::default()
             },
             &Limits::default(),

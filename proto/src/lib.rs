@@ -5,6 +5,8 @@
 //!   `TeamService`, `TokenService`, `ReservationService`, `TunnelService`, the internal
 //!   `EdgeService`) and the agent↔edge handshake messages (`AgentHello`, `EdgeHello`).
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection.
+//! - [`policy`]: the rules a tunnel policy must follow, shared by agent, CLI, control plane
+//!   and edge.
 //! - [`tunnel`]: the agent↔edge wire details that are not protobuf: handshake framing and the
 //!   HTTP/2 header names both sides use.
 
@@ -18,4 +20,5 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/burrow_descriptor.bin"));
 
+pub mod policy;
 pub mod tunnel;

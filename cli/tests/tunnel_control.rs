@@ -250,3 +250,121 @@ async fn after_the_agent_stops_cleanly_its_name_is_free_for_anyone_at_once(pool:
         }
     }
 }
+
+/// A local WebSocket server echoing every message (and answering close frames).
+async fn local_ws_echo() -> std::net::SocketAddr {
+    use futures::{SinkExt as _, StreamExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn usage_rows_count_exactly_the_traffic_sent_even_right_before_the_agent_leaves(
+    pool: PgPool,
+) {
+    use burrow_proto::v1 as pb;
+    use futures::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let cp = start_control(pool).await;
+    let owner = cp.owner("ann@example.com", "web").await;
+    let (_, secret) = cp.agent_token(&owner).await;
+    let edge = edge_for(&cp).await;
+    let http = local_http_server().await.port().to_string();
+    let ws_port = local_ws_echo().await.port().to_string();
+    let mut web = start_agent(&edge, &secret, &["http", &http, "--subdomain", "metered"]).await;
+    let mut sock = start_agent(
+        &edge,
+        &secret,
+        &["http", &ws_port, "--subdomain", "metered-ws"],
+    )
+    .await;
+
+    // Four HTTP requests: 6,000 body bytes each way through /echo, plus one /hello.
+    let (mut bytes_in, mut bytes_out) = (0u64, 0u64);
+    for n in [1000usize, 2000, 3000] {
+        let body = vec![b'x'; n];
+        let (status, _, got) = visit(&edge, "metered", "POST", "/echo", &[], body).await;
+        assert_eq!(status, 200);
+        assert_eq!(got.len(), n);
+        bytes_in += n as u64;
+        bytes_out += n as u64;
+    }
+    let (_, _, hello) = visit(&edge, "metered", "GET", "/hello", &[], "").await;
+    bytes_out += hello.len() as u64;
+
+    // One WebSocket: three 10-byte text messages echoed, then a close handshake without a code.
+    let url = format!("ws://metered-ws.localhost:{}/", edge.http.port());
+    let tcp = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(url.into_client_request().unwrap(), tcp)
+        .await
+        .unwrap();
+    for i in 0..3 {
+        ws.send(Message::text(format!("message-{i:02}")))
+            .await
+            .unwrap();
+        let echo = tokio::time::timeout(Duration::from_secs(30), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(echo.len(), 10);
+    }
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    // Client frames are masked (2 + 4 header bytes), server frames are not (2); the close
+    // frames are empty.
+    bytes_in += 3 * (2 + 4 + 10) + (2 + 4);
+    bytes_out += 3 * (2 + 10) + 2;
+
+    // Leave at once, before the next heartbeat could report the last traffic.
+    web.child.kill().await.unwrap();
+    sock.child.kill().await.unwrap();
+
+    let mut client = pb::usage_service_client::UsageServiceClient::new(cp.channel.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let day = loop {
+        let mut req = tonic::Request::new(pb::GetUsageRequest {
+            team: "web".into(),
+            ..Default::default()
+        });
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", owner.token).parse().unwrap(),
+        );
+        let days = client.get_usage(req).await.unwrap().into_inner().days;
+        if let Some(d) = days
+            .first()
+            .filter(|d| d.connections >= 5 && d.bytes_out >= bytes_out)
+        {
+            assert_eq!(days.len(), 1);
+            break d.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "usage never caught up: {days:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(day.team, "web");
+    assert_eq!(day.connections, 5, "{day:?}");
+    assert_eq!(day.bytes_in, bytes_in, "{day:?}");
+    assert_eq!(day.bytes_out, bytes_out, "{day:?}");
+    assert_eq!(day.websocket_messages, 6, "{day:?}");
+}

@@ -280,6 +280,20 @@ async fn handle(
     };
     removed.extend(state.registry.remove_routes_of(agent.id, grace));
     state.registry.remove_agent(agent.id);
+    // WebSockets still open add their bytes when their relay ends, which the agent's
+    // departure makes happen at once; give them until the close timeout.
+    let settle = tokio::time::Instant::now() + state.config.limits.ws_close_timeout;
+    while tokio::time::Instant::now() < settle
+        && removed
+            .iter()
+            .any(|r| r.counters.connections_open.load(Ordering::Relaxed) > 0)
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    state
+        .control
+        .report_final_stats(removed.iter().map(|r| r.stats()).collect())
+        .await;
     let removed: Vec<Bound> = removed
         .iter()
         .map(|r| Bound {

@@ -409,6 +409,25 @@ impl Control {
         }
     }
 
+    /// Reports the last counters of sessions that are ending, so the traffic since the last
+    /// heartbeat still reaches the team's usage (best effort).
+    pub(crate) async fn report_final_stats(&self, stats: Vec<pb::TunnelStats>) {
+        let (Backend::Remote(client), Some(edge_id)) = (&self.backend, self.edge_id()) else {
+            return;
+        };
+        let stats: Vec<_> = stats
+            .into_iter()
+            .filter(|s| !s.session_id.starts_with("local-"))
+            .collect();
+        if stats.is_empty() {
+            return;
+        }
+        let req = pb::ReportTunnelStatsRequest { edge_id, stats };
+        if let Err(s) = client.clone().report_tunnel_stats(req).await {
+            tracing::debug!(err = %s.message(), "cannot report the last tunnel stats");
+        }
+    }
+
     /// Ends a session (best effort: the control plane's own timeout covers a lost call).
     pub(crate) async fn close_session(&self, session_id: &str, clean: bool) {
         let Backend::Remote(client) = &self.backend else {

@@ -163,6 +163,19 @@ pub(crate) struct Route {
 }
 
 impl Route {
+    /// The tunnel's counters so far, for `ReportTunnelStats`.
+    pub(crate) fn stats(&self) -> pb::TunnelStats {
+        let c = &self.counters;
+        pb::TunnelStats {
+            session_id: self.session_id.clone(),
+            connections_total: c.connections_total.load(Ordering::Relaxed),
+            connections_open: c.connections_open.load(Ordering::Relaxed),
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_out: c.bytes_out.load(Ordering::Relaxed),
+            websocket_messages: c.websocket_messages.load(Ordering::Relaxed),
+        }
+    }
+
     /// The limits in force now.
     pub(crate) fn limits(&self) -> RouteLimits {
         self.live_limits.read().map(|l| *l).unwrap_or_default()
@@ -458,14 +471,7 @@ impl Registry {
         };
         t.values()
             .filter(|r| !r.session_id.starts_with("local-"))
-            .map(|r| pb::TunnelStats {
-                session_id: r.session_id.clone(),
-                connections_total: r.counters.connections_total.load(Ordering::Relaxed),
-                connections_open: r.counters.connections_open.load(Ordering::Relaxed),
-                bytes_in: r.counters.bytes_in.load(Ordering::Relaxed),
-                bytes_out: r.counters.bytes_out.load(Ordering::Relaxed),
-                websocket_messages: r.counters.websocket_messages.load(Ordering::Relaxed),
-            })
+            .map(|r| r.stats())
             .collect()
     }
 }

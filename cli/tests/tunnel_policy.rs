@@ -376,6 +376,62 @@ async fn basic_auth_guards_websocket_upgrades_too() {
 }
 
 #[tokio::test]
+async fn an_upgrade_retried_with_credentials_on_the_same_connection_after_a_401_is_switched() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let edge = standalone_edge().await;
+    let local = local_server().await;
+    let _agent = tunnel(&edge, &local, "retry", &["--basic-auth", "ann:pw"]).await;
+    let upgrade = |auth: &str| {
+        format!(
+            "GET / HTTP/1.1\r\nHost: retry.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n",
+            edge.http.port()
+        )
+    };
+    let mut s = TcpStream::connect(edge.http).await.unwrap();
+    s.write_all(upgrade("").as_bytes()).await.unwrap();
+    // Read the whole 401 (head and its Content-Length body), leaving the connection open.
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "the edge closed the connection after the 401");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + len {
+                assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+                break;
+            }
+        }
+    }
+    let auth = format!("Authorization: {}\r\n", basic("ann:pw"));
+    s.write_all(upgrade(&auth).as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
+            .await
+            .unwrap()
+            .unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert_eq!(local.hits(), 1);
+}
+
+#[tokio::test]
 async fn an_ip_allow_list_checks_the_real_peer_address_never_x_forwarded_for() {
     let edge = standalone_edge().await;
     let local = local_server().await;

@@ -25,7 +25,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::early::{Early, Recorder};
+use crate::early::{Early, Mark, Recorder};
 use crate::registry::{Route, UpBody};
 use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
@@ -33,6 +33,14 @@ use crate::{pages, State};
 /// How long a WebSocket upgrade waits for the agent's HTTP/2 settings on a brand-new agent
 /// connection.
 const READY_WAIT: Duration = Duration::from_secs(5);
+
+/// What [`Early`] said when a request arrived: where the stream stood, and whether the
+/// connection's first request already had bytes behind its head.
+struct EarlyCheck {
+    early: Arc<Early>,
+    mark: Mark,
+    beyond_head: bool,
+}
 
 /// The 400 page's sentence for bytes sent before the 101 (see [`crate::early`]).
 const EARLY_BYTES: &str = "The client sent data after its upgrade request without waiting for \
@@ -128,6 +136,14 @@ async fn serve_connection<I>(
         let early = Arc::clone(&early);
         let visitor = Arc::clone(&visitor);
         async move {
+            // Taken before the policy checks, so bytes that arrive while a password is
+            // verified count as sent before the 101 too.
+            let (mark, beyond_head) = early.mark();
+            let early = EarlyCheck {
+                early,
+                mark,
+                beyond_head,
+            };
             let gate = Arc::clone(&state);
             let inner =
                 |req| async move { handle(req, peer, scheme, state, tracker, &early).await };
@@ -195,10 +211,9 @@ async fn handle(
     scheme: &'static str,
     state: Arc<State>,
     tracker: TaskTracker,
-    early: &Early,
+    early: &EarlyCheck,
 ) -> Response<UpBody> {
     let started = Instant::now();
-    let (early_mark, early_beyond_head) = early.mark();
     let domain = &state.config.domain;
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
     let host = req
@@ -253,7 +268,7 @@ async fn handle(
         if has_body {
             return pages::bad_request("An upgrade request must not carry a body.");
         }
-        if early_beyond_head {
+        if early.beyond_head {
             tracing::info!(subdomain = %sub, %peer, "upgrade refused: bytes sent before the 101");
             return pages::bad_request(EARLY_BYTES);
         }
@@ -348,7 +363,7 @@ async fn handle(
             .headers()
             .get(HEADER_STATUS)
             .is_some_and(|v| v.as_bytes() == b"101");
-    if switching && early.read_since(early_mark) {
+    if switching && early.early.read_since(early.mark) {
         // The local server accepted, but the visitor did not wait for its answer; dropping
         // `resp` ends the agent stream, so the local server sees its connection close.
         counters.connections_open.fetch_sub(1, Ordering::Relaxed);

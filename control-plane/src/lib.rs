@@ -196,11 +196,13 @@ pub async fn serve(
             metrics: rpc_metrics,
             pool: state.pool.clone(),
             readiness_timeout: state.config.readiness_timeout,
-            max_connections: state.config.admin_max_connections,
-            header_timeout: state.config.admin_header_timeout,
             shutdown: shutdown.clone(),
         });
-        tokio::spawn(metrics::serve_admin(l, admin, admin_stop.clone()));
+        let limits = burrow_admin::AdminLimits {
+            max_connections: state.config.admin_max_connections,
+            header_timeout: state.config.admin_header_timeout,
+        };
+        tokio::spawn(burrow_admin::serve(l, admin, limits, admin_stop.clone()));
     }
     let mut builder = Server::builder()
         .timeout(state.config.request_timeout)

@@ -11,19 +11,13 @@
 //! any other path is counted as `other`; `code` is one of the 17 gRPC code names.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::{HeaderMap, Request, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -33,14 +27,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use prost::Message as _;
 use sqlx::PgPool;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::hashing::Metrics;
 
 /// Content type of the Prometheus text exposition format.
-const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Upper bounds (seconds) of the RPC latency buckets: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -281,43 +272,8 @@ impl ControlMetrics {
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             return String::new();
         }
-        to_text_format(&out)
+        burrow_admin::to_text_format(&out)
     }
-}
-
-/// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus text format
-/// 0.0.4: a counter's `# HELP`/`# TYPE` name its `_total` series, and there is no `# UNIT`
-/// or `# EOF` line.
-fn to_text_format(open_metrics: &str) -> String {
-    let mut out = String::with_capacity(open_metrics.len());
-    let mut help: Option<&str> = None;
-    for line in open_metrics.lines() {
-        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest);
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "untyped"));
-            let (name, kind) = match kind {
-                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
-                "info" | "stateset" => (name.to_owned(), "gauge"),
-                "gaugehistogram" => (name.to_owned(), "histogram"),
-                k => (name.to_owned(), k),
-            };
-            if let Some(h) = help.take() {
-                let text = h.split_once(' ').map_or("", |(_, t)| t);
-                let _ = writeln!(out, "# HELP {name} {text}");
-            }
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
 }
 
 /// Counts calls and their latency around the gRPC services (see the module docs).
@@ -469,10 +425,6 @@ pub(crate) struct Admin {
     pub(crate) metrics: ControlMetrics,
     pub(crate) pool: PgPool,
     pub(crate) readiness_timeout: Duration,
-    /// Most admin connections at once (the listener is for a scraper and a health checker,
-    /// not for the public).
-    pub(crate) max_connections: usize,
-    pub(crate) header_timeout: Duration,
     /// Cancelled when shutdown starts: `/readyz` answers 503 from then on.
     pub(crate) shutdown: CancellationToken,
 }
@@ -496,88 +448,15 @@ impl Admin {
             )),
         }
     }
+}
 
-    async fn answer<B>(&self, req: &Request<B>) -> Response<Full<Bytes>> {
-        const PLAIN: &str = "text/plain; charset=utf-8";
-        if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                PLAIN,
-                "only GET and HEAD are served here\n".into(),
-            );
-        }
-        match req.uri().path() {
-            "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, self.metrics.render()),
-            "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
-            "/readyz" => match self.readiness().await {
-                Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
-                Err(why) => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    PLAIN,
-                    format!("not ready: {why}\n"),
-                ),
-            },
-            _ => text(
-                StatusCode::NOT_FOUND,
-                PLAIN,
-                "not found: this listener serves /metrics, /healthz and /readyz\n".into(),
-            ),
-        }
+impl burrow_admin::Endpoints for Admin {
+    fn metrics(&self) -> String {
+        self.metrics.render()
     }
-}
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    r
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
-pub(crate) async fn serve_admin(listener: TcpListener, admin: Arc<Admin>, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(admin.max_connections));
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, _) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(err = %e, "cannot accept an admin connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let admin = Arc::clone(&admin);
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let header_timeout = admin.header_timeout;
-            let svc = service_fn(move |req| {
-                let admin = Arc::clone(&admin);
-                async move { Ok::<_, Infallible>(admin.answer(&req).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = stop.cancelled() => {}
-            }
-        });
+    async fn ready(&self) -> Result<(), String> {
+        self.readiness().await
     }
 }
 

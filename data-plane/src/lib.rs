@@ -158,9 +158,15 @@ pub async fn run(
     let admin_stop = CancellationToken::new();
     let admin_addr = listeners.admin.as_ref().and_then(|l| l.local_addr().ok());
     if let Some(l) = listeners.admin {
-        tokio::spawn(metrics::serve_admin(
+        let limits = burrow_admin::AdminLimits {
+            max_connections: state.config.limits.admin_max_connections,
+            header_timeout: state.config.limits.admin_header_timeout,
+        };
+        let endpoints = Arc::new(metrics::EdgeEndpoints(Arc::clone(&state)));
+        tokio::spawn(burrow_admin::serve(
             l,
-            Arc::clone(&state),
+            endpoints,
+            limits,
             admin_stop.clone(),
         ));
     }

@@ -14,17 +14,11 @@
 //! Prometheus' `rate()` handles as a counter reset.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use http::{header, Request, Response, StatusCode};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
@@ -32,17 +26,11 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use crate::frame::FrameStats;
 use crate::registry::Route;
 use crate::relay::{Direction, RelaySink};
 use crate::State;
-
-/// Content type of the Prometheus text exposition format.
-pub(crate) const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Upper bounds (seconds) of the request-duration buckets: 1 ms to 60 s.
 const REQUEST_BUCKETS: [f64; 14] = [
@@ -413,44 +401,8 @@ impl EdgeMetrics {
         if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
             return String::new();
         }
-        to_text_format(&out)
+        burrow_admin::to_text_format(&out)
     }
-}
-
-/// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus text format
-/// 0.0.4: a counter's `# HELP`/`# TYPE` name its `_total` series, and there is no `# UNIT`
-/// or `# EOF` line.
-pub(crate) fn to_text_format(open_metrics: &str) -> String {
-    let mut out = String::with_capacity(open_metrics.len());
-    let mut help: Option<&str> = None;
-    for line in open_metrics.lines() {
-        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            help = Some(rest);
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "untyped"));
-            let (name, kind) = match kind {
-                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
-                "counter" => (name.to_owned(), "counter"),
-                "info" | "stateset" => (name.to_owned(), "gauge"),
-                "gaugehistogram" => (name.to_owned(), "histogram"),
-                k => (name.to_owned(), k),
-            };
-            if let Some(h) = help.take() {
-                let text = h.split_once(' ').map_or("", |(_, t)| t);
-                let _ = writeln!(out, "# HELP {name} {text}");
-            }
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            continue;
-        }
-        out.push_str(line);
-        out.push('\n');
-    }
-    out
 }
 
 /// The series of one tunnel (one `(team, tunnel)` pair), owned by its route. Handles are
@@ -688,109 +640,22 @@ fn readiness(state: &State) -> Result<(), String> {
     state.control.readiness()
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown`.
-pub(crate) async fn serve_admin(
-    listener: TcpListener,
-    state: Arc<State>,
-    shutdown: CancellationToken,
-) {
-    // The admin listener is for a scraper and a health checker, not for the public.
-    let permits = Arc::new(Semaphore::new(state.config.limits.admin_max_connections));
-    let header_timeout = state.config.limits.admin_header_timeout;
-    loop {
-        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
-            return;
-        };
-        let accepted = tokio::select! {
-            () = shutdown.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (stream, _) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(err = %e, "cannot accept an admin connection");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let state = Arc::clone(&state);
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, Infallible>(admin_answer(&req, &state)) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shutdown.cancelled() => {}
-            }
-        });
-    }
-}
+/// The edge's admin endpoints.
+pub(crate) struct EdgeEndpoints(pub(crate) Arc<State>);
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from(body)));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
-    r.headers_mut().insert(
-        header::CACHE_CONTROL,
-        header::HeaderValue::from_static("no-store"),
-    );
-    r
-}
-
-fn admin_answer<B>(req: &Request<B>, state: &State) -> Response<Full<Bytes>> {
-    const PLAIN: &str = "text/plain; charset=utf-8";
-    if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(
-            StatusCode::METHOD_NOT_ALLOWED,
-            PLAIN,
-            "only GET and HEAD are served here\n".into(),
-        );
+impl burrow_admin::Endpoints for EdgeEndpoints {
+    fn metrics(&self) -> String {
+        self.0.metrics.render()
     }
-    match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, state.metrics.render()),
-        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
-        "/readyz" => match readiness(state) {
-            Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
-            Err(why) => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                PLAIN,
-                format!("not ready: {why}\n"),
-            ),
-        },
-        _ => text(
-            StatusCode::NOT_FOUND,
-            PLAIN,
-            "not found: this listener serves /metrics, /healthz and /readyz\n".into(),
-        ),
+
+    async fn ready(&self) -> Result<(), String> {
+        readiness(&self.0)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counters_are_named_by_their_total_series_and_openmetrics_lines_go() {
-        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n\
-                  # HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1\n# EOF\n";
-        let t = to_text_format(om);
-        assert_eq!(
-            t,
-            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n\
-             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
-        );
-    }
 
     #[test]
     fn rare_close_codes_share_one_label() {
@@ -809,7 +674,7 @@ mod tests {
         let b = m.tunnel("team", "chat");
         a.body_bytes(true, 5);
         drop(a);
-        let text = to_text_format(&{
+        let text = burrow_admin::to_text_format(&{
             let mut s = String::new();
             prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
             s

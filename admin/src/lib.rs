@@ -1,0 +1,212 @@
+//! The admin listener both Burrow servers (`burrow-edge`, `burrow-control`) run beside their
+//! public ones: `/metrics` in the Prometheus text format 0.0.4, `/healthz` (the process is
+//! up) and `/readyz` (it should get traffic; the reason when not). Plain HTTP/1.1, meant for a
+//! scraper and a health checker on a private address, so connections are capped and slow
+//! request heads are cut off.
+//!
+//! # Layout
+//! - [`Endpoints`]: what a server supplies (its rendered metrics and its readiness).
+//! - [`serve`]: the accept loop.
+//! - [`to_text_format`]: turns `prometheus-client`'s OpenMetrics output into the text format.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// Content type of `/metrics`.
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+const PLAIN: &str = "text/plain; charset=utf-8";
+
+/// What a server exposes on its admin listener.
+pub trait Endpoints: Send + Sync + 'static {
+    /// Every metric, in the Prometheus text format.
+    fn metrics(&self) -> String;
+    /// `Ok` when the process should get traffic; otherwise a sentence saying why not.
+    fn ready(&self) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+/// Limits of the admin listener.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
+    /// Most admin connections at once.
+    pub max_connections: usize,
+    /// How long a client may take to send a request head.
+    pub header_timeout: Duration,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `stop`.
+pub async fn serve<E: Endpoints>(
+    listener: TcpListener,
+    endpoints: Arc<E>,
+    limits: AdminLimits,
+    stop: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    loop {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            return;
+        };
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(err = %e, "cannot accept an admin connection");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let endpoints = Arc::clone(&endpoints);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let svc = service_fn(move |req| {
+                let endpoints = Arc::clone(&endpoints);
+                async move { Ok::<_, Infallible>(answer(&req, &*endpoints).await) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn answer<B, E: Endpoints>(req: &Request<B>, endpoints: &E) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            PLAIN,
+            "only GET and HEAD are served here\n".into(),
+        );
+    }
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, METRICS_CONTENT_TYPE, endpoints.metrics()),
+        "/healthz" => text(StatusCode::OK, PLAIN, "ok\n".into()),
+        "/readyz" => match endpoints.ready().await {
+            Ok(()) => text(StatusCode::OK, PLAIN, "ready\n".into()),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                PLAIN,
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => text(
+            StatusCode::NOT_FOUND,
+            PLAIN,
+            "not found: this listener serves /metrics, /healthz and /readyz\n".into(),
+        ),
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
+    r.headers_mut().insert(
+        header::CACHE_CONTROL,
+        header::HeaderValue::from_static("no-store"),
+    );
+    r
+}
+
+/// Rewrites OpenMetrics text (what `prometheus-client` writes) as the Prometheus text format
+/// 0.0.4: a counter's `# HELP`/`# TYPE` name its `_total` series, and there is no `# UNIT`
+/// or `# EOF` line.
+pub fn to_text_format(open_metrics: &str) -> String {
+    let mut out = String::with_capacity(open_metrics.len());
+    let mut help: Option<&str> = None;
+    for line in open_metrics.lines() {
+        if line.starts_with("# EOF") || line.starts_with("# UNIT ") {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            help = Some(rest);
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.rsplit_once(' ').unwrap_or((rest, "untyped"));
+            let (name, kind) = match kind {
+                "counter" if !name.ends_with("_total") => (format!("{name}_total"), "counter"),
+                "info" | "stateset" => (name.to_owned(), "gauge"),
+                "gaugehistogram" => (name.to_owned(), "histogram"),
+                k => (name.to_owned(), k),
+            };
+            if let Some(h) = help.take() {
+                let text = h.split_once(' ').map_or("", |(_, t)| t);
+                let _ = writeln!(out, "# HELP {name} {text}");
+            }
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_by_their_total_series_and_openmetrics_lines_go() {
+        let om = "# HELP a_b Things.\n# TYPE a_b counter\na_b_total{x=\"1\"} 3\n\
+                  # HELP g A gauge.\n# TYPE g gauge\n# UNIT g seconds\ng 1\n# EOF\n";
+        let t = to_text_format(om);
+        assert_eq!(
+            t,
+            "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n\
+             # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
+
+    struct Fixed(Result<(), String>);
+
+    impl Endpoints for Fixed {
+        fn metrics(&self) -> String {
+            "m 1\n".into()
+        }
+        async fn ready(&self) -> Result<(), String> {
+            self.0.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn paths_methods_and_readiness_are_answered() {
+        let get = |path: &str| Request::get(path).body(()).map_err(|e| e.to_string());
+        let up = Fixed(Ok(()));
+        let down = Fixed(Err("the database is unreachable".into()));
+        assert_eq!(answer(&get("/metrics").unwrap(), &up).await.status(), 200);
+        assert_eq!(answer(&get("/healthz").unwrap(), &down).await.status(), 200);
+        assert_eq!(answer(&get("/readyz").unwrap(), &up).await.status(), 200);
+        assert_eq!(answer(&get("/readyz").unwrap(), &down).await.status(), 503);
+        assert_eq!(answer(&get("/other").unwrap(), &up).await.status(), 404);
+        let post = Request::post("/metrics")
+            .body(())
+            .map_err(|e| e.to_string());
+        assert_eq!(answer(&post.unwrap(), &up).await.status(), 405);
+    }
+}

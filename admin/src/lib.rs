@@ -8,6 +8,7 @@
 //! - [`Endpoints`]: what a server supplies (its rendered metrics and its readiness).
 //! - [`serve`]: the accept loop.
 //! - [`to_text_format`]: turns `prometheus-client`'s OpenMetrics output into the text format.
+//! - [`get`] and [`sample`]: the scraper's side, for tests and scripts that read a listener.
 
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -167,6 +168,85 @@ pub fn to_text_format(open_metrics: &str) -> String {
     out
 }
 
+/// GETs `path` from an admin listener at `addr`: status, content type and body.
+pub async fn get(
+    addr: std::net::SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<(u16, String, String), String> {
+    use http_body_util::{BodyExt as _, Empty};
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connecting to {addr}: {e}"))?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("HTTP handshake with {addr}: {e}"))?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, addr.to_string())
+            .body(Empty::new())
+            .map_err(|e| format!("request {path}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("reading {path}: {e}"))?
+            .to_bytes();
+        Ok((
+            status,
+            content_type,
+            String::from_utf8_lossy(&body).into_owned(),
+        ))
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| format!("GET {path} from {addr} took longer than {timeout:?}"))?
+}
+
+/// The value of the sample `name` in a text-format scrape whose labels include every pair of
+/// `labels`: `Ok(None)` when there is none, `Err` when several match or a value is not a
+/// number.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<Option<f64>, String> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            continue;
+        }
+        if found.is_some() {
+            return Err(format!("{name} {labels:?} matches more than one sample"));
+        }
+        let value = rest.rsplit(' ').next().unwrap_or_default();
+        found = Some(
+            value
+                .parse::<f64>()
+                .map_err(|_| format!("{name}: {value:?} is not a number"))?,
+        );
+    }
+    Ok(found)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +261,15 @@ mod tests {
             "# HELP a_b_total Things.\n# TYPE a_b_total counter\na_b_total{x=\"1\"} 3\n\
              # HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
+    }
+
+    #[test]
+    fn samples_are_found_by_name_and_labels() {
+        let t = "# TYPE a counter\na_total{x=\"1\",y=\"2\"} 3\na_total{x=\"2\"} 4\nab 9\n";
+        assert_eq!(sample(t, "a_total", &[("x", "1")]), Ok(Some(3.0)));
+        assert_eq!(sample(t, "a_total", &[("x", "3")]), Ok(None));
+        assert_eq!(sample(t, "a", &[]), Ok(None));
+        assert!(sample(t, "a_total", &[]).is_err());
     }
 
     struct Fixed(Result<(), String>);

@@ -11,9 +11,8 @@ use burrow_control::{Config, Listeners};
 use burrow_proto::v1::{
     self, account_service_client::AccountServiceClient, tunnel_service_client::TunnelServiceClient,
 };
-use http_body_util::{BodyExt as _, Empty};
 use sqlx::{Connection as _, PgPool};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -86,30 +85,7 @@ fn req<T>(token: &str, message: T) -> Request<T> {
 
 /// GETs `path` on the admin listener: (status, content type, body).
 async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake::<_, Empty<bytes::Bytes>>(
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    let r = hyper::Request::builder()
-        .uri(path)
-        .header("host", addr.to_string())
-        .body(Empty::new())
-        .unwrap();
-    let resp = tokio::time::timeout(STEP, sender.send_request(r))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = resp.status().as_u16();
-    let ct = resp
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, ct, String::from_utf8(body.to_vec()).unwrap())
+    burrow_admin::get(addr, path, STEP).await.unwrap()
 }
 
 /// One scrape of `/metrics`.
@@ -125,28 +101,9 @@ impl Scrape {
 
     /// The sample `name` whose labels include every pair of `labels`; 0 when absent.
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut found = None;
-        for line in self.0.lines().filter(|l| !l.starts_with('#')) {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
-                continue;
-            }
-            if !labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-            {
-                continue;
-            }
-            assert!(
-                found.is_none(),
-                "{name} {labels:?} matches twice:\n{}",
-                self.0
-            );
-            found = Some(rest.rsplit(' ').next().unwrap().parse::<f64>().unwrap());
-        }
-        found.unwrap_or(0.0)
+        burrow_admin::sample(&self.0, name, labels)
+            .unwrap_or_else(|e| panic!("{e}:\n{}", self.0))
+            .unwrap_or(0.0)
     }
 
     fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {

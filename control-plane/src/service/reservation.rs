@@ -61,6 +61,31 @@ impl ReservationRow {
     }
 }
 
+/// The reservation `id` as the API shows it, read inside `tx`.
+async fn fetch(tx: &mut store::Tx<'_>, id: Uuid) -> ApiResult<v1::Reservation> {
+    let row = sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
+    row.to_proto()
+}
+
+/// Writes a change-log row of `kind` for `subdomain`, now held by `team` (empty: released).
+async fn record(
+    tx: &mut store::Tx<'_>,
+    kind: &str,
+    subdomain: &Subdomain,
+    team: &str,
+) -> ApiResult<()> {
+    store::record_change(
+        tx,
+        kind,
+        json!({"subdomain": subdomain.as_str(), "team_id": team}),
+    )
+    .await
+    .map(|_| ())
+}
+
 /// Finds a reservation the caller may manage (owner/admin of its team, or platform admin).
 async fn manageable(
     conn: &mut sqlx::PgConnection,
@@ -124,19 +149,16 @@ impl ReservationApi {
             json!({"team_id": team.id.to_string()}),
         )
         .await?;
-        store::record_change(
+        record(
             &mut tx,
             change::RESERVATION_CHANGED,
-            json!({"subdomain": subdomain.as_str(), "team_id": team.id.to_string()}),
+            &subdomain,
+            &team.id.to_string(),
         )
         .await?;
-        let row =
-            sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let shown = fetch(&mut tx, id).await?;
         tx.commit().await?;
-        row.to_proto()
+        Ok(shown)
     }
 
     async fn list(
@@ -201,18 +223,14 @@ impl ReservationApi {
             json!({"team_id": row.team_id.to_string()}),
         )
         .await?;
-        store::record_change(
-            &mut tx,
-            change::RESERVATION_CHANGED,
-            json!({"subdomain": subdomain.as_str(), "team_id": ""}),
-        )
-        .await?;
+        record(&mut tx, change::RESERVATION_CHANGED, &subdomain, "").await?;
         if row.policy.is_some() {
             // The policy went with the reservation; live tunnels stop applying it.
-            store::record_change(
+            record(
                 &mut tx,
                 change::RESERVATION_POLICY_CHANGED,
-                json!({"subdomain": subdomain.as_str(), "team_id": row.team_id.to_string()}),
+                &subdomain,
+                &row.team_id.to_string(),
             )
             .await?;
         }
@@ -245,27 +263,25 @@ impl ReservationApi {
             json!({"from_team_id": row.team_id.to_string(), "to_team_id": to.id.to_string()}),
         )
         .await?;
-        store::record_change(
+        record(
             &mut tx,
             change::RESERVATION_CHANGED,
-            json!({"subdomain": subdomain.as_str(), "team_id": to.id.to_string()}),
+            &subdomain,
+            &to.id.to_string(),
         )
         .await?;
         if row.policy.is_some() {
-            store::record_change(
+            record(
                 &mut tx,
                 change::RESERVATION_POLICY_CHANGED,
-                json!({"subdomain": subdomain.as_str(), "team_id": to.id.to_string()}),
+                &subdomain,
+                &to.id.to_string(),
             )
             .await?;
         }
-        let row =
-            sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
-                .bind(row.id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let shown = fetch(&mut tx, row.id).await?;
         tx.commit().await?;
-        row.to_proto()
+        Ok(shown)
     }
 
     async fn set_policy(
@@ -304,19 +320,16 @@ impl ReservationApi {
         .await?;
         // Edges read the policy (with its hashes) from the reservation when they stream the
         // change, so the change log never keeps a copy of a hash after it is replaced.
-        store::record_change(
+        record(
             &mut tx,
             change::RESERVATION_POLICY_CHANGED,
-            json!({"subdomain": subdomain.as_str(), "team_id": row.team_id.to_string()}),
+            &subdomain,
+            &row.team_id.to_string(),
         )
         .await?;
-        let row =
-            sqlx::query_as::<_, ReservationRow>(&format!("{RESERVATION_SELECT} WHERE r.id = $1"))
-                .bind(row.id)
-                .fetch_one(&mut *tx)
-                .await?;
+        let shown = fetch(&mut tx, row.id).await?;
         tx.commit().await?;
-        row.to_proto()
+        Ok(shown)
     }
 }
 

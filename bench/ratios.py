@@ -13,9 +13,17 @@ def ratio(value, base, higher_is_better=False):
     return f"{value / base:.2f}×"
 
 
+def cpu(r):
+    v = r.get("cpu_us_per_mib", 0)
+    if not v:
+        return "—"
+    # The direct target's only process is the echo server, not a tunnel.
+    return f"(echo server: {v:.0f} µs)" if r is direct else f"{v:.0f} µs"
+
+
 print()
-print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | connect→first msg p50 | RTT p50 under bulk (HOL) | RTT p99 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
-print("|---|---|---|---|---|---|---|---|")
+print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | tunnel CPU per MiB | connect→first msg p50 | RTT p50 under bulk (HOL) | RTT p99 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     rss = sum(kib for _, kib in r["rss_kib_per_idle_conn"]) if r["rss_kib_per_idle_conn"] else 0
     print(
@@ -23,6 +31,7 @@ for r in rows:
         f"| {r['rtt_p50_us']:.0f} µs ({ratio(r['rtt_p50_us'], direct['rtt_p50_us'])}) "
         f"| {r['rtt_p99_us']:.0f} µs ({ratio(r['rtt_p99_us'], direct['rtt_p99_us'])}) "
         f"| {r['throughput_mib_s']:.0f} ({ratio(r['throughput_mib_s'], direct['throughput_mib_s'])}) "
+        f"| {cpu(r)} "
         f"| {r['connect_p50_us']:.0f} µs ({ratio(r['connect_p50_us'], direct['connect_p50_us'])}) "
         f"| {r['hol_rtt_p50_us']:.0f} µs ({ratio(r['hol_rtt_p50_us'], direct['hol_rtt_p50_us'])}) "
         f"| {r['hol_rtt_p99_us']:.0f} µs ({ratio(r['hol_rtt_p99_us'], direct['hol_rtt_p99_us'])}) "

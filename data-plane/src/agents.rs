@@ -100,9 +100,12 @@ async fn handle(
     let _ = stream.set_nodelay(true);
     let mut tls: Box<dyn AgentIo> = match acceptor {
         Some(acceptor) => Box::new(
-            tokio::time::timeout(limits.agent_handshake_timeout, acceptor.accept(stream))
-                .await
-                .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??,
+            tokio::time::timeout(
+                limits.agent_handshake_timeout,
+                acceptor.accept(crate::tls::buffered(stream)),
+            )
+            .await
+            .map_err(|_| anyhow::anyhow!("TLS handshake timed out"))??,
         ),
         None => Box::new(stream),
     };

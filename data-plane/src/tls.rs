@@ -63,8 +63,7 @@ impl TlsIdentity {
             rustls_pemfile::private_key(&mut self.key_pem.expose_secret().as_bytes())
                 .context("the key is not valid PEM")?
                 .context("the key file holds no private key")?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        let mut config = rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_safe_default_protocol_versions()
             .context("cannot set up TLS")?
             .with_no_client_auth()
@@ -73,4 +72,32 @@ impl TlsIdentity {
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(config))
     }
+}
+
+/// Read buffer under TLS on the agent connection, in bytes. rustls asks the socket for at most
+/// one record (16 KiB) per read; with this buffer in between, one `recvfrom` takes what the
+/// kernel has queued (up to this much) and rustls is served from memory (BENCHMARKS.md).
+pub const AGENT_LINK_READ_BUFFER: usize = 64 * 1024;
+
+/// `stream` with [`AGENT_LINK_READ_BUFFER`] of read buffering, to put under TLS.
+pub fn buffered<S: tokio::io::AsyncRead>(stream: S) -> tokio::io::BufReader<S> {
+    tokio::io::BufReader::with_capacity(AGENT_LINK_READ_BUFFER, stream)
+}
+
+/// The TLS crypto of the edge (visitor and agent listeners) and of the agent: ring's suites,
+/// with AES-128-GCM ahead of AES-256-GCM. Both are AEADs without known weakness; AES-128 does
+/// 10 rounds instead of 14, and the agent connection encrypts and decrypts every tunnelled
+/// byte on both ends, so this is the cheaper choice for bulk traffic (BENCHMARKS.md). The
+/// server follows the client's order, so browsers keep their own preference.
+pub fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    use rustls::crypto::ring::cipher_suite as suite;
+    let mut provider = rustls::crypto::ring::default_provider();
+    let rank = |s: &rustls::SupportedCipherSuite| match s.suite() {
+        x if x == suite::TLS13_AES_128_GCM_SHA256.suite() => 0,
+        x if x == suite::TLS13_AES_256_GCM_SHA384.suite() => 1,
+        x if x == suite::TLS13_CHACHA20_POLY1305_SHA256.suite() => 2,
+        _ => 3,
+    };
+    provider.cipher_suites.sort_by_key(rank);
+    Arc::new(provider)
 }

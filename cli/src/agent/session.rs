@@ -154,19 +154,19 @@ fn tls_connector(edge: &EdgeSpec) -> anyhow::Result<TlsConnector> {
             );
         }
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .context("cannot set up TLS")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(burrow_edge::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .context("cannot set up TLS")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
 }
 
 /// A connector that skips certificate verification, for an edge on this machine only.
 fn insecure_connector(edge: &EdgeSpec) -> anyhow::Result<TlsConnector> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = burrow_edge::tls::crypto_provider();
     anyhow::ensure!(
             is_loopback(&edge.addr),
             "--insecure is only allowed for an edge on this machine (localhost, 127.0.0.1, ::1); give --edge-ca FILE for {}",
@@ -281,7 +281,7 @@ async fn connect_once(
         let _ = tcp.set_nodelay(true);
         let io: Box<dyn EdgeIo> = match connector {
             Some(c) => Box::new(
-                c.connect(name.clone(), tcp)
+                c.connect(name.clone(), burrow_edge::tls::buffered(tcp))
                     .await
                     .context("TLS handshake with the edge failed")?,
             ),

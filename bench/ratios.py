@@ -1,9 +1,28 @@
-"""Reads burrow-bench JSON lines (the first is `direct`) and prints a Markdown table of
-figures and their ratios to direct."""
+"""Reads burrow-bench JSON lines (the first target is `direct`) and prints a Markdown table of
+figures and their ratios to direct. A target measured several times shows the median of each
+figure, and the idle-memory figure of the repetition that measured it."""
 import json
+import statistics
 import sys
 
-rows = [json.loads(line) for line in sys.stdin if line.strip()]
+runs = [json.loads(line) for line in sys.stdin if line.strip()]
+labels = list(dict.fromkeys(r["label"] for r in runs))
+
+
+def merged(label):
+    mine = [r for r in runs if r["label"] == label]
+    out = dict(mine[-1])
+    for key, value in mine[0].items():
+        if isinstance(value, (int, float)) and key != "idle_connections":
+            out[key] = statistics.median(r[key] for r in mine)
+    out["rss_kib_per_idle_conn"] = next(
+        (r["rss_kib_per_idle_conn"] for r in reversed(mine) if r["rss_kib_per_idle_conn"]), []
+    )
+    out["repeats"] = len(mine)
+    return out
+
+
+rows = [merged(label) for label in labels]
 direct = rows[0]
 
 
@@ -21,6 +40,8 @@ def cpu(r):
     return f"(echo server: {v:.0f} µs)" if r is direct else f"{v:.0f} µs"
 
 
+print()
+print(f"Median of {max(r['repeats'] for r in rows)} runs per target.")
 print()
 print("| target | RTT p50 | RTT p99 | 1 MiB msgs MiB/s | tunnel CPU per MiB | connect→first msg p50 | RTT p50 under bulk (HOL) | RTT p99 under bulk (HOL) | KiB RSS per idle WS (both sides) |")
 print("|---|---|---|---|---|---|---|---|---|")

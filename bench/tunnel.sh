@@ -5,6 +5,8 @@
 #
 #   bench/tunnel.sh                 # everything, 10,000 idle connections for the memory figure
 #   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
+#   BENCH_REPEAT=3 measures each target that many times (same processes) and the table shows
+#   the median of each figure; the idle-memory figure is taken in the last repetition only;
 #   BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the other knobs;
 #   BENCH_TARGETS="burrow-tls burrow-plain bore" picks targets (direct always runs);
 #   BENCH_TOOLS=DIR keeps the bore install between runs.
@@ -15,6 +17,7 @@ IDLE=${BENCH_IDLE:-10000}
 RTT=${BENCH_RTT:-5000}
 MIB=${BENCH_MIB:-256}
 CONNECTS=${BENCH_CONNECTS:-200}
+REPEAT=${BENCH_REPEAT:-3}
 TARGETS=${BENCH_TARGETS:-burrow-tls burrow-plain bore}
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 SCRATCH=$(mktemp -d /tmp/burrow-bench.XXXXXX)
@@ -40,15 +43,20 @@ fi
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 1 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-# One target; a target that fails is reported and skipped, the others still run.
+# One target, REPEAT times; a target that fails is reported and skipped, the others still run.
 bench() {
-  local out
-  if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "${BENCH_TARGET_IDLE:-$IDLE}" "$@"); then
-    echo "$out" >&2
-    results+=("$out")
-  else
-    echo "warning: target $* failed; left out of the table" >&2
-  fi
+  local out idle i
+  for i in $(seq 1 "$REPEAT"); do
+    idle=0
+    [ "$i" = "$REPEAT" ] && idle=${BENCH_TARGET_IDLE:-$IDLE}
+    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" "$@"); then
+      echo "$out" >&2
+      results+=("$out")
+    else
+      echo "warning: target $* failed; left out of the table" >&2
+      return 0
+    fi
+  done
 }
 
 # The local server every target ends at.

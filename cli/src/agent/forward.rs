@@ -20,11 +20,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpStream;
 
+use super::dial::{Dialer, LocalConnector};
 use super::target::{HostHeader, Target};
 
 /// Body type of responses the agent sends to the edge.
@@ -58,7 +57,9 @@ pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
     pub(crate) tunnels: HashMap<String, TunnelSpec>,
-    pub(crate) client: Client<HttpConnector, crate::inspect::TapBody<Incoming>>,
+    pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<Incoming>>,
+    /// Opens connections to local targets (also under `client`).
+    pub(crate) dialer: Arc<Dialer>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
     pub(crate) on_closed: OnClosed,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
@@ -67,13 +68,13 @@ pub(crate) struct Forwarder {
     pub(crate) on_ready: Box<dyn Fn() + Send + Sync>,
 }
 
-pub(crate) fn local_client() -> Client<HttpConnector, crate::inspect::TapBody<Incoming>> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(LOCAL_CONNECT_TIMEOUT));
-    connector.set_nodelay(true);
+/// The HTTP client toward local targets, connecting through `dialer`.
+pub(crate) fn local_client(
+    dialer: Arc<Dialer>,
+) -> Client<LocalConnector, crate::inspect::TapBody<Incoming>> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
-        .build(connector)
+        .build(LocalConnector(dialer))
 }
 
 fn text(status: StatusCode, body: String) -> Response<DownBody> {
@@ -255,21 +256,18 @@ impl Forwarder {
             .unwrap_or_else(|| HeaderValue::from_static("websocket"));
 
         let addr = spec.target.authority();
-        let tcp = match tokio::time::timeout(LOCAL_CONNECT_TIMEOUT, TcpStream::connect(&addr)).await
+        let tcp = match self
+            .dialer
+            .connect(&spec.target.host, spec.target.port)
+            .await
         {
-            Err(_) => {
-                let r = format!("connecting to {} timed out", spec.target);
-                log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
-                return agent_error(&r);
-            }
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 let r = connect_error_reason(&spec.target, &e);
                 log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
                 return agent_error(&r);
             }
-            Ok(Ok(s)) => s,
         };
-        let _ = tcp.set_nodelay(true);
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                 Ok(x) => x,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config;
 
+mod dial;
 mod forward;
 mod session;
 mod target;

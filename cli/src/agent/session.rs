@@ -17,7 +17,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::forward::{local_client, Forwarder, TunnelSpec};
+use super::dial::Dialer;
+use super::forward::{local_client, Forwarder, TunnelSpec, LOCAL_CONNECT_TIMEOUT};
 
 /// How long dialing the edge (TCP + TLS) may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -354,9 +355,11 @@ async fn connect_once(
     let team = answer.team.clone();
     let edge_addr = edge.addr.clone();
     let closed_cancel = conn_cancel.clone();
+    let dialer = Arc::new(Dialer::new(LOCAL_CONNECT_TIMEOUT));
     let forwarder = Arc::new(Forwarder {
         tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
-        client: local_client(),
+        client: local_client(Arc::clone(&dialer)),
+        dialer,
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -1,0 +1,185 @@
+//! Connecting to the local server.
+//!
+//! Every WebSocket and every new HTTP connection opens a TCP connection to the tunnel's
+//! target. Resolving a name such as `localhost` for each of them costs a trip through the
+//! blocking thread pool and `getaddrinfo`, and `localhost` usually resolves to `::1` first:
+//! a server listening on 127.0.0.1 only then refuses the first attempt every time. The
+//! [`Dialer`] resolves a name once per [`RESOLVE_TTL`] and tries the address that last
+//! answered first.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::Uri;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// How long a resolved local target name is reused before it is resolved again.
+pub(crate) const RESOLVE_TTL: Duration = Duration::from_secs(30);
+
+/// Addresses of one name, the one that last accepted a connection first.
+struct Resolved {
+    addrs: Vec<SocketAddr>,
+    at: Instant,
+}
+
+/// Connects to local targets, remembering what each name resolved to.
+pub(crate) struct Dialer {
+    cache: Mutex<HashMap<(String, u16), Resolved>>,
+    timeout: Duration,
+}
+
+impl Dialer {
+    /// A dialer whose whole connect (every address tried) takes at most `timeout`.
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            cache: Mutex::new(HashMap::new()),
+            timeout,
+        }
+    }
+
+    /// Opens a TCP connection to `host:port` (with `TCP_NODELAY`).
+    pub(crate) async fn connect(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        match tokio::time::timeout(self.timeout, self.connect_inner(host, port)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting took longer than {} s", self.timeout.as_secs()),
+            )),
+        }
+    }
+
+    async fn connect_inner(&self, host: &str, port: u16) -> io::Result<TcpStream> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            let s = TcpStream::connect(SocketAddr::new(ip, port)).await?;
+            let _ = s.set_nodelay(true);
+            return Ok(s);
+        }
+        let key = (host.to_ascii_lowercase(), port);
+        let addrs = match self.cached(&key) {
+            Some(a) => a,
+            None => {
+                let a: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+                if a.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("{host} resolves to no address"),
+                    ));
+                }
+                a
+            }
+        };
+        let mut first_error = None;
+        for addr in &addrs {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    self.remember(key, &addrs, *addr);
+                    return Ok(s);
+                }
+                // The first address's error is the one to report (a refusal, typically).
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        // Nothing answered: resolve afresh next time.
+        if let Ok(mut c) = self.cache.lock() {
+            c.remove(&key);
+        }
+        Err(first_error.unwrap_or_else(|| io::Error::other("no address to connect to")))
+    }
+
+    fn cached(&self, key: &(String, u16)) -> Option<Vec<SocketAddr>> {
+        let c = self.cache.lock().ok()?;
+        c.get(key)
+            .filter(|r| r.at.elapsed() < RESOLVE_TTL)
+            .map(|r| r.addrs.clone())
+    }
+
+    fn remember(&self, key: (String, u16), addrs: &[SocketAddr], good: SocketAddr) {
+        let Ok(mut c) = self.cache.lock() else {
+            return;
+        };
+        let at = match c.get(&key) {
+            // Keep the time of the lookup, so the name is still resolved again after the TTL.
+            Some(r) if r.at.elapsed() < RESOLVE_TTL => r.at,
+            _ => Instant::now(),
+        };
+        let mut ordered = Vec::with_capacity(addrs.len());
+        ordered.push(good);
+        ordered.extend(addrs.iter().copied().filter(|a| *a != good));
+        c.insert(key, Resolved { addrs: ordered, at });
+    }
+}
+
+/// The HTTP client's connector: plain TCP through a shared [`Dialer`].
+#[derive(Clone)]
+pub(crate) struct LocalConnector(pub(crate) Arc<Dialer>);
+
+impl tower_service::Service<Uri> for LocalConnector {
+    type Response = TokioIo<TcpStream>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let dialer = Arc::clone(&self.0);
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?;
+            let port = uri.port_u16().unwrap_or(80);
+            dialer.connect(host, port).await.map(TokioIo::new)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_name_that_resolves_to_a_refusing_address_first_still_connects_and_is_remembered() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dialer = Dialer::new(Duration::from_secs(5));
+        // Seed the cache as `localhost` often resolves: ::1 (nothing listening) first.
+        let key = ("localhost".to_owned(), port);
+        let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
+        let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        dialer.cache.lock().unwrap().insert(
+            key.clone(),
+            Resolved {
+                addrs: vec![v6, v4],
+                at: Instant::now(),
+            },
+        );
+        dialer.connect("localhost", port).await.unwrap();
+        assert_eq!(dialer.cached(&key).unwrap(), vec![v4, v6]);
+        drop(listener);
+        // Nothing listens any more: the error is the refusal, and the entry is dropped.
+        let e = dialer.connect("localhost", port).await.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(dialer.cached(&key).is_none());
+    }
+
+    #[tokio::test]
+    async fn ip_literals_connect_without_a_lookup() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let dialer = Dialer::new(Duration::from_secs(5));
+        dialer.connect("127.0.0.1", port).await.unwrap();
+        assert!(dialer.cache.lock().unwrap().is_empty());
+    }
+}

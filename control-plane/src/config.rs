@@ -41,6 +41,10 @@ pub const DEFAULT_RESERVED_SUBDOMAINS: &[&str] = &[
     "burrow",
 ];
 
+/// Longest any configured duration may be: far beyond every sensible setting, and short enough
+/// that adding it to the current time can never overflow (which would panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Certificate and key (PEM files) for serving gRPC over TLS.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -197,6 +201,19 @@ impl Config {
                 return Err(ConfigError(format!("the {name} must be greater than zero")));
             }
         }
+        let bounded = positive.into_iter().chain([
+            ("reconnect grace", self.reconnect_grace),
+            ("maximum rotation overlap", self.max_rotation_overlap),
+            ("shutdown grace", self.shutdown_grace),
+        ]);
+        for (name, value) in bounded {
+            if value > MAX_DURATION {
+                return Err(ConfigError(format!(
+                    "the {name} must be at most ten years ({} s)",
+                    MAX_DURATION.as_secs()
+                )));
+            }
+        }
         if self.db_max_connections == 0 {
             return Err(ConfigError(
                 "the database pool needs at least one connection".into(),
@@ -257,5 +274,35 @@ impl Config {
         self.reserved_subdomains
             .iter()
             .any(|r| r.eq_ignore_ascii_case(name))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_config_is_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn a_duration_over_ten_years_is_refused_with_a_sentence_naming_it() {
+        let too_long = MAX_DURATION + Duration::from_secs(1);
+        type Set = fn(&mut Config, Duration);
+        let cases: [(Set, &str); 3] = [
+            (|c, d| c.request_timeout = d, "request timeout"),
+            (|c, d| c.shutdown_grace = d, "shutdown grace"),
+            (|c, d| c.max_rotation_overlap = d, "rotation overlap"),
+        ];
+        for (set, needle) in cases {
+            let mut config = Config::default();
+            set(&mut config, MAX_DURATION);
+            config.validate().unwrap();
+            set(&mut config, too_long);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
     }
 }

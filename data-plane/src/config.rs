@@ -6,6 +6,10 @@ use secrecy::SecretString;
 
 use crate::tls::TlsIdentity;
 
+/// Longest any configured duration may be: far beyond every sensible setting, and short enough
+/// that adding it to the current time can never overflow (which would panic).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Everything an edge needs to run. Build it directly in tests; `main` builds it from flags.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -228,6 +232,14 @@ impl Config {
                 }
             }
         }
+        if let Some(addr) = &self.agent_addr {
+            let port = addr
+                .rsplit_once(':')
+                .map(|(host, port)| (host, port.parse::<u16>()));
+            if !matches!(port, Some((host, Ok(p))) if !host.is_empty() && p > 0) {
+                return bad(&format!("agent_addr {addr:?} must be host:port"));
+            }
+        }
         let l = &self.limits;
         let positive = [
             (l.max_visitor_connections, "max_visitor_connections"),
@@ -268,10 +280,27 @@ impl Config {
             (l.ws_close_timeout, "ws_close_timeout"),
             (l.ws_rate_limit_grace, "ws_rate_limit_grace"),
             (l.control_call_timeout, "control_call_timeout"),
+            (l.admin_header_timeout, "admin_header_timeout"),
         ];
         for (d, name) in durations {
             if d.is_zero() {
                 return bad(&format!("{name} must be longer than zero"));
+            }
+        }
+        let may_be_zero = [
+            (l.authorization_cache_ttl, "authorization_cache_ttl"),
+            (l.offline_grace, "offline_grace"),
+            (l.drain_timeout, "drain_timeout"),
+            (l.basic_auth_cache_ttl, "basic_auth_cache_ttl"),
+            (l.ws_ping_interval.unwrap_or_default(), "ws_ping_interval"),
+            (l.ws_idle_timeout.unwrap_or_default(), "ws_idle_timeout"),
+        ];
+        for (d, name) in durations.into_iter().chain(may_be_zero) {
+            if d > MAX_DURATION {
+                return bad(&format!(
+                    "{name} must be at most ten years ({} s)",
+                    MAX_DURATION.as_secs()
+                ));
             }
         }
         if l.ws_ping_interval.is_some_and(|d| d.is_zero()) {
@@ -315,6 +344,19 @@ mod tests {
         config().validate().unwrap();
     }
 
+    #[test]
+    fn an_announced_agent_address_with_a_host_and_port_is_accepted() {
+        for addr in [
+            "edge.example.com:4443",
+            "203.0.113.7:443",
+            "[2001:db8::1]:4443",
+        ] {
+            let mut c = config();
+            c.agent_addr = Some(addr.into());
+            c.validate().unwrap();
+        }
+    }
+
     type Tweak = Box<dyn Fn(&mut Config)>;
 
     #[test]
@@ -341,6 +383,26 @@ mod tests {
             (
                 Box::new(|c| c.limits.ws_ping_interval = Some(Duration::ZERO)),
                 "ws_ping_interval",
+            ),
+            (
+                Box::new(|c| c.limits.admin_header_timeout = Duration::ZERO),
+                "admin_header_timeout",
+            ),
+            (
+                Box::new(|c| c.limits.drain_timeout = MAX_DURATION + Duration::from_secs(1)),
+                "drain_timeout",
+            ),
+            (
+                Box::new(|c| c.limits.ws_idle_timeout = Some(Duration::MAX)),
+                "ws_idle_timeout",
+            ),
+            (
+                Box::new(|c| c.agent_addr = Some("edge.example.com".into())),
+                "agent_addr",
+            ),
+            (
+                Box::new(|c| c.agent_addr = Some(":4443".into())),
+                "agent_addr",
             ),
             (
                 Box::new(|c| {

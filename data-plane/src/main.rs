@@ -149,6 +149,55 @@ struct Args {
     /// Most entries in each list of a tunnel policy (users, addresses, origins, header rules).
     #[arg(long, default_value_t = Limits::default().policy_max_rules)]
     policy_max_rules: usize,
+    /// Where agents should connect (host:port), as announced to the control plane and shown
+    /// by `burrow tunnel list`; defaults to the --agent-listen address as bound. Set it when
+    /// the edge listens on 0.0.0.0 or behind NAT.
+    #[arg(long)]
+    agent_addr: Option<String>,
+    /// Most agent connections open at once; the next agent waits for a free slot.
+    #[arg(long, default_value_t = Limits::default().max_agent_connections)]
+    max_agent_connections: usize,
+    /// Most tunnels one agent connection may bind; more in its hello refuse the connection.
+    #[arg(long, default_value_t = Limits::default().max_tunnels_per_agent)]
+    max_tunnels_per_agent: usize,
+    /// Seconds the TLS handshake plus the agent's hello may take.
+    #[arg(long, default_value_t = Limits::default().agent_handshake_timeout.as_secs())]
+    agent_handshake_timeout: u64,
+    /// Seconds the edge waits for the agent's response head to a visitor request (504 after).
+    #[arg(long, default_value_t = Limits::default().upstream_response_timeout.as_secs())]
+    upstream_response_timeout: u64,
+    /// Largest HTTP/2 frame payload on agent connections, in bytes (16384 to 16777215).
+    #[arg(long, default_value_t = Limits::default().h2_max_frame_size)]
+    h2_max_frame_size: u32,
+    /// Largest relay buffer of an upgraded (WebSocket) connection, in bytes: each direction
+    /// starts at 4 KiB and grows to this under bulk transfer, so a connection's relay holds at
+    /// most twice this.
+    #[arg(long, default_value_t = Limits::default().relay_buffer_bytes)]
+    relay_buffer_bytes: usize,
+    /// Seconds one direction of a WebSocket may keep going after the other ended before the
+    /// edge drops the connection.
+    #[arg(long, default_value_t = Limits::default().ws_close_timeout.as_secs())]
+    ws_close_timeout: u64,
+    /// Seconds a cached agent authorization from the control plane is trusted at most (the
+    /// control plane's own expiry may be shorter; 0: ask every time).
+    #[arg(long, default_value_t = Limits::default().authorization_cache_ttl.as_secs())]
+    authorization_cache_ttl: u64,
+    /// Most cached agent authorizations.
+    #[arg(long, default_value_t = Limits::default().authorization_cache_entries)]
+    authorization_cache_entries: usize,
+    /// Seconds a disconnected tunnel shows the "offline" page (503) rather than "unknown"
+    /// (404); the control plane's reconnect grace, when it announces one, wins.
+    #[arg(long, default_value_t = Limits::default().offline_grace.as_secs())]
+    offline_grace: u64,
+    /// Seconds shutdown waits for in-flight connections to finish.
+    #[arg(long, default_value_t = Limits::default().drain_timeout.as_secs())]
+    drain_timeout: u64,
+    /// Seconds each call to the control plane may take (connecting included).
+    #[arg(long, default_value_t = Limits::default().control_call_timeout.as_secs())]
+    control_call_timeout: u64,
+    /// Seconds an admin client may take to send its request head.
+    #[arg(long, default_value_t = Limits::default().admin_header_timeout.as_secs())]
+    admin_header_timeout: u64,
 }
 
 /// Exit code for a configuration that cannot work (sysexits EX_USAGE).
@@ -267,7 +316,22 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
             ),
         },
     };
-    let limits = Limits {
+    Ok(Config {
+        name: args.name.clone(),
+        domain: args.domain.clone(),
+        public_url_template: args.public_url.clone(),
+        agent_addr: args.agent_addr.clone(),
+        control,
+        agent_tls,
+        agent_plaintext: args.agent_plaintext,
+        visitor_tls,
+        limits: limits(args),
+    })
+}
+
+/// Every limit and timeout, from the flags.
+fn limits(args: &Args) -> Limits {
+    Limits {
         ws_ping_interval: (args.ws_ping_interval > 0)
             .then(|| Duration::from_secs(args.ws_ping_interval)),
         ws_idle_timeout: (args.ws_idle_timeout > 0)
@@ -290,19 +354,20 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         basic_auth_max_hash_memory_kib: args.basic_auth_max_hash_memory_kib,
         basic_auth_max_hash_passes: args.basic_auth_max_hash_passes,
         policy_max_rules: args.policy_max_rules,
-        ..Limits::default()
-    };
-    Ok(Config {
-        name: args.name.clone(),
-        domain: args.domain.clone(),
-        public_url_template: args.public_url.clone(),
-        agent_addr: None,
-        control,
-        agent_tls,
-        agent_plaintext: args.agent_plaintext,
-        visitor_tls,
-        limits,
-    })
+        max_agent_connections: args.max_agent_connections,
+        max_tunnels_per_agent: args.max_tunnels_per_agent,
+        agent_handshake_timeout: Duration::from_secs(args.agent_handshake_timeout),
+        upstream_response_timeout: Duration::from_secs(args.upstream_response_timeout),
+        h2_max_frame_size: args.h2_max_frame_size,
+        relay_buffer_bytes: args.relay_buffer_bytes,
+        ws_close_timeout: Duration::from_secs(args.ws_close_timeout),
+        authorization_cache_ttl: Duration::from_secs(args.authorization_cache_ttl),
+        authorization_cache_entries: args.authorization_cache_entries,
+        offline_grace: Duration::from_secs(args.offline_grace),
+        drain_timeout: Duration::from_secs(args.drain_timeout),
+        control_call_timeout: Duration::from_secs(args.control_call_timeout),
+        admin_header_timeout: Duration::from_secs(args.admin_header_timeout),
+    }
 }
 
 async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
@@ -359,5 +424,62 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    fn limits_from(flags: &[&str]) -> Limits {
+        limits(&Args::try_parse_from(["burrow-edge"].iter().chain(flags)).unwrap())
+    }
+
+    #[test]
+    fn the_flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn without_flags_every_limit_keeps_its_default() {
+        assert_eq!(
+            format!("{:?}", limits_from(&[])),
+            format!("{:?}", Limits::default())
+        );
+    }
+
+    #[test]
+    fn each_limit_flag_reaches_the_limits() {
+        let l = limits_from(&[
+            "--max-agent-connections=7",
+            "--max-tunnels-per-agent=8",
+            "--agent-handshake-timeout=9",
+            "--upstream-response-timeout=10",
+            "--h2-max-frame-size=32768",
+            "--relay-buffer-bytes=11",
+            "--ws-close-timeout=12",
+            "--authorization-cache-ttl=13",
+            "--authorization-cache-entries=14",
+            "--offline-grace=15",
+            "--drain-timeout=16",
+            "--control-call-timeout=17",
+            "--admin-header-timeout=18",
+        ]);
+        let secs = Duration::from_secs;
+        assert_eq!(l.max_agent_connections, 7);
+        assert_eq!(l.max_tunnels_per_agent, 8);
+        assert_eq!(l.agent_handshake_timeout, secs(9));
+        assert_eq!(l.upstream_response_timeout, secs(10));
+        assert_eq!(l.h2_max_frame_size, 32_768);
+        assert_eq!(l.relay_buffer_bytes, 11);
+        assert_eq!(l.ws_close_timeout, secs(12));
+        assert_eq!(l.authorization_cache_ttl, secs(13));
+        assert_eq!(l.authorization_cache_entries, 14);
+        assert_eq!(l.offline_grace, secs(15));
+        assert_eq!(l.drain_timeout, secs(16));
+        assert_eq!(l.control_call_timeout, secs(17));
+        assert_eq!(l.admin_header_timeout, secs(18));
     }
 }

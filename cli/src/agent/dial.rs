@@ -7,7 +7,6 @@
 //! [`Dialer`] resolves a name once per [`RESOLVE_TTL`] and tries the address that last
 //! answered first.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -23,15 +22,18 @@ use tokio::net::TcpStream;
 /// How long a resolved local target name is reused before it is resolved again.
 pub(crate) const RESOLVE_TTL: Duration = Duration::from_secs(30);
 
-/// Addresses of one name, the one that last accepted a connection first.
+/// Addresses of one name and port, the one that last accepted a connection first.
 struct Resolved {
-    addrs: Vec<SocketAddr>,
+    host: String,
+    port: u16,
+    addrs: Arc<[SocketAddr]>,
     at: Instant,
 }
 
-/// Connects to local targets, remembering what each name resolved to.
+/// Connects to local targets, remembering what each name resolved to. An agent has a handful
+/// of targets, so the cache is a short list; a connect that finds its entry allocates nothing.
 pub(crate) struct Dialer {
-    cache: Mutex<HashMap<(String, u16), Resolved>>,
+    cache: Mutex<Vec<Resolved>>,
     timeout: Duration,
 }
 
@@ -39,7 +41,7 @@ impl Dialer {
     /// A dialer whose whole connect (every address tried) takes at most `timeout`.
     pub(crate) fn new(timeout: Duration) -> Self {
         Self {
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Vec::new()),
             timeout,
         }
     }
@@ -62,11 +64,10 @@ impl Dialer {
             let _ = s.set_nodelay(true);
             return Ok(s);
         }
-        let key = (host.to_ascii_lowercase(), port);
-        let addrs = match self.cached(&key) {
+        let addrs = match self.cached(host, port) {
             Some(a) => a,
             None => {
-                let a: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+                let a: Arc<[SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect();
                 if a.is_empty() {
                     return Err(io::Error::new(
                         io::ErrorKind::NotFound,
@@ -77,11 +78,11 @@ impl Dialer {
             }
         };
         let mut first_error = None;
-        for addr in &addrs {
+        for addr in addrs.iter() {
             match TcpStream::connect(addr).await {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    self.remember(key, &addrs, *addr);
+                    self.remember(host, port, &addrs, *addr);
                     return Ok(s);
                 }
                 // The first address's error is the one to report (a refusal, typically).
@@ -92,31 +93,50 @@ impl Dialer {
         }
         // Nothing answered: resolve afresh next time.
         if let Ok(mut c) = self.cache.lock() {
-            c.remove(&key);
+            c.retain(|r| !r.is(host, port));
         }
         Err(first_error.unwrap_or_else(|| io::Error::other("no address to connect to")))
     }
 
-    fn cached(&self, key: &(String, u16)) -> Option<Vec<SocketAddr>> {
+    fn cached(&self, host: &str, port: u16) -> Option<Arc<[SocketAddr]>> {
         let c = self.cache.lock().ok()?;
-        c.get(key)
-            .filter(|r| r.at.elapsed() < RESOLVE_TTL)
-            .map(|r| r.addrs.clone())
+        c.iter()
+            .find(|r| r.is(host, port) && r.at.elapsed() < RESOLVE_TTL)
+            .map(|r| Arc::clone(&r.addrs))
     }
 
-    fn remember(&self, key: (String, u16), addrs: &[SocketAddr], good: SocketAddr) {
+    /// Records that `good`, one of `addrs`, accepted a connection to `host:port`.
+    fn remember(&self, host: &str, port: u16, addrs: &Arc<[SocketAddr]>, good: SocketAddr) {
         let Ok(mut c) = self.cache.lock() else {
             return;
         };
-        let at = match c.get(&key) {
-            // Keep the time of the lookup, so the name is still resolved again after the TTL.
-            Some(r) if r.at.elapsed() < RESOLVE_TTL => r.at,
-            _ => Instant::now(),
+        let ordered: Arc<[SocketAddr]> = if addrs.first() == Some(&good) {
+            Arc::clone(addrs)
+        } else {
+            std::iter::once(good)
+                .chain(addrs.iter().copied().filter(|a| *a != good))
+                .collect()
         };
-        let mut ordered = Vec::with_capacity(addrs.len());
-        ordered.push(good);
-        ordered.extend(addrs.iter().copied().filter(|a| *a != good));
-        c.insert(key, Resolved { addrs: ordered, at });
+        match c.iter_mut().find(|r| r.is(host, port)) {
+            // Keep the time of the lookup, so the name is still resolved again after the TTL.
+            Some(r) if r.at.elapsed() < RESOLVE_TTL => r.addrs = ordered,
+            Some(r) => {
+                r.addrs = ordered;
+                r.at = Instant::now();
+            }
+            None => c.push(Resolved {
+                host: host.to_owned(),
+                port,
+                addrs: ordered,
+                at: Instant::now(),
+            }),
+        }
+    }
+}
+
+impl Resolved {
+    fn is(&self, host: &str, port: u16) -> bool {
+        self.port == port && self.host.eq_ignore_ascii_case(host)
     }
 }
 
@@ -155,23 +175,21 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let dialer = Dialer::new(Duration::from_secs(5));
         // Seed the cache as `localhost` often resolves: ::1 (nothing listening) first.
-        let key = ("localhost".to_owned(), port);
         let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
         let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        dialer.cache.lock().unwrap().insert(
-            key.clone(),
-            Resolved {
-                addrs: vec![v6, v4],
-                at: Instant::now(),
-            },
-        );
-        dialer.connect("localhost", port).await.unwrap();
-        assert_eq!(dialer.cached(&key).unwrap(), vec![v4, v6]);
+        dialer.cache.lock().unwrap().push(Resolved {
+            host: "localhost".to_owned(),
+            port,
+            addrs: vec![v6, v4].into(),
+            at: Instant::now(),
+        });
+        dialer.connect("LocalHost", port).await.unwrap();
+        assert_eq!(&*dialer.cached("localhost", port).unwrap(), &[v4, v6]);
         drop(listener);
         // Nothing listens any more: the error is the refusal, and the entry is dropped.
         let e = dialer.connect("localhost", port).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
-        assert!(dialer.cached(&key).is_none());
+        assert!(dialer.cached("localhost", port).is_none());
     }
 
     #[tokio::test]

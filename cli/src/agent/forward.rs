@@ -138,12 +138,15 @@ impl Forwarder {
         let Some(spec) = self.tunnels.get(key).cloned() else {
             return agent_error("the agent has no such tunnel");
         };
+        // Boxed: hyper keeps each stream's task (and so this future's inline size) for as long
+        // as the stream lives — for a WebSocket, its whole life. Boxing frees the connect and
+        // handshake state once the answer is out (BENCHMARKS.md: memory per idle WebSocket).
         if req.method() == http::Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some()
         {
-            self.upgrade(req, spec).await
+            Box::pin(self.upgrade(req, spec)).await
         } else {
-            self.plain(req, spec).await
+            Box::pin(self.plain(req, spec)).await
         }
     }
 

@@ -1,11 +1,12 @@
 //! Connecting to the local server.
 //!
 //! Every WebSocket and every new HTTP connection opens a TCP connection to the tunnel's
-//! target. Resolving a name such as `localhost` for each of them costs a trip through the
-//! blocking thread pool and `getaddrinfo`, and `localhost` usually resolves to `::1` first:
-//! a server listening on 127.0.0.1 only then refuses the first attempt every time. The
+//! target. Resolving the target's name for each of them would cost a trip through the
+//! blocking thread pool and `getaddrinfo`, and when a name resolves to an address nobody
+//! listens on (`::1` for a server on 127.0.0.1 only), a refused attempt every time. The
 //! [`Dialer`] resolves a name once per [`RESOLVE_TTL`] and tries the address that last
-//! answered first.
+//! answered first. `localhost` is not looked up at all: it is 127.0.0.1 and ::1, both tried,
+//! so a local server is found whichever loopback family it listens on.
 
 use std::future::Future;
 use std::io;
@@ -66,6 +67,13 @@ impl Dialer {
         }
         let addrs = match self.cached(host, port) {
             Some(a) => a,
+            // `localhost` is always the loopback (RFC 6761 §6.3), whatever /etc/hosts says:
+            // try both families, so a server listening only on ::1 (as Node does for
+            // "localhost" on some systems) or only on 127.0.0.1 is found either way.
+            None if is_localhost(host) => Arc::from([
+                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+                SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+            ]),
             None => {
                 let a: Arc<[SocketAddr]> = tokio::net::lookup_host((host, port)).await?.collect();
                 if a.is_empty() {
@@ -140,6 +148,17 @@ impl Resolved {
     }
 }
 
+/// `localhost` or a name under it.
+fn is_localhost(host: &str) -> bool {
+    let host = host.trim_end_matches('.');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .len()
+            .checked_sub(".localhost".len())
+            .and_then(|i| host.get(i..))
+            .is_some_and(|tail| tail.eq_ignore_ascii_case(".localhost"))
+}
+
 /// The HTTP client's connector: plain TCP through a shared [`Dialer`].
 #[derive(Clone)]
 pub(crate) struct LocalConnector(pub(crate) Arc<Dialer>);
@@ -190,6 +209,26 @@ mod tests {
         let e = dialer.connect("localhost", port).await.unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
         assert!(dialer.cached("localhost", port).is_none());
+    }
+
+    #[tokio::test]
+    async fn localhost_finds_a_server_listening_on_either_loopback_family() {
+        let dialer = Dialer::new(Duration::from_secs(5));
+        let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = v4.local_addr().unwrap().port();
+        dialer.connect("localhost", port).await.unwrap();
+        // This machine may have no IPv6 loopback; then only the IPv4 half can be checked.
+        if let Ok(v6) = tokio::net::TcpListener::bind("[::1]:0").await {
+            let port = v6.local_addr().unwrap().port();
+            let s = dialer.connect("LOCALHOST", port).await.unwrap();
+            assert!(s.peer_addr().unwrap().is_ipv6());
+            // The address that answered is tried first from now on.
+            assert!(dialer.cached("localhost", port).unwrap()[0].is_ipv6());
+        }
+        assert!(is_localhost("app.localhost"));
+        assert!(is_localhost("localhost."));
+        assert!(!is_localhost("notlocalhost"));
+        assert!(!is_localhost("localhost.example.com"));
     }
 
     #[tokio::test]

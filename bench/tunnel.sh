@@ -7,7 +7,9 @@
 #   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
 #   BENCH_REPEAT=3 measures each target that many times (same processes) and the table shows
 #   the median of each figure; the idle-memory figure is taken in the last repetition only;
-#   BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the other knobs;
+#   BENCH_IDLE_BURST=262144 makes each idle connection echo one message that big first (what a
+#   connection keeps after a burst); BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the
+#   other knobs;
 #   BENCH_TARGETS="burrow-tls burrow-plain bore" picks targets (direct always runs);
 #   BENCH_TOOLS=DIR keeps the bore install between runs.
 set -euo pipefail
@@ -49,7 +51,7 @@ bench() {
   for i in $(seq 1 "$REPEAT"); do
     idle=0
     [ "$i" = "$REPEAT" ] && idle=${BENCH_TARGET_IDLE:-$IDLE}
-    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" "$@"); then
+    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" --idle-burst-bytes "${BENCH_IDLE_BURST:-0}" "$@"); then
       echo "$out" >&2
       results+=("$out")
     else

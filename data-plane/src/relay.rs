@@ -25,6 +25,10 @@ pub const CLOSE_POLICY_VIOLATION: u16 = 1008;
 
 /// First size of each relay buffer, in bytes.
 const INITIAL_BUFFER: usize = 4096;
+/// A relay buffer grown for bulk transfer goes back to [`INITIAL_BUFFER`] after its source has
+/// sent nothing for this long, so a connection that once carried a large message does not
+/// hold the large buffer for the rest of its life.
+const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +185,20 @@ where
     }
 }
 
+/// Size of a relay buffer of `len` bytes after a read of `n` bytes: a read that filled it
+/// means bulk transfer, so it grows to `max`; a grown buffer that got less than `initial`
+/// means the burst is over (the source had little pending), so it shrinks back. A source that
+/// goes quiet after a burst is handled by [`SHRINK_AFTER`] instead (no read, no decision).
+fn buffer_len_after_read(len: usize, n: usize, initial: usize, max: usize) -> usize {
+    if n == len && len < max {
+        max
+    } else if len > initial && n < initial {
+        initial
+    } else {
+        len
+    }
+}
+
 /// One direction of a relayed connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -215,8 +233,9 @@ async fn pump<R, W>(
     // Since when every read has been over the byte rate.
     let mut over_since: Option<tokio::time::Instant> = None;
     // Start small so an idle connection costs little; grow to the full size once a read
-    // fills the buffer (bulk transfer).
-    let mut buf = vec![0u8; INITIAL_BUFFER.min(opts.buffer)];
+    // fills the buffer (bulk transfer), and shrink back when a burst is over.
+    let initial = INITIAL_BUFFER.min(opts.buffer);
+    let mut buf = vec![0u8; initial];
     let started = tokio::time::Instant::now();
     let mut total: u64 = 0;
     let ping = if dir == Direction::ToVisitor {
@@ -234,11 +253,24 @@ async fn pump<R, W>(
     };
     let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(silence);
+    // When the source last delivered bytes; checked (not reset per read) when `shrink` fires.
+    let mut last_read = tokio::time::Instant::now();
+    let shrink = tokio::time::sleep(SHRINK_AFTER);
+    tokio::pin!(shrink);
     let mut end = loop {
         let read = tokio::select! {
             r = src.read(&mut buf) => r,
             () = stop.cancelled() => break End::Eof,
             () = &mut silence, if silence_limit.is_some() => break End::Idle,
+            () = &mut shrink, if buf.len() > initial => {
+                let quiet_since = last_read + SHRINK_AFTER;
+                if tokio::time::Instant::now() >= quiet_since {
+                    buf = vec![0u8; initial];
+                } else {
+                    shrink.as_mut().reset(quiet_since);
+                }
+                continue;
+            }
             () = &mut idle, if ping.is_some() => {
                 // Keepalive toward the visitor, only between frames.
                 if observer.at_boundary()
@@ -263,7 +295,7 @@ async fn pump<R, W>(
         match read {
             Ok(0) => break End::Eof,
             Ok(n) => {
-                let grow = n == buf.len() && buf.len() < opts.buffer;
+                let next_len = buffer_len_after_read(buf.len(), n, initial, opts.buffer);
                 let before = observer.stats();
                 observer.observe(&buf[..n]);
                 let after = observer.stats();
@@ -278,8 +310,16 @@ async fn pump<R, W>(
                     break End::WriteError;
                 }
                 total += n as u64;
-                if grow {
-                    buf.resize(opts.buffer, 0);
+                if next_len > buf.len() {
+                    buf.resize(next_len, 0);
+                    shrink
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + SHRINK_AFTER);
+                } else if next_len < buf.len() {
+                    buf = vec![0u8; next_len];
+                }
+                if buf.len() > initial {
+                    last_read = tokio::time::Instant::now();
                 }
                 if let Some(rate) = opts.max_bytes_per_second.filter(|r| *r > 0) {
                     // Hold the average at `rate`: wait until `total` bytes are due.
@@ -390,5 +430,27 @@ async fn pump<R, W>(
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::buffer_len_after_read as next;
+
+    #[test]
+    fn a_relay_buffer_grows_under_bulk_and_shrinks_when_the_burst_is_over() {
+        let (initial, max) = (4096, 65536);
+        // Small messages keep the small buffer.
+        assert_eq!(next(initial, 100, initial, max), initial);
+        // A read that fills it means more is pending: grow.
+        assert_eq!(next(initial, initial, initial, max), max);
+        // Bulk reads, full or partial but large, keep it grown.
+        assert_eq!(next(max, max, initial, max), max);
+        assert_eq!(next(max, 20_000, initial, max), max);
+        // A short read after a burst: back to the small buffer.
+        assert_eq!(next(max, 64, initial, max), initial);
+        // A buffer configured smaller than the initial size never changes.
+        assert_eq!(next(1024, 1024, 4096, 1024), 1024);
+        assert_eq!(next(1024, 10, 4096, 1024), 1024);
     }
 }

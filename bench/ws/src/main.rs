@@ -61,6 +61,10 @@ struct RunArgs {
     /// Idle connections to hold for the memory figure (0 skips it).
     #[arg(long, default_value_t = 0)]
     idle: usize,
+    /// Size of one message each idle connection echoes before it goes idle (0: only the
+    /// 64-byte round trip), to see what a connection keeps after a burst.
+    #[arg(long, default_value_t = 0)]
+    idle_burst_bytes: usize,
     /// Process ids of the tunnel: their RSS is sampled before and after opening the idle
     /// connections, and their CPU time around the throughput run.
     #[arg(long, value_delimiter = ',')]
@@ -290,9 +294,13 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before: Vec<u64> = args.pids.iter().map(|p| rss_kib(*p).unwrap_or(0)).collect();
         let mut held = Vec::with_capacity(args.idle);
+        let burst = vec![9u8; args.idle_burst_bytes];
         for _ in 0..args.idle {
             let mut ws = connect(args).await?;
             round_trip(&mut ws, &small).await?;
+            if !burst.is_empty() {
+                round_trip(&mut ws, &burst).await?;
+            }
             held.push(ws);
         }
         tokio::time::sleep(Duration::from_millis(1000)).await;

@@ -373,7 +373,9 @@ impl Forwarder {
                 ws.visitor_io(TokioIo::new(edge)),
                 ws.local_io(TokioIo::new(local)),
             );
-            let report = relay(edge, local, opts, stop).await;
+            // Boxed: as one allocation with this task the relay cost 2.5 KiB more per idle
+            // WebSocket (BENCHMARKS.md, "What changed in this round").
+            let report = Box::pin(relay(edge, local, opts, stop)).await;
             let close = report
                 .to_visitor
                 .close_code

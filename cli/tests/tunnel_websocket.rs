@@ -206,6 +206,30 @@ async fn text_binary_and_empty_messages_of_every_boundary_size_echo_through_the_
 }
 
 #[tokio::test]
+async fn big_and_small_messages_stay_exact_across_quiet_spells_after_bursts() {
+    // After a burst the relays grow their buffers; after a quiet second they shrink them
+    // again, while a read is pending. Nothing may be lost or reordered across that.
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    let (mut ws, _) = connect(&edge, &sub, "/socket", &[]).await;
+    for round in 0..3u8 {
+        let big: Vec<u8> = (0..(2usize << 20))
+            .map(|i| (i * 7 + usize::from(round)) as u8)
+            .collect();
+        ws.send(Message::binary(big.clone())).await.unwrap();
+        match next(&mut ws).await {
+            Message::Binary(b) => assert!(b[..] == big[..], "big message of round {round}"),
+            other => panic!("expected the big message back, got {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        for i in 0..20 {
+            let small = format!("round {round} message {i}");
+            ws.send(Message::text(small.clone())).await.unwrap();
+            assert_eq!(next(&mut ws).await, Message::text(small));
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_fragmented_message_arrives_whole_and_a_ping_gets_its_pong() {
     let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
     let (mut ws, _) = connect(&edge, &sub, "/", &[]).await;

@@ -260,7 +260,10 @@ impl WsTap {
     }
 
     fn io<T>(&self, io: T, dir: Dir) -> TapIo<T> {
-        let parser = self.shared.as_ref().map(|s| {
+        // Without a ring (`--no-inspect`) no frame can be kept: skip the parse and the
+        // recorder's lock per frame.
+        let keeps_frames = |s: &&Arc<Shared>| s.rec.settings().is_some_and(|x| x.ring > 0);
+        let parser = self.shared.as_ref().filter(keeps_frames).map(|s| {
             let cap = s.rec.settings().map_or(0, |x| x.preview_cap);
             (Arc::clone(s), FrameParser::new(cap))
         });

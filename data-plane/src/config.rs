@@ -91,7 +91,8 @@ pub struct Limits {
     /// Interval of HTTP/2 PINGs on agent connections; a peer silent for this long twice is
     /// dead.
     pub agent_keepalive_interval: Duration,
-    /// Size of each relay buffer for upgraded (WebSocket) connections, in bytes.
+    /// Largest relay buffer of an upgraded (WebSocket) connection per direction, in bytes
+    /// (4 KiB at first, this much under bulk transfer, 4 KiB again once a burst is over).
     pub relay_buffer_bytes: usize,
     /// Idle time after which the edge pings a visitor WebSocket at a frame boundary; `None`
     /// disables keepalive pings.

@@ -170,8 +170,8 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().h2_max_frame_size)]
     h2_max_frame_size: u32,
     /// Largest relay buffer of an upgraded (WebSocket) connection, in bytes: each direction
-    /// starts at 4 KiB and grows to this under bulk transfer, so a connection's relay holds at
-    /// most twice this.
+    /// starts at 4 KiB, grows to this under bulk transfer and goes back to 4 KiB after a short
+    /// read or a second without data, so a connection's relay holds at most twice this.
     #[arg(long, default_value_t = Limits::default().relay_buffer_bytes)]
     relay_buffer_bytes: usize,
     /// Seconds one direction of a WebSocket may keep going after the other ended before the

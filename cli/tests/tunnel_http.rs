@@ -41,6 +41,28 @@ async fn a_get_reaches_the_local_server_through_the_tunnel() {
 }
 
 #[tokio::test]
+async fn a_port_alone_reaches_a_local_server_listening_only_on_ipv6_loopback() {
+    // Node and others may bind "localhost" to ::1 only; `burrow http PORT` must still find it.
+    let Some(local) = local_http_server_on("[::1]:0").await else {
+        eprintln!("no IPv6 loopback on this machine; nothing to check");
+        return;
+    };
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "six"],
+    )
+    .await;
+    for _ in 0..3 {
+        let (status, _, body) = visit(&edge, "six", "GET", "/hello", &[], "").await;
+        assert_eq!(status, 200);
+        assert_eq!(&body[..], b"hello from GET /hello");
+    }
+}
+
+#[tokio::test]
 async fn post_put_and_delete_bodies_travel_both_ways() {
     let local = local_http_server().await;
     let edge = standalone_edge().await;

@@ -312,7 +312,13 @@ pub async fn try_start_agent(edge: &Edge, token: &str, args: &[&str]) -> Result<
 /// A local HTTP test server: `/hello` says hello, `/echo` streams the request body back,
 /// `/headers` answers the request headers as `name: value` lines, `/status/N` answers N.
 pub async fn local_http_server() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    local_http_server_on("127.0.0.1:0").await.unwrap()
+}
+
+/// [`local_http_server`] listening on `bind` (`None` when that address cannot be bound, e.g.
+/// `[::1]:0` on a machine without IPv6).
+pub async fn local_http_server_on(bind: &str) -> Option<SocketAddr> {
+    let listener = TcpListener::bind(bind).await.ok()?;
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         loop {
@@ -327,7 +333,7 @@ pub async fn local_http_server() -> SocketAddr {
             });
         }
     });
-    addr
+    Some(addr)
 }
 
 type LocalBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;

@@ -216,6 +216,57 @@ pub async fn get(
         .map_err(|_| format!("GET {path} from {addr} took longer than {timeout:?}"))?
 }
 
+/// One scrape of an admin listener's `/metrics`, compared with another in tests. The methods
+/// panic with the scrape's text when something is off: they are test helpers.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// Scrapes `addr`, asserting a 200 in the Prometheus text format.
+    pub async fn take(addr: std::net::SocketAddr, timeout: Duration) -> Self {
+        match get(addr, "/metrics", timeout).await {
+            Ok((200, ct, body)) if ct == METRICS_CONTENT_TYPE => Self(body),
+            Ok((status, ct, body)) => panic!("/metrics answered {status} ({ct}):\n{body}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    /// Scrapes `addr` until `ok` holds (metrics settle when a task ends), or panics after
+    /// `timeout` naming `what` and showing the last scrape.
+    pub async fn until(
+        addr: std::net::SocketAddr,
+        timeout: Duration,
+        what: &str,
+        ok: impl Fn(&Scrape) -> bool,
+    ) -> Self {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = Self::take(addr, timeout).await;
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what} never happened; last scrape:\n{}",
+                s.0
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The value of the sample `name` whose labels include every pair of `labels`; 0 when
+    /// there is none. Panics when more than one sample matches.
+    pub fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        sample(&self.0, name, labels)
+            .unwrap_or_else(|e| panic!("{e}:\n{}", self.0))
+            .unwrap_or(0.0)
+    }
+
+    /// How much `name{labels}` grew since `before`.
+    pub fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels) - before.get(name, labels)
+    }
+}
+
 /// The value of the sample `name` in a text-format scrape whose labels include every pair of
 /// `labels`: `Ok(None)` when there is none, `Err` when several match or a value is not a
 /// number.

@@ -9,6 +9,8 @@ mod tunnel_support;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use burrow_admin::Scrape;
+
 use futures::{SinkExt as _, StreamExt as _};
 use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpStream};
@@ -28,45 +30,13 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 }
 
 /// One scrape of `/metrics`.
-struct Scrape(String);
-
-impl Scrape {
-    async fn take(edge: &Edge) -> Self {
-        let (status, ct, body) = admin_get(edge.admin, "/metrics").await;
-        assert_eq!(status, 200);
-        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
-        Self(body)
-    }
-
-    /// The value of the sample `name` whose labels include every pair of `labels`; 0 when
-    /// there is none. Panics when more than one sample matches.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        burrow_admin::sample(&self.0, name, labels)
-            .unwrap_or_else(|e| panic!("{e}:\n{}", self.0))
-            .unwrap_or(0.0)
-    }
-
-    /// How much `name{labels}` grew since `before`.
-    fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels) - before.get(name, labels)
-    }
+async fn scrape(edge: &Edge) -> Scrape {
+    Scrape::take(edge.admin, STEP).await
 }
 
-/// Scrapes until `ok` holds (metrics settle when a relay task ends), or panics.
+/// Scrapes until `ok` holds (metrics settle when a task ends), or panics.
 async fn scrape_until(edge: &Edge, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let s = Scrape::take(edge).await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened; last scrape:\n{}",
-            s.0
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Scrape::until(edge.admin, STEP, what, ok).await
 }
 
 /// Standard base64 (RFC 4648), for a basic-auth header.
@@ -105,7 +75,7 @@ async fn healthz_and_readyz_answer_and_metrics_is_prometheus_text() {
     assert_eq!(status, 200);
     let (status, _, _) = admin_get(edge.admin, "/nope").await;
     assert_eq!(status, 404);
-    let s = Scrape::take(&edge).await;
+    let s = scrape(&edge).await;
     assert!(s
         .0
         .contains("# TYPE burrow_edge_visitor_connections_total counter\n"));
@@ -129,7 +99,7 @@ async fn http_requests_move_the_counters_by_exactly_the_traffic_sent() {
     )
     .await;
     let t = tunnel("metered");
-    let before = Scrape::take(&edge).await;
+    let before = scrape(&edge).await;
     assert_eq!(before.get("burrow_edge_agent_sessions", &[]), 1.0);
     assert_eq!(before.get("burrow_edge_tunnels", &[]), 1.0);
 
@@ -151,7 +121,7 @@ async fn http_requests_move_the_counters_by_exactly_the_traffic_sent() {
     let (status, _, _) = visit(&edge, "nobody-here", "GET", "/", &[], "").await;
     assert_eq!(status, 404);
 
-    let after = Scrape::take(&edge).await;
+    let after = scrape(&edge).await;
     let req = |class| {
         after.delta(
             &before,
@@ -245,7 +215,7 @@ async fn a_websocket_session_moves_the_counters_by_exactly_its_messages_and_clos
     )
     .await;
     let t = tunnel("wsm");
-    let before = Scrape::take(&edge).await;
+    let before = scrape(&edge).await;
 
     let url = format!("ws://wsm.localhost:{}/", edge.http.port());
     let tcp = TcpStream::connect(edge.http).await.unwrap();
@@ -414,12 +384,12 @@ async fn policy_refusals_are_counted_by_reason() {
     )
     .await;
     let t = tunnel("guarded");
-    let before = Scrape::take(&edge).await;
+    let before = scrape(&edge).await;
     for _ in 0..2 {
         let (status, _, _) = visit(&edge, "guarded", "GET", "/hello", &[], "").await;
         assert_eq!(status, 403);
     }
-    let after = Scrape::take(&edge).await;
+    let after = scrape(&edge).await;
     assert_eq!(
         after.delta(
             &before,
@@ -451,7 +421,7 @@ async fn policy_refusals_are_counted_by_reason() {
     )
     .await;
     let t = tunnel("locked");
-    let before = Scrape::take(&edge).await;
+    let before = scrape(&edge).await;
     let (status, _, _) = visit(&edge, "locked", "GET", "/hello", &[], "").await;
     assert_eq!(status, 401);
     let wrong = format!("Basic {}", b64("ann:wrong-horse"));
@@ -476,7 +446,7 @@ async fn policy_refusals_are_counted_by_reason() {
     )
     .await;
     assert_eq!(status, 200);
-    let after = Scrape::take(&edge).await;
+    let after = scrape(&edge).await;
     assert_eq!(
         after.delta(
             &before,

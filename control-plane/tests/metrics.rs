@@ -7,6 +7,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use burrow_admin::Scrape;
 use burrow_control::{Config, Listeners};
 use burrow_proto::v1::{
     self, account_service_client::AccountServiceClient, tunnel_service_client::TunnelServiceClient,
@@ -89,42 +90,13 @@ async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String, String) {
 }
 
 /// One scrape of `/metrics`.
-struct Scrape(String);
-
-impl Scrape {
-    async fn take(app: &App) -> Self {
-        let (status, ct, body) = admin_get(app.admin_addr, "/metrics").await;
-        assert_eq!(status, 200);
-        assert_eq!(ct, "text/plain; version=0.0.4; charset=utf-8");
-        Self(body)
-    }
-
-    /// The sample `name` whose labels include every pair of `labels`; 0 when absent.
-    fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        burrow_admin::sample(&self.0, name, labels)
-            .unwrap_or_else(|e| panic!("{e}:\n{}", self.0))
-            .unwrap_or(0.0)
-    }
-
-    fn delta(&self, before: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.get(name, labels) - before.get(name, labels)
-    }
+async fn scrape(app: &App) -> Scrape {
+    Scrape::take(app.admin_addr, STEP).await
 }
 
+/// Scrapes until `ok` holds (metrics settle when a task ends), or panics.
 async fn scrape_until(app: &App, what: &str, ok: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let s = Scrape::take(app).await;
-        if ok(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what} never happened; last scrape:\n{}",
-            s.0
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    Scrape::until(app.admin_addr, STEP, what, ok).await
 }
 
 const GET_ACCOUNT: [(&str, &str); 2] = [
@@ -141,7 +113,7 @@ async fn each_call_is_counted_once_with_the_status_it_ended_with(pool: PgPool) {
         .get_account(req(&app.token, v1::GetAccountRequest::default()))
         .await
         .unwrap();
-    let before = Scrape::take(&app).await;
+    let before = scrape(&app).await;
     for _ in 0..3 {
         accounts
             .get_account(req(&app.token, v1::GetAccountRequest::default()))
@@ -155,7 +127,7 @@ async fn each_call_is_counted_once_with_the_status_it_ended_with(pool: PgPool) {
             .unwrap_err();
         assert_eq!(err.code(), Code::Unauthenticated);
     }
-    let after = Scrape::take(&app).await;
+    let after = scrape(&app).await;
     let rpcs = |code| {
         after.delta(
             &before,
@@ -191,7 +163,7 @@ async fn each_call_is_counted_once_with_the_status_it_ended_with(pool: PgPool) {
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn an_open_server_stream_is_a_subscriber_until_its_client_leaves(pool: PgPool) {
     let app = spawn_app(&pool).await;
-    let before = Scrape::take(&app).await;
+    let before = scrape(&app).await;
     assert_eq!(
         before.get(
             "burrow_control_watch_subscribers",
@@ -218,7 +190,7 @@ async fn an_open_server_stream_is_a_subscriber_until_its_client_leaves(pool: PgP
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
-    let s = Scrape::take(&app).await;
+    let s = scrape(&app).await;
     let watch = [
         ("service", "burrow.v1.TunnelService"),
         ("method", "WatchTunnels"),

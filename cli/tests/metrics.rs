@@ -172,27 +172,6 @@ async fn http_requests_move_the_counters_by_exactly_the_traffic_sent() {
     edge.stop().await;
 }
 
-/// A local WebSocket server that echoes data messages and answers a close with 1000.
-async fn local_ws_echo() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                    return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 /// Bytes of a frame header for a payload of `len` bytes, `masked` or not (RFC 6455 §5.2).
 fn header_len(len: usize, masked: bool) -> usize {
     let ext = match len {

@@ -251,28 +251,6 @@ async fn after_the_agent_stops_cleanly_its_name_is_free_for_anyone_at_once(pool:
     }
 }
 
-/// A local WebSocket server echoing every message (and answering close frames).
-async fn local_ws_echo() -> std::net::SocketAddr {
-    use futures::{SinkExt as _, StreamExt as _};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((s, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
-                    return;
-                };
-                while let Some(Ok(m)) = ws.next().await {
-                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn usage_rows_count_exactly_the_traffic_sent_even_right_before_the_agent_leaves(
     pool: PgPool,

@@ -336,6 +336,29 @@ pub async fn local_http_server_on(bind: &str) -> Option<SocketAddr> {
     Some(addr)
 }
 
+/// A local WebSocket server that echoes data messages (tokio-tungstenite answers close
+/// frames itself).
+pub async fn local_ws_echo() -> SocketAddr {
+    use futures::{SinkExt as _, StreamExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(m)) = ws.next().await {
+                    if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 type LocalBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 async fn local_handler(

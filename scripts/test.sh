@@ -21,3 +21,9 @@ fi
 export BURROW_REQUIRE_TEST_CLIENTS=${BURROW_REQUIRE_TEST_CLIENTS:-1}
 
 cargo nextest run --workspace --no-fail-fast "$@"
+
+# Autobahn|Testsuite through a tunnel against the same suite run directly (skipped with a
+# warning where no Python 2.7 exists); only for a whole-suite run, not a filtered one.
+if [ $# -eq 0 ]; then
+  tests/autobahn/run.sh
+fi

@@ -241,7 +241,7 @@ impl AsyncRead for Upgraded {
                         Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
                         Some(reason) if e.is_reset() => Err(reset_error(reason)),
                         _ => Err(h2_io_error(e)),
-                    })
+                    });
                 }
             }
         }

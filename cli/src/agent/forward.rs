@@ -8,21 +8,21 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use burrow_edge::link::{send_body, RecvBody, Upgraded};
 use burrow_edge::relay::{relay, RelayOptions};
 use burrow_proto::tunnel::{
     CONTROL_CLOSED, CONTROL_READY, HEADER_AGENT_ERROR, HEADER_CONTROL, HEADER_REASON,
     HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt as _, Empty, Full};
 use hyper::body::Incoming;
-use burrow_edge::link::{send_body, RecvBody, Upgraded};
-use h2::server::SendResponse;
-use h2::RecvStream;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
@@ -264,7 +264,10 @@ impl Forwarder {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let from_edge = body.into_inner();
-        let switched = match self.switch(Request::from_parts(parts, ()), &spec, started).await {
+        let switched = match self
+            .switch(Request::from_parts(parts, ()), &spec, started)
+            .await
+        {
             Ok(s) => s,
             Err(resp) => return answer(respond, resp).await,
         };

@@ -406,16 +406,16 @@ async fn connect_once(
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_send_buffer_size(edge.stream_window as usize);
-    let mut conn = match tokio::time::timeout(DIAL_TIMEOUT, builder.handshake::<_, Bytes>(tls)).await
-    {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => return Err(Failure::Retry(e.into())),
-        Err(_) => {
-            return Err(Failure::Retry(anyhow::anyhow!(
-                "timed out starting HTTP/2 with the edge"
-            )))
-        }
-    };
+    let mut conn =
+        match tokio::time::timeout(DIAL_TIMEOUT, builder.handshake::<_, Bytes>(tls)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(Failure::Retry(e.into())),
+            Err(_) => {
+                return Err(Failure::Retry(anyhow::anyhow!(
+                    "timed out starting HTTP/2 with the edge"
+                )))
+            }
+        };
     // A peer that leaves a PING unanswered for a whole interval is gone.
     let dead = CancellationToken::new();
     if let Some(mut ping_pong) = conn.ping_pong() {

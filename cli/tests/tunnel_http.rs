@@ -295,6 +295,32 @@ async fn oversized_or_too_many_request_headers_get_431() {
 }
 
 #[tokio::test]
+async fn a_large_response_head_crosses_the_tunnel_and_one_over_the_limit_gets_a_502_page() {
+    let local = local_http_server().await;
+    let edge = standalone_edge_with(|l| l.agent_max_header_list_bytes = 64 * 1024).await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "head"],
+    )
+    .await;
+    // 40 KB of response headers (a big Content-Security-Policy or a pile of cookies).
+    let (status, headers, body) = visit(&edge, "head", "GET", "/big-head/40000", &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(headers["x-big"].len(), 40_000);
+    assert_eq!(&body[..], b"big head");
+    // Over the edge's limit: a page saying the local server's answer was refused, not a hang
+    // and not an "offline" page; the tunnel stays up for the next request.
+    let (status, _, body) = visit(&edge, "head", "GET", "/big-head/100000", &[], "").await;
+    let body = String::from_utf8_lossy(&body);
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("could not be relayed"), "{body}");
+    let (status, _, _) = visit(&edge, "head", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
 async fn a_visitor_that_sends_headers_too_slowly_is_disconnected() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let edge =

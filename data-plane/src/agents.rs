@@ -156,6 +156,7 @@ async fn handle(
         .initial_window_size(limits.h2_stream_window)
         .initial_connection_window_size(limits.h2_connection_window)
         .max_frame_size(limits.h2_max_frame_size)
+        .max_header_list_size(limits.agent_max_header_list_bytes)
         .max_send_buffer_size(limits.h2_stream_window as usize);
     let handshake = tokio::time::timeout(
         limits.agent_handshake_timeout,

@@ -88,6 +88,9 @@ pub struct Limits {
     pub h2_connection_window: u32,
     /// HTTP/2 largest frame payload, in bytes (16 KiB – 16 MiB).
     pub h2_max_frame_size: u32,
+    /// Largest response head an agent may send (HTTP/2 header list size: names, values and
+    /// 32 bytes per field), in bytes; a larger one is refused and the visitor gets a 502 page.
+    pub agent_max_header_list_bytes: u32,
     /// Interval of HTTP/2 PINGs on agent connections; a peer silent for this long twice is
     /// dead.
     pub agent_keepalive_interval: Duration,
@@ -166,6 +169,7 @@ impl Default for Limits {
             h2_stream_window: 512 * 1024,
             h2_connection_window: 16 * 1024 * 1024,
             h2_max_frame_size: 65_536,
+            agent_max_header_list_bytes: 256 * 1024,
             agent_keepalive_interval: Duration::from_secs(10),
             relay_buffer_bytes: 64 * 1024,
             ws_ping_interval: Some(Duration::from_secs(30)),
@@ -262,6 +266,9 @@ impl Config {
         }
         if l.max_header_bytes < 8192 {
             return bad("max_header_bytes must be at least 8192");
+        }
+        if l.agent_max_header_list_bytes < 16_384 {
+            return bad("agent_max_header_list_bytes must be at least 16384");
         }
         if !(16_384..=16_777_215).contains(&l.h2_max_frame_size) {
             return bad("h2_max_frame_size must be between 16384 and 16777215");
@@ -376,6 +383,10 @@ mod tests {
             (
                 Box::new(|c| c.limits.h2_max_frame_size = 1),
                 "h2_max_frame_size",
+            ),
+            (
+                Box::new(|c| c.limits.agent_max_header_list_bytes = 100),
+                "agent_max_header_list_bytes",
             ),
             (
                 Box::new(|c| c.limits.header_read_timeout = Duration::ZERO),

@@ -169,6 +169,10 @@ struct Args {
     /// Largest HTTP/2 frame payload on agent connections, in bytes (16384 to 16777215).
     #[arg(long, default_value_t = Limits::default().h2_max_frame_size)]
     h2_max_frame_size: u32,
+    /// Largest response head an agent may send, in bytes (HTTP/2 header list size: names,
+    /// values and 32 bytes per field; at least 16384). A larger one gets the visitor a 502.
+    #[arg(long, default_value_t = Limits::default().agent_max_header_list_bytes)]
+    agent_max_header_list_bytes: u32,
     /// Largest relay buffer of an upgraded (WebSocket) connection, in bytes: each direction
     /// starts at 4 KiB, grows to this under bulk transfer and goes back to 4 KiB after a short
     /// read or a second without data, so a connection's relay holds at most twice this.
@@ -359,6 +363,7 @@ fn limits(args: &Args) -> Limits {
         agent_handshake_timeout: Duration::from_secs(args.agent_handshake_timeout),
         upstream_response_timeout: Duration::from_secs(args.upstream_response_timeout),
         h2_max_frame_size: args.h2_max_frame_size,
+        agent_max_header_list_bytes: args.agent_max_header_list_bytes,
         relay_buffer_bytes: args.relay_buffer_bytes,
         ws_close_timeout: Duration::from_secs(args.ws_close_timeout),
         authorization_cache_ttl: Duration::from_secs(args.authorization_cache_ttl),
@@ -458,6 +463,7 @@ mod tests {
             "--agent-handshake-timeout=9",
             "--upstream-response-timeout=10",
             "--h2-max-frame-size=32768",
+            "--agent-max-header-list-bytes=65536",
             "--relay-buffer-bytes=11",
             "--ws-close-timeout=12",
             "--authorization-cache-ttl=13",
@@ -473,6 +479,7 @@ mod tests {
         assert_eq!(l.agent_handshake_timeout, secs(9));
         assert_eq!(l.upstream_response_timeout, secs(10));
         assert_eq!(l.h2_max_frame_size, 32_768);
+        assert_eq!(l.agent_max_header_list_bytes, 65_536);
         assert_eq!(l.relay_buffer_bytes, 11);
         assert_eq!(l.ws_close_timeout, secs(12));
         assert_eq!(l.authorization_cache_ttl, secs(13));

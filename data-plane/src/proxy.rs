@@ -563,6 +563,15 @@ async fn forward(
     };
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(Box::new(pages::agent_timeout(&route.subdomain))),
+        // Only this stream failed (the connection is fine): the answer was refused or cut.
+        Ok(Err(e)) if e.is_reset() => {
+            tracing::info!(subdomain = %route.subdomain, err = %e, "the agent's answer failed");
+            let reason = format!(
+                "its answer could not be relayed (a response head over {} bytes is refused)",
+                state.config.limits.agent_max_header_list_bytes
+            );
+            Err(Box::new(pages::local_failure(&route.subdomain, &reason)))
+        }
         Ok(Err(e)) => {
             tracing::info!(subdomain = %route.subdomain, err = %e, "cannot reach the agent");
             Err(Box::new(pages::tunnel_offline(&route.subdomain)))

@@ -34,6 +34,9 @@ pub(crate) const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 largest frame payload, in bytes.
 const MAX_FRAME: u32 = 65_536;
+/// Largest request head the edge may send (HTTP/2 header list size), in bytes. The edge
+/// itself caps visitors' request heads far lower (16 KiB by default).
+const MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// Most concurrent streams (visitor requests) the edge may open.
 const MAX_STREAMS: u32 = 100_000;
 /// Interval of HTTP/2 PINGs toward the edge; a peer silent for two intervals is dead.
@@ -405,6 +408,7 @@ async fn connect_once(
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADER_LIST)
         .max_send_buffer_size(edge.stream_window as usize);
     let mut conn =
         match tokio::time::timeout(DIAL_TIMEOUT, builder.handshake::<_, Bytes>(tls)).await {

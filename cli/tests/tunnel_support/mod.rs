@@ -310,7 +310,8 @@ pub async fn try_start_agent(edge: &Edge, token: &str, args: &[&str]) -> Result<
 }
 
 /// A local HTTP test server: `/hello` says hello, `/echo` streams the request body back,
-/// `/headers` answers the request headers as `name: value` lines, `/status/N` answers N.
+/// `/headers` answers the request headers as `name: value` lines, `/status/N` answers N,
+/// `/big-head/N` answers with an `x-big` header of N bytes.
 pub async fn local_http_server() -> SocketAddr {
     local_http_server_on("127.0.0.1:0").await.unwrap()
 }
@@ -379,6 +380,12 @@ async fn local_handler(
             s.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
         }
         hyper::Response::new(full(s))
+    } else if let Some(n) = path.strip_prefix("/big-head/") {
+        let mut r = hyper::Response::new(full("big head".into()));
+        let v = "b".repeat(n.parse().unwrap());
+        r.headers_mut()
+            .insert("x-big", http::HeaderValue::from_str(&v).unwrap());
+        r
     } else if let Some(code) = path.strip_prefix("/status/") {
         let mut r = hyper::Response::new(full(format!("status {code}")));
         *r.status_mut() = code.parse::<u16>().unwrap().try_into().unwrap();

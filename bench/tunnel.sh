@@ -34,7 +34,7 @@ trap cleanup EXIT
 
 echo "==> building (release)" >&2
 cargo build --release -q -p burrow-control -p burrow-edge -p burrow-cli -p burrow-bench
-BIN=$PWD/target/release
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 if command -v bore >/dev/null 2>&1; then BORE=$(command -v bore)
 elif [ -x "$TOOLS/bin/bore" ]; then BORE=$TOOLS/bin/bore
 else

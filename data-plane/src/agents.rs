@@ -11,6 +11,8 @@ use burrow_proto::tunnel::{
 };
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -151,52 +153,25 @@ async fn handle(
     }
 
     // === HTTP/2, edge as client ===
-    let mut builder = h2::client::Builder::new();
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     builder
-        .initial_window_size(limits.h2_stream_window)
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(limits.h2_stream_window)
         .initial_connection_window_size(limits.h2_connection_window)
         .max_frame_size(limits.h2_max_frame_size)
         .max_header_list_size(limits.agent_max_header_list_bytes)
-        .max_send_buffer_size(limits.h2_stream_window as usize);
-    let handshake = tokio::time::timeout(
-        limits.agent_handshake_timeout,
-        builder.handshake::<_, Bytes>(tls),
-    );
-    let (sender, mut conn) = match handshake.await {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
+        .keep_alive_interval(limits.agent_keepalive_interval)
+        .keep_alive_timeout(limits.agent_keepalive_interval)
+        .keep_alive_while_idle(true)
+        .max_send_buf_size(limits.h2_stream_window as usize);
+    let (sender, conn) = match builder.handshake(TokioIo::new(tls)).await {
+        Ok(x) => x,
+        Err(e) => {
             release(&state, &bound, false).await;
             return Err(e.into());
         }
-        Err(_) => {
-            release(&state, &bound, false).await;
-            anyhow::bail!("HTTP/2 handshake timed out");
-        }
     };
-    // Keepalive: an agent that leaves a PING unanswered for a whole interval is gone.
-    let ping_pong = conn.ping_pong();
-    let interval = limits.agent_keepalive_interval;
-    let mut driver = tokio::spawn(async move {
-        let keepalive = async move {
-            let Some(mut ping_pong) = ping_pong else {
-                return std::future::pending().await;
-            };
-            loop {
-                tokio::time::sleep(interval).await;
-                let pong = tokio::time::timeout(interval, ping_pong.ping(h2::Ping::opaque()));
-                if !matches!(pong.await, Ok(Ok(_))) {
-                    return;
-                }
-            }
-        };
-        tokio::select! {
-            r = conn => r.map_err(anyhow::Error::from),
-            () = keepalive => Err(anyhow::anyhow!(
-                "the agent left a PING unanswered for {} s",
-                interval.as_secs()
-            )),
-        }
-    });
+    let mut driver = tokio::spawn(conn);
     let (ready_tx, ready_rx) = watch::channel(false);
     let agent = Arc::new(AgentSession {
         id: state.registry.next_agent_id(),
@@ -241,17 +216,18 @@ async fn handle(
     // Tell the agent its tunnels are routable; its answer also proves the agent's SETTINGS
     // (extended CONNECT) have arrived.
     let probe = {
-        let agent = Arc::clone(&agent);
+        let mut sender = agent.sender.clone();
         async move {
             let req = http::Request::builder()
                 .method(http::Method::POST)
                 .uri("http://burrow.control/")
                 .header(HEADER_CONTROL, CONTROL_READY)
-                .body(())?;
-            let status = agent.control(req).await?;
+                .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())?;
+            let resp = sender.send_request(req).await?;
             anyhow::ensure!(
-                status.is_success(),
-                "the agent answered {status} to the ready message"
+                resp.status().is_success(),
+                "the agent answered {} to the ready message",
+                resp.status()
             );
             Ok::<_, anyhow::Error>(())
         }

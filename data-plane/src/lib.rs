@@ -16,7 +16,6 @@
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
 //! - [`frame`]: the WebSocket frame observer used by the relay.
 //! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
-//! - [`link`]: the agent link's HTTP/2 streams as bodies and byte pipes (also used by the agent).
 //! - `pages`: the edge's own error pages.
 //! - `metrics`: Prometheus metrics and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - `policy`: tunnel policies (basic auth, IP and Origin allow lists, header rules).
@@ -37,7 +36,6 @@ mod control;
 mod early;
 pub mod frame;
 pub mod headers;
-pub mod link;
 mod metrics;
 mod pages;
 mod policy;

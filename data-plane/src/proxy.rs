@@ -12,7 +12,6 @@ use burrow_proto::tunnel::{
     HEADER_AGENT_ERROR, HEADER_PEER, HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
@@ -27,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::early::{Early, Mark, Recorder};
-use crate::link::{send_body, BoxError, RecvBody, Upgraded};
 use crate::registry::{Route, UpBody};
 use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
@@ -313,16 +311,17 @@ async fn handle(
     let Ok(uri) = uri else {
         return pages::bad_request("The request target is not valid.");
     };
-    let mut up = Request::new(());
+    let mut up = Request::new(match upgrade {
+        Some(_) => Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
+        None => Counted {
+            inner: body,
+            route: Arc::clone(&route),
+            inbound: true,
+        }
+        .boxed(),
+    });
     *up.uri_mut() = uri;
     *up.headers_mut() = headers;
-    // A request body goes to the agent as it arrives; an upgrade never has one (checked
-    // above), and its stream stays open for the relay.
-    let body = (upgrade.is_none() && !http_body::Body::is_end_stream(&body)).then(|| Counted {
-        inner: body,
-        route: Arc::clone(&route),
-        inbound: true,
-    });
     if let Some(proto) = &upgrade {
         *up.method_mut() = http::Method::CONNECT;
         if let Ok(v) = HeaderValue::from_str(proto) {
@@ -335,7 +334,7 @@ async fn handle(
             .trim()
             .to_ascii_lowercase();
         up.extensions_mut()
-            .insert(h2::ext::Protocol::from(token.as_str()));
+            .insert(hyper::ext::Protocol::from(token.as_str()));
     } else {
         *up.method_mut() = method.clone();
     }
@@ -343,8 +342,8 @@ async fn handle(
     let counters = &route.counters;
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
     counters.connections_open.fetch_add(1, Ordering::Relaxed);
-    let resp = forward(&route, up, body, upgrade.is_some(), &state).await;
-    let (resp, to_agent) = match resp {
+    let resp = forward(&route, up, upgrade.is_some(), &state).await;
+    let resp = match resp {
         Ok(r) => r,
         Err(page) => {
             counters.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -371,7 +370,8 @@ async fn handle(
         tracing::info!(subdomain = %sub, %peer, "upgrade refused: bytes sent before the 101");
         return pages::bad_request(EARLY_BYTES);
     }
-    if let (true, Some(visitor_upgrade), Some(to_agent)) = (switching, visitor_upgrade, to_agent) {
+    if let (true, Some(visitor_upgrade)) = (switching, visitor_upgrade) {
+        let agent_upgrade = hyper::upgrade::on(&mut resp);
         let proto = resp.headers().get(HEADER_UPGRADE).cloned().or_else(|| {
             upgrade
                 .as_deref()
@@ -398,13 +398,16 @@ async fn handle(
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();
-        let agent = Upgraded::new(to_agent, resp.into_body());
         tracker.spawn(async move {
             let _slot = ws_slot;
-            let v = match visitor_upgrade.await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::debug!(err = %e, "the visitor's upgrade failed");
+            let (v, a) = match tokio::join!(visitor_upgrade, agent_upgrade) {
+                (Ok(v), Ok(a)) => (v, a),
+                (v, a) => {
+                    tracing::debug!(
+                        visitor_ok = v.is_ok(),
+                        agent_ok = a.is_ok(),
+                        "upgrade failed"
+                    );
                     route
                         .counters
                         .connections_open
@@ -413,7 +416,7 @@ async fn handle(
                 }
             };
             let sink = Arc::new(route.metrics.websocket());
-            let report = relay_observed(TokioIo::new(v), agent, opts, stop, sink).await;
+            let report = relay_observed(TokioIo::new(v), TokioIo::new(a), opts, stop, sink).await;
             let c = &route.counters;
             c.connections_open.fetch_sub(1, Ordering::Relaxed);
             c.bytes_in
@@ -451,11 +454,11 @@ async fn handle(
         "request"
     );
     let body = Counted {
-        inner: RecvBody::new(body),
+        inner: body,
         route,
         inbound: false,
     };
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    Response::from_parts(parts, body.boxed())
 }
 
 /// One open WebSocket of a tunnel, counted against its limit until dropped.
@@ -487,21 +490,21 @@ impl Drop for WsSlot {
 }
 
 /// A body that adds the bytes passing through to its tunnel's counters.
-struct Counted<B> {
-    inner: B,
+struct Counted {
+    inner: Incoming,
     route: Arc<Route>,
     /// Visitor → local (`bytes_in`) rather than local → visitor (`bytes_out`).
     inbound: bool,
 }
 
-impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Counted<B> {
+impl http_body::Body for Counted {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = hyper::Error;
 
     fn poll_frame(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if let std::task::Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -527,44 +530,24 @@ impl<B: http_body::Body<Data = Bytes> + Unpin> http_body::Body for Counted<B> {
     }
 }
 
-/// The answer of an agent, and for an upgrade the stream's sending half.
-type Forwarded = (Response<RecvStream>, Option<SendStream<Bytes>>);
-
-/// Sends `up` (and `body`, as it arrives) to the route's agent; an `Err` is the page to show
-/// instead.
+/// Sends `up` to the route's agent; an `Err` is the page to show instead.
 async fn forward(
     route: &Route,
-    up: Request<()>,
-    body: Option<Counted<Incoming>>,
+    up: Request<UpBody>,
     upgrade: bool,
     state: &State,
-) -> Result<Forwarded, Box<Response<UpBody>>> {
+) -> Result<Response<Incoming>, Box<Response<UpBody>>> {
     let agent = &route.agent;
+    let mut sender = agent.sender.clone();
     if upgrade && !*agent.ready.borrow() {
         let mut ready = agent.ready.clone();
         let _ = tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await;
     }
     let timeout = state.config.limits.upstream_response_timeout;
-    let exchange = async {
-        let (resp, tx) = agent.open(up, body.is_none() && !upgrade).await?;
-        let tx = match body {
-            Some(body) => {
-                let subdomain = route.subdomain.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = send_body(body, tx).await {
-                        tracing::debug!(%subdomain, err = %e, "a request body did not reach the agent");
-                    }
-                });
-                None
-            }
-            None => upgrade.then_some(tx),
-        };
-        Ok::<_, h2::Error>((resp.await?, tx))
-    };
-    match tokio::time::timeout(timeout, exchange).await {
+    match tokio::time::timeout(timeout, sender.send_request(up)).await {
         Err(_) => Err(Box::new(pages::agent_timeout(&route.subdomain))),
         // Only this stream failed (the connection is fine): the answer was refused or cut.
-        Ok(Err(e)) if e.is_reset() => {
+        Ok(Err(e)) if stream_reset(&e) => {
             tracing::info!(subdomain = %route.subdomain, err = %e, "the agent's answer failed");
             let reason = format!(
                 "its answer could not be relayed (a response head over {} bytes is refused)",
@@ -578,6 +561,18 @@ async fn forward(
         }
         Ok(Ok(r)) => Ok(r),
     }
+}
+
+/// Whether `e` ended only its own HTTP/2 stream (a reset), not the agent's connection.
+fn stream_reset(e: &hyper::Error) -> bool {
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        if let Some(h2) = s.downcast_ref::<h2::Error>() {
+            return h2.is_reset();
+        }
+        source = s.source();
+    }
+    false
 }
 
 #[cfg(test)]

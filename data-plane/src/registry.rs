@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use burrow_proto::tunnel::{CONTROL_CLOSED, HEADER_CONTROL, HEADER_REASON, HEADER_TUNNEL};
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
-use h2::client::{ResponseFuture, SendRequest};
-use h2::SendStream;
 use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::http2::SendRequest;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Limits;
 use crate::policy::{Policies, Policy, Reason, Refusals, Verifier};
 
-/// Body type of the responses the edge sends to visitors.
-pub(crate) type UpBody = BoxBody<Bytes, crate::link::BoxError>;
+/// Body type of requests the edge sends to agents.
+pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
 
 /// Most names remembered as "recently offline"; older ones are forgotten first.
 const MAX_OFFLINE_NAMES: usize = 100_000;
@@ -137,28 +137,9 @@ pub(crate) struct AgentSession {
     /// Cancelled to end the agent connection.
     pub(crate) cancel: CancellationToken,
     /// Opens streams to the agent.
-    pub(crate) sender: SendRequest<Bytes>,
+    pub(crate) sender: SendRequest<UpBody>,
     /// Becomes true once the agent has acknowledged its settings (extended CONNECT usable).
     pub(crate) ready: watch::Receiver<bool>,
-}
-
-impl AgentSession {
-    /// Opens a stream to the agent with `req`'s head, waiting while the agent's stream limit
-    /// is reached; `end` when the request has no body (and is no upgrade).
-    pub(crate) async fn open(
-        &self,
-        req: http::Request<()>,
-        end: bool,
-    ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
-        let mut sender = self.sender.clone().ready().await?;
-        sender.send_request(req, end)
-    }
-
-    /// Sends a control message (a request without body) and waits for the answer's status.
-    pub(crate) async fn control(&self, req: http::Request<()>) -> anyhow::Result<http::StatusCode> {
-        let (resp, _) = self.open(req, true).await?;
-        Ok(resp.await?.status())
-    }
 }
 
 /// One bound tunnel.
@@ -507,7 +488,8 @@ async fn tell_closed(route: &Route, reason: &str) {
             http::HeaderValue::from_str(reason)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("ended")),
         )
-        .body(());
+        .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
     let Ok(req) = req else { return };
-    let _ = tokio::time::timeout(Duration::from_secs(5), route.agent.control(req)).await;
+    let mut sender = route.agent.sender.clone();
+    let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
 }

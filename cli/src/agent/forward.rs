@@ -8,15 +8,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use burrow_edge::link::{send_body, RecvBody, Upgraded};
 use burrow_edge::relay::{relay, RelayOptions};
 use burrow_proto::tunnel::{
     CONTROL_CLOSED, CONTROL_READY, HEADER_AGENT_ERROR, HEADER_CONTROL, HEADER_REASON,
     HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
-use h2::server::SendResponse;
-use h2::RecvStream;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -60,7 +57,7 @@ pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
     pub(crate) tunnels: HashMap<String, TunnelSpec>,
-    pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<RecvBody>>,
+    pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<Incoming>>,
     /// Opens connections to local targets (also under `client`).
     pub(crate) dialer: Arc<Dialer>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
@@ -74,7 +71,7 @@ pub(crate) struct Forwarder {
 /// The HTTP client toward local targets, connecting through `dialer`.
 pub(crate) fn local_client(
     dialer: Arc<Dialer>,
-) -> Client<LocalConnector, crate::inspect::TapBody<RecvBody>> {
+) -> Client<LocalConnector, crate::inspect::TapBody<Incoming>> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(LocalConnector(dialer))
@@ -128,17 +125,10 @@ fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
 }
 
 impl Forwarder {
-    /// Serves one stream from the edge: answers it, and for an upgrade relays its bytes
-    /// until both sides are done.
-    pub(crate) async fn serve(
-        self: Arc<Self>,
-        req: Request<RecvStream>,
-        mut respond: SendResponse<Bytes>,
-    ) {
-        let req = req.map(RecvBody::new);
+    /// Handles one stream from the edge.
+    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<DownBody> {
         if let Some(c) = req.headers().get(HEADER_CONTROL) {
-            let resp = self.control(c.as_bytes(), &req);
-            return answer(respond, resp).await;
+            return self.control(c.as_bytes(), &req);
         }
         let key = req
             .headers()
@@ -146,25 +136,21 @@ impl Forwarder {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let Some(spec) = self.tunnels.get(key).cloned() else {
-            return answer(respond, agent_error("the agent has no such tunnel")).await;
+            return agent_error("the agent has no such tunnel");
         };
+        // Boxed: hyper keeps each stream's task (and so this future's inline size) for as long
+        // as the stream lives — for a WebSocket, its whole life. Boxing frees the connect and
+        // handshake state once the answer is out (BENCHMARKS.md: memory per idle WebSocket).
         if req.method() == http::Method::CONNECT
-            && req.extensions().get::<h2::ext::Protocol>().is_some()
+            && req.extensions().get::<hyper::ext::Protocol>().is_some()
         {
-            // Boxed: a WebSocket's task lives as long as the WebSocket, and a large future
-            // inline costs memory for all that time (BENCHMARKS.md: memory per idle
-            // WebSocket).
-            return Box::pin(self.upgrade(req, spec, respond)).await;
+            Box::pin(self.upgrade(req, spec)).await
+        } else {
+            Box::pin(self.plain(req, spec)).await
         }
-        // A visitor that goes away resets the stream: stop waiting for the local server.
-        let resp = tokio::select! {
-            r = Box::pin(self.plain(req, spec)) => r,
-            _ = std::future::poll_fn(|cx| respond.poll_reset(cx)) => return,
-        };
-        answer(respond, resp).await;
     }
 
-    fn control(&self, kind: &[u8], req: &Request<RecvBody>) -> Response<DownBody> {
+    fn control(&self, kind: &[u8], req: &Request<Incoming>) -> Response<DownBody> {
         if kind == CONTROL_READY.as_bytes() {
             (self.on_ready)();
         } else if kind == CONTROL_CLOSED.as_bytes() {
@@ -183,7 +169,7 @@ impl Forwarder {
         empty(StatusCode::NO_CONTENT)
     }
 
-    async fn plain(&self, req: Request<RecvBody>, spec: TunnelSpec) -> Response<DownBody> {
+    async fn plain(&self, req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
@@ -253,86 +239,9 @@ impl Forwarder {
         Response::from_parts(parts, tap.response_body(body).boxed())
     }
 
-    /// Relays one upgrade: asks the local server to switch protocols, answers the edge,
-    /// then relays bytes until both sides are done.
-    async fn upgrade(
-        &self,
-        req: Request<RecvBody>,
-        spec: TunnelSpec,
-        mut respond: SendResponse<Bytes>,
-    ) {
+    async fn upgrade(&self, mut req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
-        let from_edge = body.into_inner();
-        let switched = match self
-            .switch(Request::from_parts(parts, ()), &spec, started)
-            .await
-        {
-            Ok(s) => s,
-            Err(resp) => return answer(respond, resp).await,
-        };
-        let Switched {
-            head,
-            local_upgrade,
-            ws,
-            path,
-        } = switched;
-        let to_edge = match respond.send_response(head, false) {
-            Ok(tx) => tx,
-            Err(e) => {
-                tracing::debug!(err = %e, "cannot answer the edge's upgrade");
-                return;
-            }
-        };
-        let local = match local_upgrade.await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(err = %e, "the local upgrade failed");
-                return;
-            }
-        };
-        let opts = RelayOptions {
-            buffer: RELAY_BUFFER,
-            ping_interval: None,
-            idle_timeout: None,
-            max_bytes_per_second: None,
-            rate_limit_grace: CLOSE_TIMEOUT,
-            close_timeout: CLOSE_TIMEOUT,
-        };
-        // The edge's stream is the "visitor" side here: close frames toward it are
-        // unmasked (server to client), toward the local server masked.
-        let (edge, local) = (
-            ws.visitor_io(Upgraded::new(to_edge, from_edge)),
-            ws.local_io(TokioIo::new(local)),
-        );
-        // Boxed: as one allocation with this task the relay cost 2.5 KiB more per idle
-        // WebSocket (BENCHMARKS.md, "What changed in this round").
-        let report = Box::pin(relay(edge, local, opts, self.stop.clone())).await;
-        let close = report
-            .to_visitor
-            .close_code
-            .or(report.to_local.close_code)
-            .map(|c| c.to_string())
-            .unwrap_or_else(|| "none".to_owned());
-        ws.closed(report.to_visitor.close_code.or(report.to_local.close_code));
-        tracing::info!(
-            "WS  {path} {} ms, in {} msgs/{} B, out {} msgs/{} B, close {close}",
-            started.elapsed().as_millis(),
-            report.to_local.messages,
-            report.to_local.bytes,
-            report.to_visitor.messages,
-            report.to_visitor.bytes,
-        );
-    }
-
-    /// Sends the upgrade request to the local server. `Ok` when it switched protocols;
-    /// otherwise the answer for the edge (its error response, or a 502 saying why).
-    async fn switch(
-        &self,
-        req: Request<()>,
-        spec: &TunnelSpec,
-        started: Instant,
-    ) -> Result<Switched, Response<DownBody>> {
+        let edge_upgrade = hyper::upgrade::on(&mut req);
         let path = req
             .uri()
             .path_and_query()
@@ -344,7 +253,7 @@ impl Forwarder {
             .cloned()
             .or_else(|| {
                 req.extensions()
-                    .get::<h2::ext::Protocol>()
+                    .get::<hyper::ext::Protocol>()
                     .and_then(|p| HeaderValue::from_str(p.as_str()).ok())
             })
             .unwrap_or_else(|| HeaderValue::from_static("websocket"));
@@ -359,13 +268,13 @@ impl Forwarder {
             Err(e) => {
                 let r = connect_error_reason(&spec.target, &e);
                 log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
-                return Err(agent_error(&r));
+                return agent_error(&r);
             }
         };
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                 Ok(x) => x,
-                Err(e) => return Err(agent_error(&format!("{} failed: {e}", spec.target))),
+                Err(e) => return agent_error(&format!("{} failed: {e}", spec.target)),
             };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -376,7 +285,7 @@ impl Forwarder {
         let (mut parts, _body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         strip_internal(&mut parts.headers);
-        set_host(&mut parts.headers, spec);
+        set_host(&mut parts.headers, &spec);
         if !parts.headers.contains_key(header::HOST) {
             if let Ok(v) = HeaderValue::from_str(&addr) {
                 parts.headers.insert(header::HOST, v);
@@ -390,7 +299,7 @@ impl Forwarder {
         *local_req.method_mut() = http::Method::GET;
         *local_req.uri_mut() = match path.parse() {
             Ok(u) => u,
-            Err(_) => return Err(agent_error("the request target is not valid")),
+            Err(_) => return agent_error("the request target is not valid"),
         };
         *local_req.headers_mut() = parts.headers;
         let ws = crate::inspect::recorder().ws_opened(&addr, &path, local_req.headers());
@@ -402,29 +311,29 @@ impl Forwarder {
         .await
         {
             Err(_) => {
-                return Err(agent_error(&format!(
+                return agent_error(&format!(
                     "{} did not answer the upgrade within {} s",
                     spec.target,
                     LOCAL_RESPONSE_TIMEOUT.as_secs()
-                )))
+                ))
             }
-            Ok(Err(e)) => return Err(agent_error(&format!("{} failed: {e}", spec.target))),
+            Ok(Err(e)) => return agent_error(&format!("{} failed: {e}", spec.target)),
             Ok(Ok(r)) => r,
         };
         ws.response(resp.status(), resp.headers());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let status = resp.status();
             if status.is_success() {
-                return Err(agent_error(&format!(
+                return agent_error(&format!(
                     "{} answered {status} to an upgrade request without switching protocols",
                     spec.target
-                )));
+                ));
             }
             log_request(&http::Method::GET, &path, status.as_u16(), started, 0, None);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             strip_internal(&mut parts.headers);
-            return Err(Response::from_parts(parts, body.boxed()));
+            return Response::from_parts(parts, body.boxed());
         }
 
         let mut resp = resp;
@@ -438,38 +347,52 @@ impl Forwarder {
         if let Some(u) = upgrade_value {
             headers.insert(HEADER_UPGRADE, u);
         }
-        let mut head = Response::new(());
-        *head.headers_mut() = headers;
-        Ok(Switched {
-            head,
-            local_upgrade,
-            ws,
-            path,
-        })
-    }
-}
+        let mut out = empty(StatusCode::OK);
+        *out.headers_mut() = headers;
 
-/// A local server that switched protocols, and what relaying to it needs.
-struct Switched {
-    /// The answer for the edge (200 with the local server's headers).
-    head: Response<()>,
-    local_upgrade: hyper::upgrade::OnUpgrade,
-    ws: crate::inspect::WsTap,
-    path: String,
-}
-
-/// Sends `resp` as the answer on one stream from the edge.
-async fn answer(mut respond: SendResponse<Bytes>, resp: Response<DownBody>) {
-    let (parts, body) = resp.into_parts();
-    let end = body.is_end_stream();
-    match respond.send_response(Response::from_parts(parts, ()), end) {
-        Ok(tx) if !end => {
-            if let Err(e) = send_body(body, tx).await {
-                tracing::debug!(err = %e, "a response body toward the edge failed");
-            }
-        }
-        Ok(_) => {}
-        Err(e) => tracing::debug!(err = %e, "cannot answer the edge"),
+        let stop = self.stop.clone();
+        tokio::spawn(async move {
+            let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
+                (Ok(e), Ok(l)) => (e, l),
+                (e, l) => {
+                    tracing::debug!(edge_ok = e.is_ok(), local_ok = l.is_ok(), "upgrade failed");
+                    return;
+                }
+            };
+            let opts = RelayOptions {
+                buffer: RELAY_BUFFER,
+                ping_interval: None,
+                idle_timeout: None,
+                max_bytes_per_second: None,
+                rate_limit_grace: CLOSE_TIMEOUT,
+                close_timeout: CLOSE_TIMEOUT,
+            };
+            // The edge's stream is the "visitor" side here: close frames toward it are
+            // unmasked (server to client), toward the local server masked.
+            let (edge, local) = (
+                ws.visitor_io(TokioIo::new(edge)),
+                ws.local_io(TokioIo::new(local)),
+            );
+            // Boxed: as one allocation with this task the relay cost 2.5 KiB more per idle
+            // WebSocket (BENCHMARKS.md, "What changed in this round").
+            let report = Box::pin(relay(edge, local, opts, stop)).await;
+            let close = report
+                .to_visitor
+                .close_code
+                .or(report.to_local.close_code)
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "none".to_owned());
+            ws.closed(report.to_visitor.close_code.or(report.to_local.close_code));
+            tracing::info!(
+                "WS  {path} {} ms, in {} msgs/{} B, out {} msgs/{} B, close {close}",
+                started.elapsed().as_millis(),
+                report.to_local.messages,
+                report.to_local.bytes,
+                report.to_visitor.messages,
+                report.to_visitor.bytes,
+            );
+        });
+        out
     }
 }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use burrow_proto::tunnel::{read_message, write_message, ALPN, PROTOCOL_VERSION};
 use burrow_proto::v1 as pb;
-use bytes::Bytes;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -401,72 +402,39 @@ async fn connect_once(
         }),
     });
 
-    let mut builder = h2::server::Builder::new();
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
+        .timer(TokioTimer::new())
         .enable_connect_protocol()
-        .initial_window_size(edge.stream_window)
+        .initial_stream_window_size(edge.stream_window)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(edge.stream_window as usize);
-    let mut conn =
-        match tokio::time::timeout(DIAL_TIMEOUT, builder.handshake::<_, Bytes>(tls)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => return Err(Failure::Retry(e.into())),
-            Err(_) => {
-                return Err(Failure::Retry(anyhow::anyhow!(
-                    "timed out starting HTTP/2 with the edge"
-                )))
-            }
-        };
-    // A peer that leaves a PING unanswered for a whole interval is gone.
-    let dead = CancellationToken::new();
-    if let Some(mut ping_pong) = conn.ping_pong() {
-        let dead = dead.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = dead.cancelled() => return,
-                    () = tokio::time::sleep(KEEPALIVE) => {}
-                }
-                let pong = tokio::time::timeout(KEEPALIVE, ping_pong.ping(h2::Ping::opaque()));
-                if !matches!(pong.await, Ok(Ok(_))) {
-                    tracing::debug!("the edge did not answer a PING; reconnecting");
-                    dead.cancel();
-                    return;
-                }
-            }
-        });
-    }
-    // Serve the connection on its own task; each stream gets a task of its own.
+        .max_send_buf_size(edge.stream_window as usize)
+        .keep_alive_interval(KEEPALIVE)
+        .keep_alive_timeout(KEEPALIVE);
+    let fw = Arc::clone(&forwarder);
+    let service = service_fn(move |req| {
+        let fw = Arc::clone(&fw);
+        async move { Ok::<_, std::convert::Infallible>(fw.handle(req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    // Drive the connection on its own task (driving it here would slow every round trip).
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let cancel = conn_cancel.clone();
-    let fw = Arc::clone(&forwarder);
     tokio::spawn(async move {
-        let r = loop {
-            tokio::select! {
-                accepted = conn.accept() => match accepted {
-                    Some(Ok((req, respond))) => {
-                        tokio::spawn(Arc::clone(&fw).serve(req, respond));
-                    }
-                    Some(Err(e)) => break Err(e),
-                    None => break Ok(()),
-                },
-                () = dead.cancelled() => break Ok(()),
-                () = cancel.cancelled() => {
-                    conn.graceful_shutdown();
-                    let drain = async {
-                        while let Some(Ok((req, respond))) = conn.accept().await {
-                            tokio::spawn(Arc::clone(&fw).serve(req, respond));
-                        }
-                    };
-                    let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
-                    break Ok(());
+        tokio::pin!(conn);
+        let r = tokio::select! {
+            r = conn.as_mut() => r,
+            () = cancel.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
+                    Ok(r) => r,
+                    Err(_) => Ok(()),
                 }
             }
         };
-        dead.cancel();
         let _ = done_tx.send(r);
     });
     let result = done_rx.await;

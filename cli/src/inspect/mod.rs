@@ -26,7 +26,7 @@ mod tap;
 pub(crate) use panel::{colour_allowed, panel_wanted};
 pub(crate) use record::Recorder;
 pub(crate) use replay::{run_replay, ReplayArgs};
-pub(crate) use tap::{TapBody, WsTap};
+pub(crate) use tap::TapBody;
 
 /// Default inspector address: loopback only, the port people know from similar tools.
 pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:4040";

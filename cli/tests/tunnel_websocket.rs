@@ -1067,3 +1067,48 @@ async fn a_websocket_that_stays_over_its_byte_rate_is_closed_with_1008_and_a_rea
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Upgrades a raw connection to the tunnel's local echo server, sends `frame`, and returns
+/// every byte that comes back until the connection closes.
+async fn answer_to_a_raw_frame(edge: &Edge, sub: &str, frame: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(edge.http).await.unwrap();
+    let head = upgrade_head(
+        edge,
+        sub,
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n",
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let mut b = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.unwrap();
+        got.push(b[0]);
+    }
+    assert!(
+        got.starts_with(b"HTTP/1.1 101"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    s.write_all(frame).await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    rest
+}
+
+#[tokio::test]
+async fn a_visitor_frame_that_breaks_the_protocol_gets_1002_or_1007_when_the_local_server_hangs_up()
+{
+    // tokio-tungstenite drops the TCP connection on a protocol error without a close frame; a
+    // direct client would see the connection end, a tunnelled one gets the close frame the
+    // edge writes in its place, with the code an endpoint would use (not 1001).
+    let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
+    // A masked frame with reserved opcode 3: an unmasked close with 1002 comes back.
+    let rest = answer_to_a_raw_frame(&edge, &sub, &[0x83, 0x80, 1, 2, 3, 4]).await;
+    assert_eq!(rest, [0x88, 0x02, 0x03, 0xEA], "{rest:02x?}");
+    // A masked text frame that is not UTF-8 (mask 0: the payload as is): 1007.
+    let rest = answer_to_a_raw_frame(&edge, &sub, &[0x81, 0x82, 0, 0, 0, 0, 0xce, 0xff]).await;
+    assert_eq!(rest, [0x88, 0x02, 0x03, 0xEF], "{rest:02x?}");
+}

@@ -33,6 +33,59 @@ pub struct FrameStats {
     pub control_bytes: u64,
     /// Complete pong frames with an empty payload: answers to the edge's keepalive pings.
     pub empty_pongs: u64,
+    /// The first way the frames broke RFC 6455, as the close code a peer fails the
+    /// connection with: 1002 for framing no extension can explain (§5.2, §5.4, §5.5: RSV2 or
+    /// RSV3 set, a reserved opcode, a fragmented or over-long control frame, a continuation
+    /// with no message under way, a new message inside a fragmented one, a close payload of
+    /// one byte or with a code no endpoint may send), 1007 for invalid UTF-8 in a masked
+    /// (client-to-server), uncompressed text message or in a close reason (§8.1).
+    pub violation: Option<u16>,
+}
+
+/// Close code for a framing error (RFC 6455 §7.4.1).
+const PROTOCOL_ERROR: u16 = 1002;
+/// Close code for invalid data in a message, here UTF-8 (RFC 6455 §7.4.1).
+const INVALID_PAYLOAD: u16 = 1007;
+
+/// Follows UTF-8 across chunks: the bytes of a sequence cut at a chunk's end wait in `carry`.
+#[derive(Debug, Default, Clone, Copy)]
+struct Utf8Check {
+    carry: [u8; 4],
+    carry_len: u8,
+}
+
+impl Utf8Check {
+    /// Takes the next bytes; false once they cannot be UTF-8 whatever follows.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        while self.carry_len > 0 && !data.is_empty() {
+            self.carry[usize::from(self.carry_len)] = data[0];
+            self.carry_len += 1;
+            data = &data[1..];
+            match std::str::from_utf8(&self.carry[..usize::from(self.carry_len)]) {
+                Ok(_) => self.carry_len = 0,
+                Err(e) if e.error_len().is_some() => return false,
+                Err(_) if self.carry_len == 4 => return false,
+                Err(_) => {}
+            }
+        }
+        match std::str::from_utf8(data) {
+            Ok(_) => true,
+            Err(e) if e.error_len().is_some() => false,
+            Err(e) => {
+                let rest = &data[e.valid_up_to()..];
+                self.carry[..rest.len()].copy_from_slice(rest);
+                self.carry_len = rest.len() as u8;
+                true
+            }
+        }
+    }
+
+    /// The text ended: true when no sequence was left half-way.
+    fn finish(&mut self) -> bool {
+        let complete = self.carry_len == 0;
+        *self = Self::default();
+        complete
+    }
 }
 
 /// Follows frame headers in a byte stream. Feed it every byte, in order, with
@@ -52,6 +105,16 @@ pub struct FrameObserver {
     mask: Option<[u8; 4]>,
     /// First two (unmasked) payload bytes of a close frame: its status code.
     close_code: [u8; 2],
+    /// A fragmented data message is under way (its first frame had FIN clear).
+    in_message: bool,
+    /// The data message under way is masked, uncompressed text: its UTF-8 is checked.
+    checking_text: bool,
+    /// UTF-8 state of the text message under way.
+    text: Utf8Check,
+    /// UTF-8 state of the current close frame's reason.
+    reason: Utf8Check,
+    /// The handshake agreed an extension: the RSV bits are its business, never a violation.
+    extensions_agreed: bool,
     stats: FrameStats,
 }
 
@@ -59,6 +122,16 @@ impl FrameObserver {
     /// A fresh observer, positioned at a frame boundary.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An observer for a connection whose handshake agreed an extension (such as
+    /// permessage-deflate, which sets RSV1) when `agreed`; without one, any RSV bit set is a
+    /// violation (RFC 6455 §5.2).
+    pub fn with_extensions(agreed: bool) -> Self {
+        Self {
+            extensions_agreed: agreed,
+            ..Self::default()
+        }
     }
 
     /// The counters so far.
@@ -106,6 +179,7 @@ impl FrameObserver {
                 if self.opcode >= FIRST_CONTROL_OPCODE {
                     self.stats.control_bytes += take as u64;
                 }
+                self.check_utf8(&bytes[..take]);
                 self.payload_seen += take as u64;
                 self.remaining -= take as u64;
                 bytes = &bytes[take..];
@@ -172,12 +246,98 @@ impl FrameObserver {
         self.payload_seen = 0;
         self.remaining = len;
         self.header_len = 0;
+        if self.breaks_protocol(len) {
+            self.violate(PROTOCOL_ERROR);
+        }
+        if matches!(self.opcode, 0x1 | 0x2) {
+            const RSV1: u8 = 0x40;
+            self.checking_text =
+                self.opcode == 0x1 && self.mask.is_some() && self.header[0] & RSV1 == 0;
+            self.text = Utf8Check::default();
+        }
+        if self.opcode < FIRST_CONTROL_OPCODE {
+            self.in_message = !self.fin;
+        }
+        if self.opcode == OPCODE_CLOSE {
+            self.reason = Utf8Check::default();
+        }
         if len == 0 {
             self.finish_frame();
         }
     }
 
+    /// Whether the frame just started (its header in `header`, `fin` and `opcode` set) breaks
+    /// the framing rules. RSV bits count only when no extension was agreed.
+    fn breaks_protocol(&self, len: u64) -> bool {
+        const RSV: u8 = 0x70;
+        let reserved_opcode = matches!(self.opcode, 0x3..=0x7 | 0xB..=0xF);
+        let control = self.opcode >= FIRST_CONTROL_OPCODE;
+        (self.header[0] & RSV != 0 && !self.extensions_agreed)
+            || reserved_opcode
+            || (control && (!self.fin || len > 125))
+            || (self.opcode == 0 && !self.in_message)
+            || (matches!(self.opcode, 0x1 | 0x2) && self.in_message)
+    }
+
+    /// Records the first violation only.
+    fn violate(&mut self, code: u16) {
+        self.stats.violation.get_or_insert(code);
+    }
+
+    /// Checks the UTF-8 of `masked` payload bytes of the current frame (a text message's, or
+    /// a close frame's reason), unmasking a copy in small pieces.
+    fn check_utf8(&mut self, masked: &[u8]) {
+        let text = self.opcode < FIRST_CONTROL_OPCODE && self.checking_text;
+        let close_reason = self.opcode == OPCODE_CLOSE;
+        if !(text || close_reason) || self.stats.violation.is_some() {
+            return;
+        }
+        let mut piece = [0u8; 256];
+        let mut pos = self.payload_seen;
+        for chunk in masked.chunks(piece.len()) {
+            let mut len = 0;
+            for b in chunk {
+                // A close frame's first two bytes are its code, not reason text.
+                if !(close_reason && pos < 2) {
+                    piece[len] = match self.mask {
+                        Some(m) => b ^ m[(pos % 4) as usize],
+                        None => *b,
+                    };
+                    len += 1;
+                }
+                pos += 1;
+            }
+            let check = if text {
+                &mut self.text
+            } else {
+                &mut self.reason
+            };
+            if !check.feed(&piece[..len]) {
+                self.violate(INVALID_PAYLOAD);
+                return;
+            }
+        }
+    }
+
     fn finish_frame(&mut self) {
+        if self.opcode < FIRST_CONTROL_OPCODE
+            && self.fin
+            && self.checking_text
+            && !self.text.finish()
+        {
+            self.violate(INVALID_PAYLOAD);
+        }
+        if self.opcode == OPCODE_CLOSE {
+            let code = u16::from_be_bytes(self.close_code);
+            // RFC 6455 §7.4: codes an endpoint may send; 1004-1006 and 1015 never go on the
+            // wire, 1012-1014 are registered since.
+            let sendable = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
+            if self.payload_seen == 1 || (self.payload_seen >= 2 && !sendable) {
+                self.violate(PROTOCOL_ERROR);
+            } else if !self.reason.finish() {
+                self.violate(INVALID_PAYLOAD);
+            }
+        }
         self.stats.frames += 1;
         if self.opcode < FIRST_CONTROL_OPCODE && self.fin {
             self.stats.messages += 1;
@@ -273,6 +433,84 @@ mod tests {
             out.extend_from_slice(payload);
         }
         out
+    }
+
+    #[test]
+    fn invalid_utf8_in_masked_text_or_a_close_reason_is_flagged_1007() {
+        let violation = |bytes: &[u8]| {
+            let mut o = FrameObserver::new();
+            for b in bytes {
+                o.observe(std::slice::from_ref(b));
+            }
+            o.stats().violation
+        };
+        let m = Some([9, 8, 7, 6]);
+        // Valid: multi-byte characters split across fragments and reads.
+        let text = "κόσμε €𝄞".as_bytes();
+        let mut good = frame(false, 0x1, m, &text[..3]);
+        good.extend(frame(true, 0x9, m, b"ping"));
+        good.extend(frame(false, 0x0, m, &text[3..9]));
+        good.extend(frame(true, 0x0, m, &text[9..]));
+        let mut close = 1000u16.to_be_bytes().to_vec();
+        close.extend_from_slice("adiós".as_bytes());
+        good.extend(frame(true, 0x8, m, &close));
+        assert_eq!(violation(&good), None);
+        // A server's (unmasked) text is left to the client.
+        assert_eq!(violation(&frame(true, 0x1, None, &[0xff])), None);
+        let mut bad_reason = 1000u16.to_be_bytes().to_vec();
+        bad_reason.extend_from_slice(&[0xce, 0xba, 0xe1]);
+        for (bad, code) in [
+            (frame(true, 0x1, m, &[0xce, 0xba, 0xff]), 1007),
+            (frame(true, 0x1, m, &[0xed, 0xa0, 0x80]), 1007), // a surrogate
+            (frame(true, 0x1, m, &[0xf0, 0x9d]), 1007),       // cut at the message end
+            (frame(true, 0x8, m, &bad_reason), 1007),
+            (frame(true, 0x8, m, &[0x03]), 1002), // a one-byte close payload
+            (frame(true, 0x8, m, &1005u16.to_be_bytes()), 1002),
+            (frame(true, 0x8, m, &999u16.to_be_bytes()), 1002),
+        ] {
+            assert_eq!(violation(&bad), Some(code), "{bad:02x?}");
+        }
+    }
+
+    #[test]
+    fn frames_no_extension_can_explain_are_flagged_and_good_ones_are_not() {
+        let seen = |bytes: &[u8]| {
+            let mut o = FrameObserver::new();
+            for b in bytes {
+                o.observe(std::slice::from_ref(b));
+            }
+            o.stats().violation == Some(1002)
+        };
+        let m = Some([1, 2, 3, 4]);
+        // Good: a fragmented text message with a ping inside, then a close.
+        let mut good = frame(false, 0x1, m, b"ab");
+        good.extend(frame(true, 0x9, m, b"p"));
+        good.extend(frame(true, 0x0, m, b"cd"));
+        good.extend(frame(true, 0x8, m, &1000u16.to_be_bytes()));
+        assert!(!seen(&good));
+        // RSV1 (what permessage-deflate sets) is fine once an extension was agreed, and a
+        // violation without one.
+        let mut rsv1 = frame(true, 0x2, m, b"z");
+        rsv1[0] |= 0x40;
+        let mut deflate = FrameObserver::with_extensions(true);
+        deflate.observe(&rsv1);
+        assert_eq!(deflate.stats().violation, None);
+        assert!(seen(&rsv1));
+        let mut rsv2 = frame(true, 0x2, m, b"z");
+        rsv2[0] |= 0x20;
+        let mut new_inside = frame(false, 0x1, None, b"a");
+        new_inside.extend(frame(true, 0x1, None, b"b"));
+        for bad in [
+            rsv2,
+            frame(true, 0x3, m, b""),
+            frame(true, 0xB, None, b"x"),
+            frame(false, 0x9, m, b""),
+            frame(true, 0xA, None, &[0u8; 126]),
+            frame(true, 0x0, m, b"lost"),
+            new_inside,
+        ] {
+            assert!(seen(&bad), "{bad:02x?}");
+        }
     }
 
     #[test]

@@ -380,6 +380,7 @@ async fn handle(
         let mut out = Response::new(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
         *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         let mut h = std::mem::take(resp.headers_mut());
+        let extensions_agreed = h.contains_key(header::SEC_WEBSOCKET_EXTENSIONS);
         strip_hop_by_hop(&mut h);
         strip_internal(&mut h);
         h.remove(header::CONTENT_LENGTH);
@@ -395,6 +396,7 @@ async fn handle(
             max_bytes_per_second: Some(route.limits().max_bytes_per_second).filter(|r| *r > 0),
             close_timeout: state.config.limits.ws_close_timeout,
             rate_limit_grace: state.config.limits.ws_rate_limit_grace,
+            extensions_agreed,
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();

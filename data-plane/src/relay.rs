@@ -35,6 +35,9 @@ const SHRINK_AFTER: Duration = Duration::from_secs(1);
 enum End {
     /// The source reached end of stream.
     Eof,
+    /// The relay was told to stop (the edge or agent is going away, or the other direction
+    /// ended it); handled like [`End::Eof`] except that the source did not vanish.
+    Stopped,
     /// Reading the source failed.
     ReadError,
     /// Writing the destination failed.
@@ -77,6 +80,9 @@ pub struct RelayOptions {
     /// both sides. Short bursts are only slowed; a sender that never lets up is cut.
     pub rate_limit_grace: Duration,
     pub close_timeout: Duration,
+    /// The handshake agreed an extension (`Sec-WebSocket-Extensions` in the 101, such as
+    /// permessage-deflate): frames with RSV bits set are then not protocol violations.
+    pub extensions_agreed: bool,
 }
 
 /// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
@@ -132,12 +138,13 @@ where
 {
     let (vr, vw) = tokio::io::split(visitor);
     let (ar, aw) = tokio::io::split(agent);
-    let mut up_observer = FrameObserver::new();
-    let mut down_observer = FrameObserver::new();
+    let mut up_observer = FrameObserver::with_extensions(opts.extensions_agreed);
+    let mut down_observer = FrameObserver::with_extensions(opts.extensions_agreed);
     // An idle visitor ends both directions.
     let stop = stop.child_token();
     let verdict = Arc::new(OnceLock::new());
     let pinged = Arc::new(std::sync::Mutex::new(None));
+    let violated = Arc::new(Violations::default());
     {
         let up = pump(
             vr,
@@ -149,6 +156,7 @@ where
                 verdict: Arc::clone(&verdict),
                 sink: Arc::clone(&sink),
                 pinged: Arc::clone(&pinged),
+                violated: Arc::clone(&violated),
             },
             &mut up_observer,
         );
@@ -162,6 +170,7 @@ where
                 verdict,
                 sink,
                 pinged,
+                violated,
             },
             &mut down_observer,
         );
@@ -208,6 +217,16 @@ pub enum Direction {
     ToVisitor,
 }
 
+impl Direction {
+    /// The other direction of the same connection.
+    fn reverse(self) -> Self {
+        match self {
+            Direction::ToLocal => Direction::ToVisitor,
+            Direction::ToVisitor => Direction::ToLocal,
+        }
+    }
+}
+
 /// What ends both directions of one relay: a cancel, and why the edge cancelled.
 struct Ends {
     stop: CancellationToken,
@@ -216,6 +235,25 @@ struct Ends {
     sink: Arc<dyn RelaySink>,
     /// When the latest keepalive ping toward the visitor went out, until its pong comes back.
     pinged: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    /// Which directions carried a frame that broke the protocol.
+    violated: Arc<Violations>,
+}
+
+/// Per direction: the close code for how its source broke RFC 6455, 0 while it has not
+/// ([`FrameStats::violation`]).
+#[derive(Default)]
+struct Violations {
+    to_local: std::sync::atomic::AtomicU16,
+    to_visitor: std::sync::atomic::AtomicU16,
+}
+
+impl Violations {
+    fn flag(&self, dir: Direction) -> &std::sync::atomic::AtomicU16 {
+        match dir {
+            Direction::ToLocal => &self.to_local,
+            Direction::ToVisitor => &self.to_visitor,
+        }
+    }
 }
 
 async fn pump<R, W>(
@@ -260,7 +298,7 @@ async fn pump<R, W>(
     let mut end = loop {
         let read = tokio::select! {
             r = src.read(&mut buf) => r,
-            () = stop.cancelled() => break End::Eof,
+            () = stop.cancelled() => break End::Stopped,
             () = &mut silence, if silence_limit.is_some() => break End::Idle,
             () = &mut shrink, if buf.len() > initial => {
                 let quiet_since = last_read + SHRINK_AFTER;
@@ -300,6 +338,11 @@ async fn pump<R, W>(
                 observer.observe(&buf[..n]);
                 let after = observer.stats();
                 ends.sink.frames(dir, &before, &after);
+                if let (Some(code), None) = (after.violation, before.violation) {
+                    ends.violated
+                        .flag(dir)
+                        .store(code, std::sync::atomic::Ordering::Release);
+                }
                 if after.empty_pongs > before.empty_pongs {
                     let sent = ends.pinged.lock().ok().and_then(|mut p| p.take());
                     if let Some(sent) = sent {
@@ -339,7 +382,7 @@ async fn pump<R, W>(
                     }
                     tokio::select! {
                         () = tokio::time::sleep_until(due) => {}
-                        () = stop.cancelled() => break End::Eof,
+                        () = stop.cancelled() => break End::Stopped,
                     }
                 }
                 if let Some(p) = ping {
@@ -352,7 +395,7 @@ async fn pump<R, W>(
             Err(_) => break End::ReadError,
         }
     };
-    if matches!(end, End::Eof | End::OverLimit)
+    if matches!(end, End::Eof | End::Stopped | End::OverLimit)
         && ends.verdict.get().is_some()
         && !observer.at_boundary()
     {
@@ -383,9 +426,18 @@ async fn pump<R, W>(
     // The source vanished without a close frame: tell the destination, if we can do so
     // without cutting a frame in half.
     if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
+        // The destination broke the protocol before the source vanished: most likely why it
+        // vanished, and its close code (1002 or 1007) is what an endpoint would have sent.
+        let destination_broke_protocol = ends
+            .violated
+            .flag(dir.reverse())
+            .load(std::sync::atomic::Ordering::Acquire);
         let code = match ends.verdict.get() {
             Some(v) => v.code,
-            None if matches!(end, End::Eof | End::Idle) => CLOSE_GOING_AWAY,
+            None if destination_broke_protocol != 0 && matches!(end, End::Eof | End::ReadError) => {
+                destination_broke_protocol
+            }
+            None if matches!(end, End::Eof | End::Stopped | End::Idle) => CLOSE_GOING_AWAY,
             None => CLOSE_INTERNAL_ERROR,
         };
         ends.sink.injected_close(dir, code);
@@ -399,19 +451,10 @@ async fn pump<R, W>(
                 dst.write_all(&close_frame_with_reason(v.code, &v.reason, mask))
                     .await
             }
-            (None, dir) => {
-                let code = if matches!(end, End::Eof | End::Idle) {
-                    CLOSE_GOING_AWAY
-                } else {
-                    CLOSE_INTERNAL_ERROR
-                };
-                match dir {
-                    Direction::ToVisitor => dst.write_all(&server_close_frame(code)).await,
-                    Direction::ToLocal => {
-                        dst.write_all(&client_close_frame(code, rand::random()))
-                            .await
-                    }
-                }
+            (None, Direction::ToVisitor) => dst.write_all(&server_close_frame(code)).await,
+            (None, Direction::ToLocal) => {
+                dst.write_all(&client_close_frame(code, rand::random()))
+                    .await
             }
         };
     }
@@ -419,7 +462,7 @@ async fn pump<R, W>(
     if matches!(end, End::Idle | End::OverLimit) {
         stop.cancel();
     }
-    if ends.verdict.get().is_some() && matches!(end, End::Eof | End::OverLimit) {
+    if ends.verdict.get().is_some() && matches!(end, End::Eof | End::Stopped | End::OverLimit) {
         // The edge closed the connection: keep reading (and dropping) what the source still
         // sends, so a peer blocked writing gets to read the close frame and answer it.
         let _ = tokio::time::timeout(opts.close_timeout, async {

@@ -340,6 +340,7 @@ impl Forwarder {
         let local_upgrade = hyper::upgrade::on(&mut resp);
         let mut headers = std::mem::take(resp.headers_mut());
         let upgrade_value = headers.get(header::UPGRADE).cloned();
+        let extensions_agreed = headers.contains_key(header::SEC_WEBSOCKET_EXTENSIONS);
         strip_hop_by_hop(&mut headers);
         strip_internal(&mut headers);
         headers.remove(header::CONTENT_LENGTH);
@@ -366,6 +367,7 @@ impl Forwarder {
                 max_bytes_per_second: None,
                 rate_limit_grace: CLOSE_TIMEOUT,
                 close_timeout: CLOSE_TIMEOUT,
+                extensions_agreed,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.

@@ -285,34 +285,42 @@ impl FrameObserver {
     }
 
     /// Checks the UTF-8 of `masked` payload bytes of the current frame (a text message's, or
-    /// a close frame's reason), unmasking a copy in small pieces.
+    /// a close frame's reason), unmasking a copy in pieces small enough for the stack.
     fn check_utf8(&mut self, masked: &[u8]) {
         let text = self.opcode < FIRST_CONTROL_OPCODE && self.checking_text;
         let close_reason = self.opcode == OPCODE_CLOSE;
         if !(text || close_reason) || self.stats.violation.is_some() {
             return;
         }
-        let mut piece = [0u8; 256];
+        let mut piece = [0u8; 512];
         let mut pos = self.payload_seen;
         for chunk in masked.chunks(piece.len()) {
-            let mut len = 0;
-            for b in chunk {
-                // A close frame's first two bytes are its code, not reason text.
-                if !(close_reason && pos < 2) {
-                    piece[len] = match self.mask {
-                        Some(m) => b ^ m[(pos % 4) as usize],
-                        None => *b,
-                    };
-                    len += 1;
+            let out = &mut piece[..chunk.len()];
+            match self.mask {
+                Some(m) => {
+                    // The mask rotated to this position, so the loop below has no modulo and
+                    // compiles to wide XORs.
+                    let at = (pos % 4) as usize;
+                    let m = [m[at], m[(at + 1) % 4], m[(at + 2) % 4], m[(at + 3) % 4]];
+                    for (i, (o, b)) in out.iter_mut().zip(chunk).enumerate() {
+                        *o = b ^ m[i & 3];
+                    }
                 }
-                pos += 1;
+                None => out.copy_from_slice(chunk),
             }
+            // A close frame's first two bytes are its code, not reason text.
+            let skip = if close_reason && pos < 2 {
+                usize::try_from(2 - pos).unwrap_or(2).min(out.len())
+            } else {
+                0
+            };
+            pos += chunk.len() as u64;
             let check = if text {
                 &mut self.text
             } else {
                 &mut self.reason
             };
-            if !check.feed(&piece[..len]) {
+            if !check.feed(&out[skip..]) {
                 self.violate(INVALID_PAYLOAD);
                 return;
             }
@@ -469,6 +477,26 @@ mod tests {
             (frame(true, 0x8, m, &999u16.to_be_bytes()), 1002),
         ] {
             assert_eq!(violation(&bad), Some(code), "{bad:02x?}");
+        }
+    }
+
+    #[test]
+    fn long_masked_text_is_checked_across_uneven_reads() {
+        let text = "ζ€𝄞a".repeat(300); // 1,200+ bytes, sequences of 2, 3 and 4 bytes
+        let m = Some([0x12, 0x34, 0x56, 0x78]);
+        let run = |payload: &[u8], step: usize| {
+            let bytes = frame(true, 0x1, m, payload);
+            let mut o = FrameObserver::new();
+            for piece in bytes.chunks(step) {
+                o.observe(piece);
+            }
+            o.stats().violation
+        };
+        for step in [1, 7, 513, 4096] {
+            assert_eq!(run(text.as_bytes(), step), None, "step {step}");
+            let mut broken = text.as_bytes().to_vec();
+            broken[1001] = 0xff;
+            assert_eq!(run(&broken, step), Some(1007), "step {step}");
         }
     }
 

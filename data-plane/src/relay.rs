@@ -239,20 +239,34 @@ struct Ends {
     violated: Arc<Violations>,
 }
 
-/// Per direction: the close code for how its source broke RFC 6455, 0 while it has not
-/// ([`FrameStats::violation`]).
+/// Per direction: how its source first broke RFC 6455 ([`FrameStats::violation`]'s close
+/// code) and when.
 #[derive(Default)]
 struct Violations {
-    to_local: std::sync::atomic::AtomicU16,
-    to_visitor: std::sync::atomic::AtomicU16,
+    to_local: std::sync::Mutex<Option<(u16, tokio::time::Instant)>>,
+    to_visitor: std::sync::Mutex<Option<(u16, tokio::time::Instant)>>,
 }
 
 impl Violations {
-    fn flag(&self, dir: Direction) -> &std::sync::atomic::AtomicU16 {
+    fn slot(&self, dir: Direction) -> &std::sync::Mutex<Option<(u16, tokio::time::Instant)>> {
         match dir {
             Direction::ToLocal => &self.to_local,
             Direction::ToVisitor => &self.to_visitor,
         }
+    }
+
+    fn record(&self, dir: Direction, code: u16) {
+        if let Ok(mut v) = self.slot(dir).lock() {
+            v.get_or_insert((code, tokio::time::Instant::now()));
+        }
+    }
+
+    /// The close code of `dir`'s violation if it happened within `recent`: an endpoint fails
+    /// the connection at once, so a hang-up long after a violation it tolerated is not one.
+    fn recent(&self, dir: Direction, recent: Duration) -> Option<u16> {
+        let v = *self.slot(dir).lock().ok()?;
+        v.filter(|(_, at)| at.elapsed() <= recent)
+            .map(|(code, _)| code)
     }
 }
 
@@ -339,9 +353,7 @@ async fn pump<R, W>(
                 let after = observer.stats();
                 ends.sink.frames(dir, &before, &after);
                 if let (Some(code), None) = (after.violation, before.violation) {
-                    ends.violated
-                        .flag(dir)
-                        .store(code, std::sync::atomic::Ordering::Release);
+                    ends.violated.record(dir, code);
                 }
                 if after.empty_pongs > before.empty_pongs {
                     let sent = ends.pinged.lock().ok().and_then(|mut p| p.take());
@@ -426,19 +438,18 @@ async fn pump<R, W>(
     // The source vanished without a close frame: tell the destination, if we can do so
     // without cutting a frame in half.
     if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
-        // The destination broke the protocol before the source vanished: most likely why it
-        // vanished, and its close code (1002 or 1007) is what an endpoint would have sent.
+        // The destination broke the protocol shortly before the source vanished: most likely
+        // why it vanished, and its close code (1002 or 1007) is what an endpoint would have
+        // sent.
         let destination_broke_protocol = ends
             .violated
-            .flag(dir.reverse())
-            .load(std::sync::atomic::Ordering::Acquire);
-        let code = match ends.verdict.get() {
-            Some(v) => v.code,
-            None if destination_broke_protocol != 0 && matches!(end, End::Eof | End::ReadError) => {
-                destination_broke_protocol
-            }
-            None if matches!(end, End::Eof | End::Stopped | End::Idle) => CLOSE_GOING_AWAY,
-            None => CLOSE_INTERNAL_ERROR,
+            .recent(dir.reverse(), opts.close_timeout)
+            .filter(|_| matches!(end, End::Eof | End::ReadError));
+        let code = match (ends.verdict.get(), destination_broke_protocol) {
+            (Some(v), _) => v.code,
+            (None, Some(code)) => code,
+            (None, None) if matches!(end, End::Eof | End::Stopped | End::Idle) => CLOSE_GOING_AWAY,
+            (None, None) => CLOSE_INTERNAL_ERROR,
         };
         ends.sink.injected_close(dir, code);
         let _ = match (ends.verdict.get(), dir) {
@@ -479,6 +490,26 @@ async fn pump<R, W>(
 #[cfg(test)]
 mod tests {
     use super::buffer_len_after_read as next;
+    use super::{Direction, Violations};
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_violation_explains_a_hang_up_only_shortly_after_it() {
+        let v = Violations::default();
+        let close_timeout = Duration::from_secs(5);
+        assert_eq!(v.recent(Direction::ToLocal, close_timeout), None);
+        v.record(Direction::ToLocal, 1007);
+        // The first violation stays; the other direction is untouched.
+        v.record(Direction::ToLocal, 1002);
+        assert_eq!(v.recent(Direction::ToLocal, close_timeout), Some(1007));
+        assert_eq!(v.recent(Direction::ToVisitor, close_timeout), None);
+        tokio::time::advance(Duration::from_secs(4)).await;
+        assert_eq!(v.recent(Direction::ToLocal, close_timeout), Some(1007));
+        // A peer still there long after the violation tolerated it: a later hang-up is not
+        // explained by it.
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(v.recent(Direction::ToLocal, close_timeout), None);
+    }
 
     #[test]
     fn a_relay_buffer_grows_under_bulk_and_shrinks_when_the_burst_is_over() {

@@ -443,15 +443,17 @@ mod tests {
         out
     }
 
+    /// The violation an observer with no extension agreed finds in `bytes`, fed one at a time.
+    fn violation(bytes: &[u8]) -> Option<u16> {
+        let mut o = FrameObserver::new();
+        for b in bytes {
+            o.observe(std::slice::from_ref(b));
+        }
+        o.stats().violation
+    }
+
     #[test]
     fn invalid_utf8_in_masked_text_or_a_close_reason_is_flagged_1007() {
-        let violation = |bytes: &[u8]| {
-            let mut o = FrameObserver::new();
-            for b in bytes {
-                o.observe(std::slice::from_ref(b));
-            }
-            o.stats().violation
-        };
         let m = Some([9, 8, 7, 6]);
         // Valid: multi-byte characters split across fragments and reads.
         let text = "κόσμε €𝄞".as_bytes();
@@ -502,13 +504,7 @@ mod tests {
 
     #[test]
     fn frames_no_extension_can_explain_are_flagged_and_good_ones_are_not() {
-        let seen = |bytes: &[u8]| {
-            let mut o = FrameObserver::new();
-            for b in bytes {
-                o.observe(std::slice::from_ref(b));
-            }
-            o.stats().violation == Some(1002)
-        };
+        let seen = |bytes: &[u8]| violation(bytes) == Some(1002);
         let m = Some([1, 2, 3, 4]);
         // Good: a fragmented text message with a ping inside, then a close.
         let mut good = frame(false, 0x1, m, b"ab");

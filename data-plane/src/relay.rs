@@ -142,9 +142,8 @@ where
     let mut down_observer = FrameObserver::with_extensions(opts.extensions_agreed);
     // An idle visitor ends both directions.
     let stop = stop.child_token();
-    let verdict = Arc::new(OnceLock::new());
-    let pinged = Arc::new(std::sync::Mutex::new(None));
-    let violated = Arc::new(Violations::default());
+    // Shared by the two directions, which run in this one future: no allocation of its own.
+    let shared = Shared::default();
     {
         let up = pump(
             vr,
@@ -153,10 +152,8 @@ where
             opts,
             Ends {
                 stop: stop.clone(),
-                verdict: Arc::clone(&verdict),
+                shared: &shared,
                 sink: Arc::clone(&sink),
-                pinged: Arc::clone(&pinged),
-                violated: Arc::clone(&violated),
             },
             &mut up_observer,
         );
@@ -167,10 +164,8 @@ where
             opts,
             Ends {
                 stop,
-                verdict,
+                shared: &shared,
                 sink,
-                pinged,
-                violated,
             },
             &mut down_observer,
         );
@@ -228,15 +223,22 @@ impl Direction {
 }
 
 /// What ends both directions of one relay: a cancel, and why the edge cancelled.
-struct Ends {
+struct Ends<'a> {
     stop: CancellationToken,
-    verdict: Arc<OnceLock<Verdict>>,
+    shared: &'a Shared,
     /// Told what passes.
     sink: Arc<dyn RelaySink>,
+}
+
+/// What the two directions of one relay know of each other.
+#[derive(Default)]
+struct Shared {
+    /// Why the edge ended the relay, once it has.
+    verdict: OnceLock<Verdict>,
     /// When the latest keepalive ping toward the visitor went out, until its pong comes back.
-    pinged: Arc<std::sync::Mutex<Option<tokio::time::Instant>>>,
+    pinged: std::sync::Mutex<Option<tokio::time::Instant>>,
     /// Which directions carried a frame that broke the protocol.
-    violated: Arc<Violations>,
+    violated: Violations,
 }
 
 /// Per direction: how its source first broke RFC 6455 ([`FrameStats::violation`]'s close
@@ -275,7 +277,7 @@ async fn pump<R, W>(
     mut dst: W,
     dir: Direction,
     opts: RelayOptions,
-    ends: Ends,
+    ends: Ends<'_>,
     observer: &mut FrameObserver,
 ) where
     R: AsyncRead + Unpin,
@@ -334,7 +336,7 @@ async fn pump<R, W>(
                 }
                 if observer.at_boundary() && !observer.stats().closed {
                     ends.sink.ping_sent();
-                    if let Ok(mut p) = ends.pinged.lock() {
+                    if let Ok(mut p) = ends.shared.pinged.lock() {
                         *p = Some(tokio::time::Instant::now());
                     }
                 }
@@ -353,10 +355,10 @@ async fn pump<R, W>(
                 let after = observer.stats();
                 ends.sink.frames(dir, &before, &after);
                 if let (Some(code), None) = (after.violation, before.violation) {
-                    ends.violated.record(dir, code);
+                    ends.shared.violated.record(dir, code);
                 }
                 if after.empty_pongs > before.empty_pongs {
-                    let sent = ends.pinged.lock().ok().and_then(|mut p| p.take());
+                    let sent = ends.shared.pinged.lock().ok().and_then(|mut p| p.take());
                     if let Some(sent) = sent {
                         ends.sink.ping_answered(sent.elapsed());
                     }
@@ -383,7 +385,7 @@ async fn pump<R, W>(
                     if due > now {
                         let since = *over_since.get_or_insert(now);
                         if now.duration_since(since) >= opts.rate_limit_grace {
-                            let _ = ends.verdict.set(Verdict {
+                            let _ = ends.shared.verdict.set(Verdict {
                                 code: CLOSE_POLICY_VIOLATION,
                                 reason: format!("over the tunnel's limit of {rate} bytes/s"),
                             });
@@ -408,7 +410,7 @@ async fn pump<R, W>(
         }
     };
     if matches!(end, End::Eof | End::Stopped | End::OverLimit)
-        && ends.verdict.get().is_some()
+        && ends.shared.verdict.get().is_some()
         && !observer.at_boundary()
     {
         // The edge is closing this connection: finish the frame under way (at full speed, at
@@ -442,17 +444,18 @@ async fn pump<R, W>(
         // why it vanished, and its close code (1002 or 1007) is what an endpoint would have
         // sent.
         let destination_broke_protocol = ends
+            .shared
             .violated
             .recent(dir.reverse(), opts.close_timeout)
             .filter(|_| matches!(end, End::Eof | End::ReadError));
-        let code = match (ends.verdict.get(), destination_broke_protocol) {
+        let code = match (ends.shared.verdict.get(), destination_broke_protocol) {
             (Some(v), _) => v.code,
             (None, Some(code)) => code,
             (None, None) if matches!(end, End::Eof | End::Stopped | End::Idle) => CLOSE_GOING_AWAY,
             (None, None) => CLOSE_INTERNAL_ERROR,
         };
         ends.sink.injected_close(dir, code);
-        let _ = match (ends.verdict.get(), dir) {
+        let _ = match (ends.shared.verdict.get(), dir) {
             (Some(v), Direction::ToVisitor) => {
                 dst.write_all(&close_frame_with_reason(v.code, &v.reason, None))
                     .await
@@ -473,7 +476,7 @@ async fn pump<R, W>(
     if matches!(end, End::Idle | End::OverLimit) {
         stop.cancel();
     }
-    if ends.verdict.get().is_some() && matches!(end, End::Eof | End::Stopped | End::OverLimit) {
+    if ends.shared.verdict.get().is_some() && matches!(end, End::Eof | End::Stopped | End::OverLimit) {
         // The edge closed the connection: keep reading (and dropping) what the source still
         // sends, so a peer blocked writing gets to read the close frame and answer it.
         let _ = tokio::time::timeout(opts.close_timeout, async {

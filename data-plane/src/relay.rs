@@ -476,7 +476,9 @@ async fn pump<R, W>(
     if matches!(end, End::Idle | End::OverLimit) {
         stop.cancel();
     }
-    if ends.shared.verdict.get().is_some() && matches!(end, End::Eof | End::Stopped | End::OverLimit) {
+    if ends.shared.verdict.get().is_some()
+        && matches!(end, End::Eof | End::Stopped | End::OverLimit)
+    {
         // The edge closed the connection: keep reading (and dropping) what the source still
         // sends, so a peer blocked writing gets to read the close frame and answer it.
         let _ = tokio::time::timeout(opts.close_timeout, async {

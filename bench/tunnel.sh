@@ -24,15 +24,8 @@ CONNECTS=${BENCH_CONNECTS:-200}
 REPEAT=${BENCH_REPEAT:-3}
 TARGETS=${BENCH_TARGETS:-burrow-tls burrow-plain bore}
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
-SCRATCH=$(mktemp -d /tmp/burrow-bench.XXXXXX)
+source scripts/lib/processes.sh burrow-bench
 TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$SCRATCH"
-}
-trap cleanup EXIT
 
 echo "==> building (release)" >&2
 cargo build --release -q -p burrow-control -p burrow-edge -p burrow-cli -p burrow-bench
@@ -45,8 +38,6 @@ else
   BORE=$TOOLS/bin/bore
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 150); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 # One target, REPEAT times; a target that fails is reported and skipped, the others still run.
 bench() {
   local out idle i

@@ -40,15 +40,7 @@ fi
 cargo build -q -p burrow-edge -p burrow-cli
 BIN=$ROOT/target/debug
 
-SCRATCH=$(mktemp -d /tmp/burrow-autobahn.XXXXXX)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$SCRATCH"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source scripts/lib/processes.sh burrow-autobahn
 
 if [ "${AUTOBAHN_ECHO:-websockets}" = tungstenite ]; then
   cargo build -q -p burrow-bench

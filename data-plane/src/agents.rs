@@ -12,7 +12,7 @@ use burrow_proto::tunnel::{
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -153,7 +153,7 @@ async fn handle(
     }
 
     // === HTTP/2, edge as client ===
-    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::client::conn::http2::Builder::new(crate::exec::Executor);
     builder
         .timer(TokioTimer::new())
         .initial_stream_window_size(limits.h2_stream_window)

@@ -13,6 +13,7 @@
 //! - `agents`: the agent listener and handshake.
 //! - `proxy`: the visitor listener, routing by `Host`, header handling.
 //! - `early`: refusing bytes a visitor sends before the 101 of an upgrade.
+//! - [`exec`]: the executor of the agent link's HTTP/2 tasks (also used by the agent).
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
 //! - [`frame`]: the WebSocket frame observer used by the relay.
 //! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
@@ -34,6 +35,7 @@ mod agents;
 pub mod config;
 mod control;
 mod early;
+pub mod exec;
 pub mod frame;
 pub mod headers;
 mod metrics;

@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use burrow_proto::tunnel::{read_message, write_message, ALPN, PROTOCOL_VERSION};
 use burrow_proto::v1 as pb;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -402,7 +402,7 @@ async fn connect_once(
         }),
     });
 
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    let mut builder = hyper::server::conn::http2::Builder::new(burrow_edge::exec::Executor);
     builder
         .timer(TokioTimer::new())
         .enable_connect_protocol()

@@ -66,12 +66,15 @@ impl Wake for Shared {
     }
 }
 
-/// A future polled again in place when it wakes itself while being polled (see the module
-/// documentation).
-pub struct Repoll<F> {
-    inner: Pin<Box<F>>,
-    shared: Arc<Shared>,
-    waker: Waker,
+pin_project_lite::pin_project! {
+    /// A future polled again in place when it wakes itself while being polled (see the module
+    /// documentation).
+    pub struct Repoll<F> {
+        #[pin]
+        inner: F,
+        shared: Arc<Shared>,
+        waker: Waker,
+    }
 }
 
 impl<F: Future> Repoll<F> {
@@ -82,7 +85,7 @@ impl<F: Future> Repoll<F> {
             outer: AtomicWaker::new(),
         });
         Self {
-            inner: Box::pin(inner),
+            inner,
             waker: Waker::from(Arc::clone(&shared)),
             shared,
         }
@@ -93,9 +96,9 @@ impl<F: Future> Future for Repoll<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
+        let mut this = self.project();
         this.shared.outer.register(cx.waker());
-        let mut inner_cx = Context::from_waker(&this.waker);
+        let mut inner_cx = Context::from_waker(this.waker);
         for _ in 0..MAX_REPOLLS {
             this.shared.state.store(POLLING, Ordering::Release);
             if let Poll::Ready(v) = this.inner.as_mut().poll(&mut inner_cx) {

@@ -58,3 +58,21 @@ for r in rows:
         f"| {r['hol_rtt_p99_us']:.0f} µs ({ratio(r['hol_rtt_p99_us'], direct['hol_rtt_p99_us'])}) "
         f"| {rss:.1f} |"
     )
+
+print()
+print("Per operation, the tunnel's own processes (direct: the echo server), medians: CPU time and")
+print("thread context switches per 64-byte round trip and per new connection (opened, one echo,")
+print("closed).")
+print()
+print("| target | CPU per round trip | switches per round trip | CPU per connection | switches per connection |")
+print("|---|---|---|---|---|")
+for r in rows:
+    if "cpu_us_per_rtt" not in r:
+        continue
+    print(
+        f"| {r['label']} "
+        f"| {r['cpu_us_per_rtt']:.1f} µs "
+        f"| {r['switches_per_rtt']:.2f} "
+        f"| {r['cpu_us_per_connect']:.0f} µs "
+        f"| {r['switches_per_connect']:.1f} |"
+    )

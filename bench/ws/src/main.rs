@@ -83,6 +83,13 @@ struct Report {
     /// CPU time the given processes spent per 1 MiB message echoed (both directions), in
     /// µs: steadier than the throughput itself on a busy machine.
     cpu_us_per_mib: f64,
+    /// CPU time and thread context switches of the given processes per 64-byte round trip
+    /// and per new connection (opened, one echo, closed): they follow the number of thread
+    /// wake-ups, which the latency figures on a shared machine hide.
+    cpu_us_per_rtt: f64,
+    switches_per_rtt: f64,
+    cpu_us_per_connect: f64,
+    switches_per_connect: f64,
     connect_p50_us: f64,
     connect_p99_us: f64,
     hol_rtt_p50_us: f64,
@@ -200,6 +207,27 @@ fn cpu_ns(pids: &[u32]) -> u64 {
     total
 }
 
+/// Context switches (voluntary and not) of every thread of `pids` (`/proc/PID/task/*/status`).
+fn switches(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+                continue;
+            };
+            total += status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    total
+}
+
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
@@ -218,9 +246,13 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         round_trip(&mut ws, &small).await?;
     }
     let mut rtts = Vec::with_capacity(args.rtt_count);
+    let (cpu_before, switches_before) = (cpu_ns(&args.pids), switches(&args.pids));
     for _ in 0..args.rtt_count {
         rtts.push(round_trip(&mut ws, &small).await?);
     }
+    let per_rtt = args.rtt_count.max(1) as f64;
+    let cpu_us_per_rtt = cpu_ns(&args.pids).saturating_sub(cpu_before) as f64 / 1e3 / per_rtt;
+    let switches_per_rtt = switches(&args.pids).saturating_sub(switches_before) as f64 / per_rtt;
 
     // Throughput: 1 MiB messages pipelined, echoed back; counts bytes received.
     let big = vec![42u8; 1 << 20];
@@ -255,6 +287,7 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
 
     // Connect to first message: a new WebSocket each time, one 64-byte echo.
     let mut connects = Vec::with_capacity(args.connects);
+    let (cpu_before, switches_before) = (cpu_ns(&args.pids), switches(&args.pids));
     for _ in 0..args.connects {
         let start = Instant::now();
         let mut ws = connect(args).await?;
@@ -262,6 +295,12 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         connects.push(start.elapsed());
         let _ = ws.close(None).await;
     }
+    // Includes each connection's close, as a visitor's life does.
+    let per_connect = args.connects.max(1) as f64;
+    let cpu_us_per_connect =
+        cpu_ns(&args.pids).saturating_sub(cpu_before) as f64 / 1e3 / per_connect;
+    let switches_per_connect =
+        switches(&args.pids).saturating_sub(switches_before) as f64 / per_connect;
 
     // Head-of-line: 64-byte round trips while another connection streams 1 MiB messages.
     let bulk = connect(args).await?;
@@ -317,6 +356,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         rtt_p99_us: percentile(&mut rtts, 0.99),
         throughput_mib_s: throughput,
         cpu_us_per_mib,
+        cpu_us_per_rtt,
+        switches_per_rtt,
+        cpu_us_per_connect,
+        switches_per_connect,
         connect_p50_us: percentile(&mut connects, 0.50),
         connect_p99_us: percentile(&mut connects, 0.99),
         hol_rtt_p50_us: percentile(&mut hol, 0.50),

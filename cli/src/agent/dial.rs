@@ -61,7 +61,9 @@ impl Dialer {
     async fn connect_inner(&self, host: &str, port: u16) -> io::Result<TcpStream> {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-            return connect_addr(SocketAddr::new(ip, port)).await;
+            let s = TcpStream::connect(SocketAddr::new(ip, port)).await?;
+            let _ = s.set_nodelay(true);
+            return Ok(s);
         }
         let addrs = match self.cached(host, port) {
             Some(a) => a,
@@ -85,8 +87,9 @@ impl Dialer {
         };
         let mut first_error = None;
         for addr in addrs.iter() {
-            match connect_addr(*addr).await {
+            match TcpStream::connect(addr).await {
                 Ok(s) => {
+                    let _ = s.set_nodelay(true);
                     self.remember(host, port, &addrs, *addr);
                     return Ok(s);
                 }
@@ -181,50 +184,6 @@ impl tower_service::Service<Uri> for LocalConnector {
     }
 }
 
-/// Opens a TCP connection to `addr` (with `TCP_NODELAY`).
-///
-/// To a loopback address the TCP handshake completes inside the `connect` call itself, although
-/// a non-blocking `connect` still reports "in progress". `TcpStream::connect` would then wait for
-/// the event loop to report the socket writable: a trip through `epoll` and usually a thread
-/// wake-up, on every WebSocket and every new HTTP connection to the local server. This checks
-/// the socket at once and waits only when the connection really is still being set up.
-async fn connect_addr(addr: SocketAddr) -> io::Result<TcpStream> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_nonblocking(true)?;
-    match socket.connect(&addr.into()) {
-        Ok(()) => {}
-        Err(e) if connect_in_progress(&e) => {}
-        Err(e) => return Err(e),
-    }
-    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
-    if let Some(e) = stream.take_error()? {
-        return Err(e);
-    }
-    if stream.peer_addr().is_err() {
-        // Still connecting (or refused a moment from now): wait as `TcpStream::connect` does.
-        stream.writable().await?;
-        if let Some(e) = stream.take_error()? {
-            return Err(e);
-        }
-        stream.peer_addr()?;
-    }
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// Whether a non-blocking `connect` error only says the connection is being set up.
-fn connect_in_progress(e: &io::Error) -> bool {
-    #[cfg(unix)]
-    if e.raw_os_error() == Some(libc::EINPROGRESS) {
-        return true;
-    }
-    e.kind() == io::ErrorKind::WouldBlock
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,54 +238,5 @@ mod tests {
         let dialer = Dialer::new(Duration::from_secs(5));
         dialer.connect("127.0.0.1", port).await.unwrap();
         assert!(dialer.cache.lock().unwrap().is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_connection_still_being_set_up_is_waited_for() {
-        // A listener whose accept queue is full drops the next SYN, so that connect is still
-        // in progress when `connect` returns; accepting the queued connection lets the SYN's
-        // retransmission (about a second later) through.
-        let socket =
-            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        socket
-            .bind(&SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)).into())
-            .unwrap();
-        socket.listen(0).unwrap();
-        let listener = std::net::TcpListener::from(socket);
-        let addr = listener.local_addr().unwrap();
-        let mut queued = Vec::new();
-        for _ in 0..4 {
-            queued.push(std::net::TcpStream::connect_timeout(
-                &addr,
-                Duration::from_millis(200),
-            ));
-        }
-        let started = Instant::now();
-        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let done2 = Arc::clone(&done);
-        let accept = tokio::task::spawn_blocking(move || {
-            std::thread::sleep(Duration::from_millis(300));
-            listener.set_nonblocking(true).unwrap();
-            let mut accepted = Vec::new();
-            let until = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < until && !done2.load(std::sync::atomic::Ordering::Relaxed) {
-                if let Ok((c, _)) = listener.accept() {
-                    accepted.push(c);
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            accepted.len()
-        });
-        let dialer = Dialer::new(Duration::from_secs(4));
-        let s = dialer.connect("127.0.0.1", addr.port()).await.unwrap();
-        assert_eq!(s.peer_addr().unwrap(), addr);
-        assert!(
-            started.elapsed() >= Duration::from_millis(250),
-            "{:?}",
-            started.elapsed()
-        );
-        done.store(true, std::sync::atomic::Ordering::Relaxed);
-        drop(queued);
-        assert!(accept.await.unwrap() >= 1);
     }
 }

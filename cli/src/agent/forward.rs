@@ -276,7 +276,11 @@ impl Forwarder {
                 Ok(x) => x,
                 Err(e) => return agent_error(&format!("{} failed: {e}", spec.target)),
             };
-        let mut conn = Some(conn.with_upgrades());
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(err = %e, "local upgrade connection ended with an error");
+            }
+        });
 
         let (mut parts, _body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -300,22 +304,12 @@ impl Forwarder {
         *local_req.headers_mut() = parts.headers;
         let ws = crate::inspect::recorder().ws_opened(&addr, &path, local_req.headers());
 
-        // This task drives the local connection itself until the answer's head is in: the
-        // request is written and the answer read without a hop to another task. What is left
-        // (a body, or handing the connection over for the upgrade) runs in its own task.
-        let answer = tokio::time::timeout(
+        let resp = match tokio::time::timeout(
             LOCAL_RESPONSE_TIMEOUT,
-            drive_until(sender.send_request(local_req), &mut conn),
+            sender.send_request(local_req),
         )
-        .await;
-        if let Some(conn) = conn {
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(err = %e, "local upgrade connection ended with an error");
-                }
-            });
-        }
-        let resp = match answer {
+        .await
+        {
             Err(_) => {
                 return agent_error(&format!(
                     "{} did not answer the upgrade within {} s",
@@ -402,27 +396,6 @@ impl Forwarder {
         });
         out
     }
-}
-
-/// Polls `conn` (until it finishes, then no more: `None`) alongside `fut`, until `fut` is done.
-async fn drive_until<F, C>(fut: F, conn: &mut Option<C>) -> F::Output
-where
-    F: std::future::Future,
-    C: std::future::Future<Output = hyper::Result<()>> + Unpin,
-{
-    let mut fut = std::pin::pin!(fut);
-    std::future::poll_fn(|cx| {
-        if let Some(c) = conn.as_mut() {
-            if let Poll::Ready(r) = Pin::new(c).poll(cx) {
-                if let Err(e) = r {
-                    tracing::debug!(err = %e, "local upgrade connection ended with an error");
-                }
-                *conn = None;
-            }
-        }
-        fut.as_mut().poll(cx)
-    })
-    .await
 }
 
 /// Finds the `io::Error` in an error's source chain.

@@ -1,0 +1,113 @@
+"""Reproduces the known limit in docs/architecture.md ("small DATA frames"): visitors that stop
+reading WebSockets fed with tiny messages make the edge hold many small HTTP/2 DATA frames,
+until h2 ends the whole agent connection with ENHANCE_YOUR_CALM and every tunnel of that
+agent drops.
+
+    python3 bench/stalled_readers.py serve 17100 &          # local server: 1-char messages
+    burrow-edge ... --http 127.0.0.1:19180 ...               # and an agent for it:
+    burrow http 17100 --subdomain dos ...
+    python3 bench/stalled_readers.py visit 19180 dos.localhost 8 60
+
+`visit` opens N WebSockets to /flood that never read (2 KiB receive buffers) and one canary
+WebSocket to /echo that echoes every 100 ms, and reports whether the canary survived.
+Measured 2026-11-24 (release build, plain agent link): the canary closed after 19 s.
+"""
+import base64
+import hashlib
+import socket
+import sys
+import threading
+import time
+
+GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def serve_one(c, gap):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        d = c.recv(4096)
+        if not d:
+            return
+        head += d
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + GUID).digest())
+    c.sendall(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        if head.split(b" ")[1] == b"/echo":
+            while c.recv(4096):
+                c.sendall(b"\x81\x02ok")
+            return
+        while True:
+            c.send(b"\x81\x01a")  # one unmasked 1-character text frame per write
+            time.sleep(gap)
+    except OSError:
+        pass
+
+
+def serve(port, gap=0.0001):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    s.listen(100)
+    while True:
+        c, _ = s.accept()
+        threading.Thread(target=serve_one, args=(c, gap), daemon=True).start()
+
+
+def upgrade(port, host, path, rcvbuf=None):
+    s = socket.socket()
+    if rcvbuf:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    s.connect(("127.0.0.1", port))
+    s.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        d = s.recv(1)
+        if not d:
+            raise SystemExit("closed during the upgrade")
+        head += d
+    if b" 101 " not in head.split(b"\r\n")[0]:
+        raise SystemExit(f"upgrade refused: {head.splitlines()[0]!r}")
+    return s
+
+
+def visit(port, host, n, secs):
+    stalled = [upgrade(port, host, "/flood", rcvbuf=2048) for _ in range(n)]
+    canary = upgrade(port, host, "/echo")
+    canary.settimeout(2)
+    started, echoes = time.time(), 0
+    while time.time() - started < secs:
+        try:
+            canary.sendall(b"\x81\x81\x00\x00\x00\x00x")  # masked (zero key) 1-byte text
+            if not canary.recv(16):
+                print(f"canary closed after {time.time() - started:.1f} s ({echoes} echoes)")
+                return 1
+            echoes += 1
+        except OSError as e:
+            print(f"canary failed after {time.time() - started:.1f} s ({echoes} echoes): {e}")
+            return 1
+        time.sleep(0.1)
+    print(f"canary alive after {secs:.0f} s ({echoes} echoes); {len(stalled)} readers stalled")
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 3 and sys.argv[1] == "serve":
+        serve(int(sys.argv[2]))
+    elif len(sys.argv) == 6 and sys.argv[1] == "visit":
+        sys.exit(visit(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))
+    else:
+        sys.exit(__doc__)

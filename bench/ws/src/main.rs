@@ -190,42 +190,41 @@ fn percentile(samples: &mut [Duration], p: f64) -> f64 {
     samples[idx].as_secs_f64() * 1e6
 }
 
-/// CPU time (user and system) of every thread of `pids`, in ns (`/proc/PID/task/*/schedstat`).
-fn cpu_ns(pids: &[u32]) -> u64 {
+/// The sum, over every thread of `pids`, of what `count` reads from the thread's file `name`
+/// under `/proc/PID/task/TID/`.
+fn per_thread(pids: &[u32], name: &str, count: impl Fn(&str) -> u64) -> u64 {
     let mut total = 0;
     for pid in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
             continue;
         };
         for task in tasks.flatten() {
-            total += std::fs::read_to_string(task.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
+            if let Ok(text) = std::fs::read_to_string(task.path().join(name)) {
+                total += count(&text);
+            }
         }
     }
     total
 }
 
-/// Context switches (voluntary and not) of every thread of `pids` (`/proc/PID/task/*/status`).
+/// CPU time (user and system) of every thread of `pids`, in ns (`schedstat`).
+fn cpu_ns(pids: &[u32]) -> u64 {
+    per_thread(pids, "schedstat", |s| {
+        s.split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
+/// Context switches (voluntary and not) of every thread of `pids` (`status`).
 fn switches(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
-                continue;
-            };
-            total += status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum::<u64>();
-        }
-    }
-    total
+    per_thread(pids, "status", |s| {
+        s.lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    })
 }
 
 fn rss_kib(pid: u32) -> anyhow::Result<u64> {

@@ -46,7 +46,9 @@ done
 
 echo "==> building (cargo --profile $PROFILE)"
 cargo build --profile "$PROFILE" -p burrow-control -p burrow-edge -p burrow-cli
-case $PROFILE in dev) BIN=$PWD/target/debug ;; *) BIN=$PWD/target/$PROFILE ;; esac
+# Where cargo put them: CARGO_TARGET_DIR when set (a shared target directory), else ./target.
+TARGET=${CARGO_TARGET_DIR:-$PWD/target}
+case $PROFILE in dev) BIN=$TARGET/debug ;; *) BIN=$TARGET/$PROFILE ;; esac
 
 mkdir -p "$STATE"
 chmod 700 "$STATE"

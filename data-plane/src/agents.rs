@@ -259,6 +259,20 @@ async fn handle(
     // A graceful HTTP/2 shutdown by the agent (GOAWAY) is a clean goodbye; anything else
     // (reset, timeout, edge shutdown) keeps the names held for the grace period.
     let clean = matches!(outcome, Some(Ok(Ok(()))));
+    if let Some(Ok(Err(e))) = &outcome {
+        let reason = crate::proxy::h2_error(e).and_then(h2::Error::reason);
+        if reason == Some(h2::Reason::ENHANCE_YOUR_CALM) {
+            tracing::warn!(
+                %peer,
+                "agent connection ended by HTTP/2 flood protection (ENHANCE_YOUR_CALM): the \
+                 edge held too many small DATA frames unread, typically for WebSocket visitors \
+                 that stopped reading while their local server kept sending small messages; \
+                 every tunnel of this agent dropped (docs/architecture.md, known limit)"
+            );
+        } else {
+            tracing::info!(%peer, err = %e, "agent connection ended with an error");
+        }
+    }
     let mut removed = Vec::new();
     if outcome.is_none() {
         if shutdown.is_cancelled() {

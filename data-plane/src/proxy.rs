@@ -567,14 +567,19 @@ async fn forward(
 
 /// Whether `e` ended only its own HTTP/2 stream (a reset), not the agent's connection.
 fn stream_reset(e: &hyper::Error) -> bool {
+    h2_error(e).is_some_and(h2::Error::is_reset)
+}
+
+/// The HTTP/2 error behind a hyper error, if there is one.
+pub(crate) fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         if let Some(h2) = s.downcast_ref::<h2::Error>() {
-            return h2.is_reset();
+            return Some(h2);
         }
         source = s.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]

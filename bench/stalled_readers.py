@@ -10,7 +10,9 @@ agent drops.
 
 `visit` opens N WebSockets to /flood that never read (2 KiB receive buffers) and one canary
 WebSocket to /echo that echoes every 100 ms, and reports whether the canary survived.
-Measured 2026-11-24 (release build, plain agent link): the canary closed after 19 s.
+Measured 2026-11-24 (release build, plain agent link): the canary closed after 19 s. Since the
+relay's backlog for stalled readers (docs/architecture.md) the edge closes each stalled
+WebSocket with 1008 instead and the canary lives on.
 """
 import base64
 import hashlib

@@ -1112,3 +1112,253 @@ async fn a_visitor_frame_that_breaks_the_protocol_gets_1002_or_1007_when_the_loc
     let rest = answer_to_a_raw_frame(&edge, &sub, &[0x81, 0x82, 0, 0, 0, 0, 0xce, 0xff]).await;
     assert_eq!(rest, [0x88, 0x02, 0x03, 0xEF], "{rest:02x?}");
 }
+
+/// A local server whose `/flood` WebSockets get a 60-byte text message every few
+/// microseconds, each from its own `write` (so each becomes one small DATA frame on the agent
+/// link), and whose other WebSockets answer every read with `ok`. Counts the flood
+/// connections that ended (their writes failed).
+fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ended = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ended2 = Arc::clone(&ended);
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let ended = Arc::clone(&ended2);
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let key = head
+                    .lines()
+                    .find_map(|l| {
+                        let (k, v) = l.split_once(':')?;
+                        k.eq_ignore_ascii_case("sec-websocket-key")
+                            .then(|| v.trim().to_owned())
+                    })
+                    .unwrap_or_default();
+                let accept =
+                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+                let answer = format!(
+                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+                );
+                if s.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+                let _ = s.set_nodelay(true);
+                if head.starts_with("GET /flood ") {
+                    // 60 bytes of text: a small frame to HTTP/2, yet enough bytes to fill
+                    // the socket buffers between the edge and the stalled visitor quickly.
+                    let mut message = vec![0x81, 60];
+                    message.extend_from_slice(&[b'a'; 60]);
+                    while s.write_all(&message).is_ok() {
+                        std::thread::sleep(Duration::from_micros(20));
+                    }
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                } else {
+                    while matches!(s.read(&mut buf), Ok(n) if n > 0) {
+                        if s.write_all(b"\x81\x02ok").is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, ended)
+}
+
+#[tokio::test]
+async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_the_other_tunnels_live_on(
+) {
+    // The smallest windows make the edge's HTTP/2 budget for buffered small DATA frames tiny
+    // (h2 allows half the connection window), so a stalled reader would exhaust it at once.
+    let edge = standalone_edge_with(|l| {
+        l.h2_connection_window = 65_535;
+        l.h2_stream_window = 65_535;
+        l.ws_close_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let (local, flood_ended) = flooding_local_server();
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "flood"],
+    )
+    .await;
+    let (mut canary, _) = connect(&edge, "flood", "/echo", &[]).await;
+
+    // A visitor that upgrades and then never reads, with a small receive buffer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let mut stalled = sock.connect(edge.http).await.unwrap();
+    let head = format!(
+        "GET /flood HTTP/1.1\r\nHost: flood.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        edge.http.port()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(STEP, stalled.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 101"), "{:?}", &first[..n]);
+
+    // The canary keeps echoing while the flood piles up behind the stalled visitor, and the
+    // edge ends the stalled connection (the local server's writes then fail).
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Err(e) = canary.send(Message::text("hi")).await {
+            panic!(
+                "the canary failed after {:?}: {e}; agent: {}",
+                started.elapsed(),
+                agent.stderr_text().await
+            );
+        }
+        let m = tokio::time::timeout(Duration::from_secs(3), canary.next()).await;
+        match m {
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
+            other => panic!(
+                "the canary got {other:?} after {:?} (round {rounds}); agent: {}",
+                started.elapsed(),
+                agent.stderr_text().await
+            ),
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if flood_ended.load(std::sync::atomic::Ordering::SeqCst) > 0 && rounds > 40 {
+            break;
+        }
+    }
+    assert_eq!(
+        flood_ended.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the edge should have ended the stalled visitor's WebSocket"
+    );
+    // The local server was told why (the agent logs the close code it relayed), and nothing
+    // reconnected: the agent link itself never dropped.
+    let mut log = String::new();
+    for _ in 0..50 {
+        log = agent.stderr_text().await;
+        if log
+            .lines()
+            .any(|l| l.contains("/flood") && l.contains("close 1008"))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        log.lines()
+            .any(|l| l.contains("/flood") && l.contains("close 1008")),
+        "{log}"
+    );
+    assert!(!log.contains("reconnect"), "{log}");
+    drop(stalled);
+}
+
+#[tokio::test]
+async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off_with_1008_toward_the_visitor(
+) {
+    let edge = standalone_edge_with(|l| l.ws_close_timeout = Duration::from_secs(1)).await;
+    // A local server that answers the upgrade and then never reads, with a small receive
+    // buffer (accepted sockets inherit the listener's).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(16).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                if !matches!(s.read(&mut buf).await, Ok(1)) {
+                    break;
+                }
+                head.push(buf[0]);
+            }
+            let head = String::from_utf8_lossy(&head).into_owned();
+            let key = head
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("sec-websocket-key")
+                        .then(|| v.trim().to_owned())
+                })
+                .unwrap_or_default();
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+            );
+            let _ = s.write_all(answer.as_bytes()).await;
+            held.push(s);
+        }
+    });
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "deaf"],
+    )
+    .await;
+    let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();
+    let head = format!(
+        "GET /deaf HTTP/1.1\r\nHost: deaf.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        edge.http.port()
+    );
+    let reader = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        visitor.write_all(head.as_bytes()).unwrap();
+        visitor
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = visitor.read(&mut buf).unwrap();
+            assert!(n > 0, "the edge hung up before the 101");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 101"), "{got:?}");
+        // Small masked text messages, one per write, paced so each one travels alone.
+        let writer = visitor.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut writer = writer;
+            let mut message = vec![0x81, 0x80 | 60, 1, 2, 3, 4];
+            message.extend_from_slice(&[b'a' ^ 1; 60]);
+            while writer.write_all(&message).is_ok() {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        });
+        // Whatever comes back after the 101 ends with the close frame.
+        got.clear();
+        loop {
+            match visitor.read(&mut buf) {
+                Ok(0) | Err(_) => return got,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    let got = tokio::time::timeout(Duration::from_secs(40), reader)
+        .await
+        .expect("the stalled WebSocket was ended in time")
+        .unwrap();
+    let reason = b"the local server stopped reading";
+    assert!(
+        got.len() >= 4 + reason.len() && got[0] == 0x88 && got[2..4] == 1008u16.to_be_bytes(),
+        "{got:?}"
+    );
+    assert_eq!(&got[4..4 + reason.len()], reason);
+}

@@ -397,6 +397,8 @@ async fn handle(
             close_timeout: state.config.limits.ws_close_timeout,
             rate_limit_grace: state.config.limits.ws_rate_limit_grace,
             extensions_agreed,
+            link_source: Some(crate::relay::Direction::ToVisitor),
+            stall_buffer: state.config.limits.ws_stall_buffer_bytes,
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();

@@ -5,10 +5,15 @@
 //! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
 //! never inside a frame. The same boundary lets the edge ping an idle visitor.
 
+use std::future::poll_fn;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use bytes::{Buf as _, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{
@@ -29,6 +34,13 @@ const INITIAL_BUFFER: usize = 4096;
 /// sent nothing for this long, so a connection that once carried a large message does not
 /// hold the large buffer for the rest of its life.
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// Average read size, in bytes, below which a stalled destination's backlog counts as small
+/// frames (see [`RelayOptions::stall_buffer`]). Each read of an agent-link stream returns at
+/// most one HTTP/2 DATA frame; h2 charges every buffered frame under 256 bytes against one
+/// budget for the whole connection. Four times that threshold leaves room for mixed sizes.
+const SMALL_FRAMES_BELOW: u64 = 1024;
+/// Default [`RelayOptions::stall_buffer`], in bytes.
+pub const DEFAULT_STALL_BUFFER: usize = 64 * 1024;
 
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +54,9 @@ enum End {
     ReadError,
     /// Writing the destination failed.
     WriteError,
+    /// The destination stopped reading while the source (an agent-link stream) kept sending
+    /// small frames; see [`RelayOptions::stall_buffer`].
+    Stalled,
     /// The source sent nothing for the idle timeout.
     Idle,
     /// The source stayed over its byte rate for longer than the grace period.
@@ -83,6 +98,19 @@ pub struct RelayOptions {
     /// The handshake agreed an extension (`Sec-WebSocket-Extensions` in the 101, such as
     /// permessage-deflate): frames with RSV bits set are then not protocol violations.
     pub extensions_agreed: bool,
+    /// The direction whose source is a stream of the agent link (HTTP/2), if any: on the
+    /// edge [`Direction::ToVisitor`], in the agent [`Direction::ToLocal`].
+    pub link_source: Option<Direction>,
+    /// In the [`RelayOptions::link_source`] direction, how many bytes the relay keeps reading
+    /// into a backlog of its own while the destination does not take them. Left in h2 instead,
+    /// a backlog of small DATA frames counts against h2's connection-wide budget for framing
+    /// overhead, and h2 ends the whole agent connection (every tunnel on it) with
+    /// ENHANCE_YOUR_CALM once one stalled reader has enough of them. When the backlog reaches
+    /// this size, a direction that has been receiving small frames (under
+    /// [`SMALL_FRAMES_BELOW`] bytes a read on average) is ended with 1008 toward its source's
+    /// side; one receiving large frames stops reading, as any other direction does, and lets
+    /// flow control hold the sender. `0` turns the backlog off.
+    pub stall_buffer: usize,
 }
 
 /// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
@@ -213,6 +241,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// Who reads what this direction carries.
+    fn destination(self) -> &'static str {
+        match self {
+            Direction::ToLocal => "local server",
+            Direction::ToVisitor => "visitor",
+        }
+    }
+
     /// The other direction of the same connection.
     fn reverse(self) -> Self {
         match self {
@@ -272,6 +308,127 @@ impl Violations {
     }
 }
 
+/// Bytes read from the source that the destination has not taken yet (only in the
+/// [`RelayOptions::link_source`] direction).
+#[derive(Default)]
+struct Held {
+    bytes: BytesMut,
+    /// Written to the destination but not flushed yet.
+    unflushed: bool,
+    /// Reads, and their bytes, since the destination fell behind.
+    reads: u64,
+    read_bytes: u64,
+}
+
+impl Held {
+    /// Whether the destination still has to take (or flush) something.
+    fn is_pending(&self) -> bool {
+        !self.bytes.is_empty() || self.unflushed
+    }
+
+    fn push(&mut self, data: &[u8]) {
+        self.bytes.extend_from_slice(data);
+        self.reads += 1;
+        self.read_bytes += data.len() as u64;
+    }
+
+    /// Whether the backlog came in small frames (reads) on average.
+    fn small_frames(&self) -> bool {
+        self.reads > 0 && self.read_bytes / self.reads < SMALL_FRAMES_BELOW
+    }
+}
+
+/// What [`poll_step`] got done.
+enum Step {
+    /// A read of the source finished.
+    Read(io::Result<usize>),
+    /// The destination took the whole backlog.
+    CaughtUp,
+    /// Writing the backlog failed.
+    WriteFailed,
+}
+
+/// Moves the backlog on toward `dst` as far as it goes, then reads `src` unless the backlog
+/// is full (without a backlog: just reads `src`).
+fn poll_step<R, W>(
+    src: &mut R,
+    dst: &mut W,
+    buf: &mut [u8],
+    held: &mut Held,
+    stall_buffer: usize,
+    cx: &mut Context<'_>,
+) -> Poll<Step>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while held.is_pending() {
+        if held.bytes.is_empty() {
+            match Pin::new(&mut *dst).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {
+                    // Give the memory back: a stall is rare and the backlog may have grown.
+                    *held = Held::default();
+                    return Poll::Ready(Step::CaughtUp);
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
+                Poll::Pending => break,
+            }
+        }
+        match Pin::new(&mut *dst).poll_write(cx, &held.bytes) {
+            Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Step::WriteFailed),
+            Poll::Ready(Ok(k)) => {
+                held.bytes.advance(k);
+                held.unflushed = true;
+            }
+            Poll::Pending => break,
+        }
+    }
+    if held.is_pending() && held.bytes.len() >= stall_buffer {
+        return Poll::Pending;
+    }
+    let mut rb = ReadBuf::new(buf);
+    match Pin::new(src).poll_read(cx, &mut rb) {
+        Poll::Ready(Ok(())) => Poll::Ready(Step::Read(Ok(rb.filled().len()))),
+        Poll::Ready(Err(e)) => Poll::Ready(Step::Read(Err(e))),
+        Poll::Pending => Poll::Pending,
+    }
+}
+
+/// Writes `data` to `dst` as far as `dst` takes it without waiting and flushes; what is left
+/// (or the flush) becomes the backlog in `held`.
+fn poll_write_now<W>(
+    dst: &mut W,
+    data: &[u8],
+    held: &mut Held,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut off = 0;
+    while off < data.len() {
+        match Pin::new(&mut *dst).poll_write(cx, &data[off..]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(k)) => off += k,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {
+                held.bytes.extend_from_slice(&data[off..]);
+                held.reads = 1;
+                held.read_bytes = data.len() as u64;
+                held.unflushed = true;
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+    match Pin::new(&mut *dst).poll_flush(cx) {
+        Poll::Ready(r) => Poll::Ready(r),
+        Poll::Pending => {
+            held.unflushed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+}
+
 async fn pump<R, W>(
     mut src: R,
     mut dst: W,
@@ -290,6 +447,13 @@ async fn pump<R, W>(
     // fills the buffer (bulk transfer), and shrink back when a burst is over.
     let initial = INITIAL_BUFFER.min(opts.buffer);
     let mut buf = vec![0u8; initial];
+    // What the destination has not taken yet, in the direction that keeps reading its source.
+    let mut held = Held::default();
+    let stall_buffer = if opts.link_source == Some(dir) {
+        opts.stall_buffer
+    } else {
+        0
+    };
     let started = tokio::time::Instant::now();
     let mut total: u64 = 0;
     let ping = if dir == Direction::ToVisitor {
@@ -313,7 +477,13 @@ async fn pump<R, W>(
     tokio::pin!(shrink);
     let mut end = loop {
         let read = tokio::select! {
-            r = src.read(&mut buf) => r,
+            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, cx)) => {
+                match step {
+                    Step::Read(r) => r,
+                    Step::CaughtUp => continue,
+                    Step::WriteFailed => break End::WriteError,
+                }
+            }
             () = stop.cancelled() => break End::Stopped,
             () = &mut silence, if silence_limit.is_some() => break End::Idle,
             () = &mut shrink, if buf.len() > initial => {
@@ -326,15 +496,17 @@ async fn pump<R, W>(
                 continue;
             }
             () = &mut idle, if ping.is_some() => {
-                // Keepalive toward the visitor, only between frames.
+                // Keepalive toward the visitor, only between frames (and behind every byte
+                // already read: none may be waiting in the backlog).
                 if observer.at_boundary()
+                    && !held.is_pending()
                     && !observer.stats().closed
                     && (dst.write_all(&SERVER_PING_FRAME).await.is_err()
                         || dst.flush().await.is_err())
                 {
                     break End::WriteError;
                 }
-                if observer.at_boundary() && !observer.stats().closed {
+                if observer.at_boundary() && !held.is_pending() && !observer.stats().closed {
                     ends.sink.ping_sent();
                     if let Ok(mut p) = ends.shared.pinged.lock() {
                         *p = Some(tokio::time::Instant::now());
@@ -363,7 +535,31 @@ async fn pump<R, W>(
                         ends.sink.ping_answered(sent.elapsed());
                     }
                 }
-                if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
+                if held.is_pending() {
+                    held.push(&buf[..n]);
+                    if held.bytes.len() >= stall_buffer && held.small_frames() {
+                        let _ = ends.shared.verdict.set(Verdict {
+                            code: CLOSE_POLICY_VIOLATION,
+                            reason: format!("the {} stopped reading", dir.destination()),
+                        });
+                        tracing::warn!(
+                            held = held.bytes.len(),
+                            reads = held.reads,
+                            "the {} of a WebSocket stopped reading while small messages kept \
+                             coming; closing it (1008) before the agent link's HTTP/2 budget for \
+                             small frames runs out",
+                            dir.destination()
+                        );
+                        break End::Stalled;
+                    }
+                } else if stall_buffer > 0 {
+                    if poll_fn(|cx| poll_write_now(&mut dst, &buf[..n], &mut held, cx))
+                        .await
+                        .is_err()
+                    {
+                        break End::WriteError;
+                    }
+                } else if dst.write_all(&buf[..n]).await.is_err() || dst.flush().await.is_err() {
                     break End::WriteError;
                 }
                 total += n as u64;
@@ -409,6 +605,13 @@ async fn pump<R, W>(
             Err(_) => break End::ReadError,
         }
     };
+    if held.is_pending() && end != End::WriteError && end != End::Stalled {
+        // Bytes read but not yet taken by the destination go out before anything else.
+        let bytes = std::mem::take(&mut held.bytes);
+        if dst.write_all(&bytes).await.is_err() || dst.flush().await.is_err() {
+            end = End::WriteError;
+        }
+    }
     if matches!(end, End::Eof | End::Stopped | End::OverLimit)
         && ends.shared.verdict.get().is_some()
         && !observer.at_boundary()
@@ -439,7 +642,11 @@ async fn pump<R, W>(
     }
     // The source vanished without a close frame: tell the destination, if we can do so
     // without cutting a frame in half.
-    if end != End::WriteError && observer.at_boundary() && !observer.stats().closed {
+    // A stalled destination gets nothing more: writing to it would wait for ever.
+    if !matches!(end, End::WriteError | End::Stalled)
+        && observer.at_boundary()
+        && !observer.stats().closed
+    {
         // The destination broke the protocol shortly before the source vanished: most likely
         // why it vanished, and its close code (1002 or 1007) is what an endpoint would have
         // sent.
@@ -472,15 +679,18 @@ async fn pump<R, W>(
             }
         };
     }
-    let _ = dst.shutdown().await;
-    if matches!(end, End::Idle | End::OverLimit) {
+    if end != End::Stalled {
+        let _ = dst.shutdown().await;
+    }
+    if matches!(end, End::Idle | End::OverLimit | End::Stalled) {
         stop.cancel();
     }
     if ends.shared.verdict.get().is_some()
-        && matches!(end, End::Eof | End::Stopped | End::OverLimit)
+        && matches!(end, End::Eof | End::Stopped | End::OverLimit | End::Stalled)
     {
         // The edge closed the connection: keep reading (and dropping) what the source still
-        // sends, so a peer blocked writing gets to read the close frame and answer it.
+        // sends, so a peer blocked writing gets to read the close frame and answer it — and,
+        // after a stall, so the source's small frames do not pile up in h2 after all.
         let _ = tokio::time::timeout(opts.close_timeout, async {
             while let Ok(n) = src.read(&mut buf).await {
                 if n == 0 {
@@ -531,5 +741,175 @@ mod tests {
         // A buffer configured smaller than the initial size never changes.
         assert_eq!(next(1024, 1024, 4096, 1024), 1024);
         assert_eq!(next(1024, 10, 4096, 1024), 1024);
+    }
+}
+
+#[cfg(test)]
+mod stall_tests {
+    use super::{relay, Direction, RelayOptions};
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+    use tokio::sync::mpsc;
+    use tokio_util::sync::CancellationToken;
+
+    /// An agent-link stream stand-in: each read returns one chunk sent on the channel (as one
+    /// HTTP/2 DATA frame would), writes are collected.
+    struct Chunks {
+        rx: mpsc::UnboundedReceiver<Vec<u8>>,
+        written: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Chunks {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(chunk)) => {
+                    assert!(chunk.len() <= buf.remaining());
+                    buf.put_slice(&chunk);
+                    Poll::Ready(Ok(()))
+                }
+                Poll::Ready(None) => Poll::Ready(Ok(())),
+                Poll::Pending => Poll::Pending,
+            }
+        }
+    }
+
+    impl AsyncWrite for Chunks {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn opts() -> RelayOptions {
+        RelayOptions {
+            buffer: 64 * 1024,
+            ping_interval: None,
+            idle_timeout: None,
+            max_bytes_per_second: None,
+            rate_limit_grace: Duration::from_secs(1),
+            close_timeout: Duration::from_millis(200),
+            extensions_agreed: false,
+            link_source: Some(Direction::ToVisitor),
+            stall_buffer: 16 * 1024,
+        }
+    }
+
+    /// What the local server side wrote into the stand-in.
+    type Written = Arc<Mutex<Vec<u8>>>;
+
+    fn agent() -> (Chunks, mpsc::UnboundedSender<Vec<u8>>, Written) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let written = Arc::new(Mutex::new(Vec::new()));
+        let chunks = Chunks {
+            rx,
+            written: Arc::clone(&written),
+        };
+        (chunks, tx, written)
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_stops_reading_small_frames_is_closed_with_1008_toward_the_local_server()
+    {
+        let (chunks, tx, written) = agent();
+        // The visitor's socket holds 1 KiB and is never read.
+        let (visitor, _stalled) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
+        // 3-byte text messages, one per DATA frame: far more than the backlog may hold.
+        for _ in 0..20_000 {
+            tx.send(b"\x81\x01a".to_vec()).unwrap();
+        }
+        let report = tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("the relay ended")
+            .unwrap();
+        // The local server got a close frame (masked, client to server) with 1008 and why.
+        let w = written.lock().unwrap().clone();
+        assert_eq!(w[0], 0x88, "{w:?}");
+        let reason = b"the visitor stopped reading";
+        assert_eq!(usize::from(w[1] & 0x7f), 2 + reason.len());
+        let mask = [w[2], w[3], w[4], w[5]];
+        let payload: Vec<u8> = w[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+        assert_eq!(&payload[2..], reason);
+        // It stopped near the backlog's size, not after taking every message.
+        assert!(report.to_visitor.bytes < 20_000 * 3, "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_pauses_on_large_frames_gets_every_byte_in_order_and_stays_open() {
+        let (chunks, tx, _written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
+        // Binary messages of 4000 bytes (each its own frame), 1 MiB in all.
+        let mut sent = Vec::new();
+        for i in 0..262u32 {
+            let mut m = vec![0x82, 126, 0x0f, 0xa0];
+            m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
+            sent.extend_from_slice(&m);
+            tx.send(m).unwrap();
+        }
+        // The visitor reads nothing for a while: the backlog fills and the relay waits.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!run.is_finished());
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
+            .await
+            .expect("every byte in time")
+            .unwrap();
+        assert!(got == sent, "the bytes differ");
+        // Still open: a close from the local server's side still gets through.
+        tx.send(b"\x88\x02\x03\xe8".to_vec()).unwrap();
+        let mut close = [0u8; 4];
+        peer.read_exact(&mut close).await.unwrap();
+        assert_eq!(&close, b"\x88\x02\x03\xe8");
+        peer.shutdown().await.unwrap();
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    }
+
+    #[tokio::test]
+    async fn a_short_pause_on_small_frames_loses_nothing_and_cuts_nothing() {
+        let (chunks, tx, written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
+        // 12 KB of 3-byte messages: more than the socket holds, less than the backlog.
+        let mut sent = Vec::new();
+        for i in 0..4000u32 {
+            let m = vec![0x81, 0x01, b'a' + (i % 26) as u8];
+            sent.extend_from_slice(&m);
+            tx.send(m).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!run.is_finished());
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
+            .await
+            .expect("every byte in time")
+            .unwrap();
+        assert!(got == sent, "the bytes differ");
+        assert!(written.lock().unwrap().is_empty(), "nothing went back");
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     }
 }

@@ -35,6 +35,11 @@ pub(crate) const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const LOCAL_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Relay buffer size for upgraded connections.
 const RELAY_BUFFER: usize = 64 * 1024;
+/// Backlog an upgraded connection keeps reading from the edge while the local server reads
+/// nothing (`RelayOptions::stall_buffer`): when it is full and came in small frames, the
+/// agent closes that WebSocket (1008) rather than let h2's budget for small frames end the
+/// whole connection to the edge.
+const STALL_BUFFER: usize = burrow_edge::relay::DEFAULT_STALL_BUFFER;
 /// After one direction of an upgraded connection ends, how long the other may continue.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -368,6 +373,8 @@ impl Forwarder {
                 rate_limit_grace: CLOSE_TIMEOUT,
                 close_timeout: CLOSE_TIMEOUT,
                 extensions_agreed,
+                link_source: Some(burrow_edge::relay::Direction::ToLocal),
+                stall_buffer: STALL_BUFFER,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.

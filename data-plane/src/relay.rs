@@ -173,7 +173,7 @@ where
     // Shared by the two directions, which run in this one future: no allocation of its own.
     let shared = Shared::default();
     {
-        let up = pump(
+        let mut up = Box::pin(pump(
             vr,
             aw,
             Direction::ToLocal,
@@ -184,8 +184,8 @@ where
                 sink: Arc::clone(&sink),
             },
             &mut up_observer,
-        );
-        let down = pump(
+        ));
+        let mut down = Box::pin(pump(
             ar,
             vw,
             Direction::ToVisitor,
@@ -196,8 +196,7 @@ where
                 sink,
             },
             &mut down_observer,
-        );
-        tokio::pin!(up, down);
+        ));
         // After one direction ends, the other gets `close_timeout` to end by itself — even
         // when close frames already went both ways: cutting it short would drop a stream
         // mid-write, or an HTTP/2 stream whose peer is still open (a CANCEL reset), and

@@ -1310,7 +1310,14 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
     let _agent = start_agent(
         &edge,
         STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "deaf"],
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "deaf",
+            "--ws-stall-buffer-bytes",
+            "32768",
+        ],
     )
     .await;
     let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();

@@ -35,11 +35,6 @@ pub(crate) const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) const LOCAL_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Relay buffer size for upgraded connections.
 const RELAY_BUFFER: usize = 64 * 1024;
-/// Backlog an upgraded connection keeps reading from the edge while the local server reads
-/// nothing (`RelayOptions::stall_buffer`): when it is full and came in small frames, the
-/// agent closes that WebSocket (1008) rather than let h2's budget for small frames end the
-/// whole connection to the edge.
-const STALL_BUFFER: usize = burrow_edge::relay::DEFAULT_STALL_BUFFER;
 /// After one direction of an upgraded connection ends, how long the other may continue.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -67,6 +62,11 @@ pub(crate) struct Forwarder {
     pub(crate) dialer: Arc<Dialer>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
     pub(crate) on_closed: OnClosed,
+    /// Backlog an upgraded connection keeps reading from the edge while the local server
+    /// reads nothing (`RelayOptions::stall_buffer`, `--ws-stall-buffer-bytes`): when it is
+    /// full and came in small frames, the agent closes that WebSocket (1008) rather than let
+    /// h2's budget for small frames end the whole connection to the edge.
+    pub(crate) stall_buffer: usize,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
     pub(crate) stop: tokio_util::sync::CancellationToken,
     /// Called once when the edge says the tunnels are routable.
@@ -357,6 +357,7 @@ impl Forwarder {
         *out.headers_mut() = headers;
 
         let stop = self.stop.clone();
+        let stall_buffer = self.stall_buffer;
         tokio::spawn(async move {
             let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
                 (Ok(e), Ok(l)) => (e, l),
@@ -374,7 +375,7 @@ impl Forwarder {
                 close_timeout: CLOSE_TIMEOUT,
                 extensions_agreed,
                 link_source: Some(burrow_edge::relay::Direction::ToLocal),
-                stall_buffer: STALL_BUFFER,
+                stall_buffer,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.

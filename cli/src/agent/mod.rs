@@ -103,6 +103,12 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = session::DEFAULT_STREAM_WINDOW,
           value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
     h2_stream_window: u32,
+    /// Bytes a WebSocket keeps reading from the edge while the local server reads nothing.
+    /// When they are full and came in small frames (under 1 KiB on average), the agent closes
+    /// that WebSocket with 1008 rather than leave the small frames to HTTP/2, whose budget for
+    /// them is shared by every tunnel on the connection. 0 turns this off.
+    #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STALL_BUFFER)]
+    ws_stall_buffer_bytes: usize,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -322,6 +328,7 @@ async fn run_tunnels(
         insecure: args.insecure,
         plaintext: args.edge_plaintext,
         stream_window: args.h2_stream_window,
+        stall_buffer: args.ws_stall_buffer_bytes,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

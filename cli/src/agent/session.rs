@@ -56,6 +56,8 @@ pub(crate) struct EdgeSpec {
     pub(crate) plaintext: bool,
     /// HTTP/2 window of each stream the edge opens (`--h2-stream-window`).
     pub(crate) stream_window: u32,
+    /// Backlog of a WebSocket whose local server stopped reading (`--ws-stall-buffer-bytes`).
+    pub(crate) stall_buffer: usize,
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -363,6 +365,7 @@ async fn connect_once(
         tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
         client: local_client(Arc::clone(&dialer)),
         dialer,
+        stall_buffer: edge.stall_buffer,
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {

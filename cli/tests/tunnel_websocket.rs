@@ -1115,8 +1115,9 @@ async fn a_visitor_frame_that_breaks_the_protocol_gets_1002_or_1007_when_the_loc
 
 /// A local server whose `/flood` WebSockets get a 60-byte text message every few
 /// microseconds, each from its own `write` (so each becomes one small DATA frame on the agent
-/// link), and whose other WebSockets answer every read with `ok`. Counts the flood
-/// connections that ended (their writes failed).
+/// link), whose `/events` answer is an endless chunked response of such pieces, and whose
+/// other WebSockets answer every read with `ok`. Counts the flood and events connections that
+/// ended (their writes failed).
 fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
     use std::io::{Read as _, Write as _};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1137,6 +1138,21 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
                     }
                 }
                 let head = String::from_utf8_lossy(&head).into_owned();
+                if head.starts_with("GET /events ") {
+                    // Server-Sent Events: a 60-byte chunk every few microseconds.
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    let mut chunk = b"3c\r\n".to_vec();
+                    chunk.extend_from_slice(&[b'a'; 60]);
+                    chunk.extend_from_slice(b"\r\n");
+                    let _ = s.set_nodelay(true);
+                    if s.write_all(answer.as_bytes()).is_ok() {
+                        while s.write_all(&chunk).is_ok() {
+                            std::thread::sleep(Duration::from_micros(20));
+                        }
+                    }
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
                 let key = head
                     .lines()
                     .find_map(|l| {
@@ -1315,7 +1331,7 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
             &port,
             "--subdomain",
             "deaf",
-            "--ws-stall-buffer-bytes",
+            "--stall-buffer-bytes",
             "32768",
         ],
     )
@@ -1368,4 +1384,72 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
         "{got:?}"
     );
     assert_eq!(&got[4..4 + reason.len()], reason);
+}
+
+#[tokio::test]
+async fn a_visitor_that_stops_reading_a_response_of_small_pieces_is_cut_off_and_the_other_tunnels_live_on(
+) {
+    let edge = standalone_edge_with(|l| {
+        l.h2_connection_window = 65_535;
+        l.h2_stream_window = 65_535;
+    })
+    .await;
+    let (local, events_ended) = flooding_local_server();
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "events"],
+    )
+    .await;
+    let (mut canary, _) = connect(&edge, "events", "/echo", &[]).await;
+
+    // A visitor that reads the response head and then nothing, with a small receive buffer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let mut stalled = sock.connect(edge.http).await.unwrap();
+    let head = format!(
+        "GET /events HTTP/1.1\r\nHost: events.localhost:{}\r\n\r\n",
+        edge.http.port()
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    let mut first = [0u8; 64];
+    let n = tokio::time::timeout(STEP, stalled.read(&mut first))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
+
+    let started = std::time::Instant::now();
+    let mut rounds = 0;
+    while started.elapsed() < Duration::from_secs(20) {
+        if let Err(e) = canary.send(Message::text("hi")).await {
+            panic!(
+                "the canary failed after {:?}: {e}; agent: {}",
+                started.elapsed(),
+                agent.stderr_text().await
+            );
+        }
+        match tokio::time::timeout(Duration::from_secs(3), canary.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
+            other => panic!(
+                "the canary got {other:?} after {:?} (round {rounds}); agent: {}",
+                started.elapsed(),
+                agent.stderr_text().await
+            ),
+        }
+        rounds += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if events_ended.load(std::sync::atomic::Ordering::SeqCst) > 0 && rounds > 40 {
+            break;
+        }
+    }
+    assert_eq!(
+        events_ended.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the edge should have ended the stalled visitor's response"
+    );
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+    drop(stalled);
 }

@@ -97,11 +97,12 @@ pub struct Limits {
     /// Largest relay buffer of an upgraded (WebSocket) connection per direction, in bytes
     /// (4 KiB at first, this much under bulk transfer, 4 KiB again once a burst is over).
     pub relay_buffer_bytes: usize,
-    /// Backlog a WebSocket relay keeps reading from the agent link while the visitor does not
-    /// read, in bytes; when it is full and came in small frames the edge closes that
-    /// WebSocket (1008), before h2's budget for small frames would end the agent's whole
-    /// connection. `0` turns it off. See `relay::RelayOptions::stall_buffer`.
-    pub ws_stall_buffer_bytes: usize,
+    /// Backlog the edge keeps reading from the agent link for a visitor that does not read,
+    /// in bytes, per WebSocket (`relay::RelayOptions::stall_buffer`) and per response body
+    /// (`backlog::drain`). When it is full and came in small frames the edge ends that
+    /// WebSocket (1008) or response, before h2's budget for small frames would end the
+    /// agent's whole connection. `0` turns it off.
+    pub stall_buffer_bytes: usize,
     /// Idle time after which the edge pings a visitor WebSocket at a frame boundary; `None`
     /// disables keepalive pings.
     pub ws_ping_interval: Option<Duration>,
@@ -177,7 +178,7 @@ impl Default for Limits {
             agent_max_header_list_bytes: 256 * 1024,
             agent_keepalive_interval: Duration::from_secs(10),
             relay_buffer_bytes: 64 * 1024,
-            ws_stall_buffer_bytes: crate::relay::DEFAULT_STALL_BUFFER,
+            stall_buffer_bytes: crate::relay::DEFAULT_STALL_BUFFER,
             ws_ping_interval: Some(Duration::from_secs(30)),
             ws_idle_timeout: Some(Duration::from_secs(75)),
             ws_close_timeout: Duration::from_secs(5),

@@ -14,6 +14,7 @@
 //! - `proxy`: the visitor listener, routing by `Host`, header handling.
 //! - `early`: refusing bytes a visitor sends before the 101 of an upgrade.
 //! - [`exec`]: the executor of the agent link's HTTP/2 tasks (also used by the agent).
+//! - [`backlog`]: reading a response body ahead of a visitor that stopped reading.
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
 //! - [`frame`]: the WebSocket frame observer used by the relay.
 //! - [`headers`]: hop-by-hop and internal header removal (also used by the agent).
@@ -32,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 mod agents;
+pub mod backlog;
 pub mod config;
 mod control;
 mod early;

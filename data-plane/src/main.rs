@@ -178,12 +178,13 @@ struct Args {
     /// read or a second without data, so a connection's relay holds at most twice this.
     #[arg(long, default_value_t = Limits::default().relay_buffer_bytes)]
     relay_buffer_bytes: usize,
-    /// Bytes a WebSocket relay keeps reading from the agent while the visitor reads nothing.
-    /// When they are full and came in small frames (under 1 KiB on average), the edge closes
-    /// that WebSocket with 1008 rather than leave the small frames to HTTP/2, whose budget
-    /// for them is shared by the agent's whole connection. 0 turns this off.
-    #[arg(long, default_value_t = Limits::default().ws_stall_buffer_bytes)]
-    ws_stall_buffer_bytes: usize,
+    /// Bytes the edge keeps reading from the agent for a visitor that reads nothing (per
+    /// WebSocket and per response body). When they are full and came in small frames (under
+    /// 1 KiB on average), the edge ends that WebSocket (1008) or response rather than leave
+    /// the small frames to HTTP/2, whose budget for them is shared by the agent's whole
+    /// connection. 0 turns this off.
+    #[arg(long, default_value_t = Limits::default().stall_buffer_bytes)]
+    stall_buffer_bytes: usize,
     /// Seconds one direction of a WebSocket may keep going after the other ended before the
     /// edge drops the connection.
     #[arg(long, default_value_t = Limits::default().ws_close_timeout.as_secs())]
@@ -371,7 +372,7 @@ fn limits(args: &Args) -> Limits {
         h2_max_frame_size: args.h2_max_frame_size,
         agent_max_header_list_bytes: args.agent_max_header_list_bytes,
         relay_buffer_bytes: args.relay_buffer_bytes,
-        ws_stall_buffer_bytes: args.ws_stall_buffer_bytes,
+        stall_buffer_bytes: args.stall_buffer_bytes,
         ws_close_timeout: Duration::from_secs(args.ws_close_timeout),
         authorization_cache_ttl: Duration::from_secs(args.authorization_cache_ttl),
         authorization_cache_entries: args.authorization_cache_entries,
@@ -479,7 +480,7 @@ mod tests {
             "--drain-timeout=16",
             "--control-call-timeout=17",
             "--admin-header-timeout=18",
-            "--ws-stall-buffer-bytes=19",
+            "--stall-buffer-bytes=19",
         ]);
         let secs = Duration::from_secs;
         assert_eq!(l.max_agent_connections, 7);
@@ -496,6 +497,6 @@ mod tests {
         assert_eq!(l.drain_timeout, secs(16));
         assert_eq!(l.control_call_timeout, secs(17));
         assert_eq!(l.admin_header_timeout, secs(18));
-        assert_eq!(l.ws_stall_buffer_bytes, 19);
+        assert_eq!(l.stall_buffer_bytes, 19);
     }
 }

@@ -318,6 +318,7 @@ async fn handle(
             route: Arc::clone(&route),
             inbound: true,
         }
+        .map_err(Into::into)
         .boxed(),
     });
     *up.uri_mut() = uri;
@@ -398,7 +399,7 @@ async fn handle(
             rate_limit_grace: state.config.limits.ws_rate_limit_grace,
             extensions_agreed,
             link_source: Some(crate::relay::Direction::ToVisitor),
-            stall_buffer: state.config.limits.ws_stall_buffer_bytes,
+            stall_buffer: state.config.limits.stall_buffer_bytes,
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();
@@ -462,7 +463,8 @@ async fn handle(
         route,
         inbound: false,
     };
-    Response::from_parts(parts, body.boxed())
+    let body = crate::backlog::drain(body, state.config.limits.stall_buffer_bytes);
+    Response::from_parts(parts, body)
 }
 
 /// One open WebSocket of a tunnel, counted against its limit until dropped.

@@ -21,7 +21,7 @@ use crate::config::Limits;
 use crate::policy::{Policies, Policy, Reason, Refusals, Verifier};
 
 /// Body type of requests the edge sends to agents.
-pub(crate) type UpBody = BoxBody<Bytes, hyper::Error>;
+pub(crate) type UpBody = BoxBody<Bytes, crate::backlog::BoxError>;
 
 /// Most names remembered as "recently offline"; older ones are forgotten first.
 const MAX_OFFLINE_NAMES: usize = 100_000;

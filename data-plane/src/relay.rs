@@ -38,7 +38,7 @@ const SHRINK_AFTER: Duration = Duration::from_secs(1);
 /// frames (see [`RelayOptions::stall_buffer`]). Each read of an agent-link stream returns at
 /// most one HTTP/2 DATA frame; h2 charges every buffered frame under 256 bytes against one
 /// budget for the whole connection. Four times that threshold leaves room for mixed sizes.
-const SMALL_FRAMES_BELOW: u64 = 1024;
+pub(crate) const SMALL_FRAMES_BELOW: u64 = 1024;
 /// Default [`RelayOptions::stall_buffer`], in bytes.
 pub const DEFAULT_STALL_BUFFER: usize = 64 * 1024;
 

@@ -63,7 +63,7 @@ pub(crate) struct Forwarder {
     /// Called with the tunnel key when the edge ends a tunnel for good.
     pub(crate) on_closed: OnClosed,
     /// Backlog an upgraded connection keeps reading from the edge while the local server
-    /// reads nothing (`RelayOptions::stall_buffer`, `--ws-stall-buffer-bytes`): when it is
+    /// reads nothing (`RelayOptions::stall_buffer`, `--stall-buffer-bytes`): when it is
     /// full and came in small frames, the agent closes that WebSocket (1008) rather than let
     /// h2's budget for small frames end the whole connection to the edge.
     pub(crate) stall_buffer: usize,

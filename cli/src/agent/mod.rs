@@ -108,7 +108,7 @@ pub(crate) struct EdgeArgs {
     /// that WebSocket with 1008 rather than leave the small frames to HTTP/2, whose budget for
     /// them is shared by every tunnel on the connection. 0 turns this off.
     #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STALL_BUFFER)]
-    ws_stall_buffer_bytes: usize,
+    stall_buffer_bytes: usize,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -328,7 +328,7 @@ async fn run_tunnels(
         insecure: args.insecure,
         plaintext: args.edge_plaintext,
         stream_window: args.h2_stream_window,
-        stall_buffer: args.ws_stall_buffer_bytes,
+        stall_buffer: args.stall_buffer_bytes,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -56,7 +56,7 @@ pub(crate) struct EdgeSpec {
     pub(crate) plaintext: bool,
     /// HTTP/2 window of each stream the edge opens (`--h2-stream-window`).
     pub(crate) stream_window: u32,
-    /// Backlog of a WebSocket whose local server stopped reading (`--ws-stall-buffer-bytes`).
+    /// Backlog of a WebSocket whose local server stopped reading (`--stall-buffer-bytes`).
     pub(crate) stall_buffer: usize,
 }
 

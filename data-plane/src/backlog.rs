@@ -1,0 +1,382 @@
+//! A body read ahead from the agent link by a task of its own, into a bounded backlog.
+//!
+//! hyper's HTTP/1 server polls a response body only while it can write to the visitor. A
+//! visitor that stops reading therefore leaves the rest of the body in h2, and h2 charges
+//! every buffered DATA frame under 256 bytes against one budget for the whole agent
+//! connection: a stream of small pieces (Server-Sent Events, say) to a few stalled visitors
+//! would end the connection with ENHANCE_YOUR_CALM, and every tunnel on it. [`drain`] keeps
+//! reading such a body into a backlog that costs its size, not a frame each. When the backlog
+//! is full and came in small frames, the body ends with [`StalledReader`] (the visitor's
+//! connection is cut, the agent's stream reset); a body of large frames just waits, as
+//! before, and flow control holds the sender.
+
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Bytes, BytesMut};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+
+use crate::relay::SMALL_FRAMES_BELOW;
+
+/// Any error, boxed.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a drained body ended early: its reader stopped while it kept coming in small frames.
+#[derive(Debug)]
+pub struct StalledReader;
+
+impl std::fmt::Display for StalledReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the reader stopped reading while the body kept coming in small frames")
+    }
+}
+
+impl std::error::Error for StalledReader {}
+
+/// What the reading task and the body share.
+#[derive(Default)]
+struct State {
+    data: VecDeque<Bytes>,
+    /// Bytes in `data`.
+    len: usize,
+    /// Frames read (and their bytes) since the reader last emptied the backlog.
+    frames: u64,
+    frame_bytes: u64,
+    trailers: Option<HeaderMap>,
+    /// Set when the reading task is done: `Ok` at the end of the body.
+    done: Option<Result<(), BoxError>>,
+    /// The body was dropped: the reading task stops.
+    reader_gone: bool,
+    reader: Option<Waker>,
+    /// The reading task, waiting for room in the backlog.
+    task: Option<Waker>,
+    /// The reading task, waiting for the body (woken only when the reader goes away).
+    task_idle: Option<Waker>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+/// Reads `body` ahead into a backlog of at most about `cap` bytes (one frame more), on a task
+/// of its own; see the module documentation. An empty body, or `cap` 0, is passed through.
+pub fn drain<B>(body: B, cap: usize) -> http_body_util::combinators::BoxBody<Bytes, BoxError>
+where
+    B: Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt as _;
+    if cap == 0 || body.is_end_stream() {
+        return body.map_err(Into::into).boxed();
+    }
+    let remaining = body.size_hint().exact();
+    let shared = Shared::default();
+    tokio::spawn(read_ahead(body, Arc::clone(&shared), cap));
+    Drained {
+        shared,
+        remaining,
+        finished: false,
+    }
+    .boxed()
+}
+
+/// The reading task of [`drain`].
+async fn read_ahead<B>(body: B, shared: Shared, cap: usize)
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    /// What the reading task got.
+    enum Next {
+        Frame(Frame<Bytes>),
+        End,
+        Failed(BoxError),
+        /// The body was dropped.
+        Gone,
+    }
+    let mut body = pin!(body);
+    loop {
+        let next = poll_fn(|cx| {
+            {
+                let Ok(mut st) = shared.lock() else {
+                    return Poll::Ready(Next::Gone);
+                };
+                if st.reader_gone {
+                    return Poll::Ready(Next::Gone);
+                }
+                if st.len >= cap {
+                    if st.frames > 0 && st.frame_bytes / st.frames < SMALL_FRAMES_BELOW {
+                        return Poll::Ready(Next::Failed(Box::new(StalledReader)));
+                    }
+                    st.task = Some(cx.waker().clone());
+                    return Poll::Pending;
+                }
+                if !st
+                    .task_idle
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    st.task_idle = Some(cx.waker().clone());
+                }
+            }
+            body.as_mut().poll_frame(cx).map(|f| match f {
+                None => Next::End,
+                Some(Ok(frame)) => Next::Frame(frame),
+                Some(Err(e)) => Next::Failed(e.into()),
+            })
+        })
+        .await;
+        let Ok(mut st) = shared.lock() else {
+            return;
+        };
+        match next {
+            Next::Gone => return,
+            Next::End => st.done = Some(Ok(())),
+            Next::Failed(e) => {
+                if e.is::<StalledReader>() {
+                    // The response is cut: what waits for the stalled visitor goes too.
+                    let (held, frames) = (st.len, st.frames);
+                    st.data.clear();
+                    st.len = 0;
+                    tracing::warn!(
+                        held,
+                        frames,
+                        "a visitor stopped reading a response that kept coming in small pieces; \
+                         ending it before the agent link's HTTP/2 budget for small frames runs out"
+                    );
+                }
+                st.done = Some(Err(e));
+            }
+            Next::Frame(frame) => match frame.into_data() {
+                Ok(data) => {
+                    st.frames += 1;
+                    st.frame_bytes += data.len() as u64;
+                    st.len += data.len();
+                    st.data.push_back(data);
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        st.trailers = Some(t);
+                    }
+                }
+            },
+        }
+        let finished = st.done.is_some();
+        if let Some(w) = st.reader.take() {
+            w.wake();
+        }
+        if finished {
+            return;
+        }
+    }
+}
+
+/// The reading side of [`drain`].
+struct Drained {
+    shared: Shared,
+    /// Bytes still to come when the body's length was known.
+    remaining: Option<u64>,
+    finished: bool,
+}
+
+impl Body for Drained {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Ok(mut st) = self.shared.lock() else {
+            return Poll::Ready(Some(Err("the body's reading task failed".into())));
+        };
+        if st.len > 0 {
+            // Everything waiting, as one piece: a slow reader gets fewer, larger writes.
+            let data = if st.data.len() == 1 {
+                st.data.pop_front().unwrap_or_default()
+            } else {
+                let mut all = BytesMut::with_capacity(st.len);
+                for d in st.data.drain(..) {
+                    all.extend_from_slice(&d);
+                }
+                all.freeze()
+            };
+            st.len = 0;
+            st.frames = 0;
+            st.frame_bytes = 0;
+            if let Some(w) = st.task.take() {
+                w.wake();
+            }
+            drop(st);
+            if let Some(r) = self.remaining.as_mut() {
+                *r = r.saturating_sub(data.len() as u64);
+            }
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(t) = st.trailers.take() {
+            return Poll::Ready(Some(Ok(Frame::trailers(t))));
+        }
+        match st.done.take() {
+            Some(Ok(())) => {
+                drop(st);
+                self.finished = true;
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => {
+                drop(st);
+                self.finished = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                st.reader = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.finished
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (self.finished, self.remaining) {
+            (true, _) => SizeHint::with_exact(0),
+            (false, Some(n)) => SizeHint::with_exact(n),
+            (false, None) => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for Drained {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.shared.lock() {
+            st.reader_gone = true;
+            for w in [st.task.take(), st.task_idle.take()].into_iter().flatten() {
+                w.wake();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{drain, StalledReader};
+    use bytes::Bytes;
+    use http_body::{Body, Frame, SizeHint};
+    use http_body_util::BodyExt as _;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::sync::{mpsc, oneshot};
+
+    /// A body fed from a channel (each item one frame, as from h2), that says when dropped.
+    struct Fed {
+        rx: mpsc::UnboundedReceiver<Frame<Bytes>>,
+        hint: SizeHint,
+        _dropped: oneshot::Sender<()>,
+    }
+
+    impl Body for Fed {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+            self.rx.poll_recv(cx).map(|f| f.map(Ok))
+        }
+        fn size_hint(&self) -> SizeHint {
+            self.hint
+        }
+    }
+
+    fn fed(
+        hint: SizeHint,
+    ) -> (
+        Fed,
+        mpsc::UnboundedSender<Frame<Bytes>>,
+        oneshot::Receiver<()>,
+    ) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (dtx, drx) = oneshot::channel();
+        let body = Fed {
+            rx,
+            hint,
+            _dropped: dtx,
+        };
+        (body, tx, drx)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_every_byte_in_order_then_the_trailers() {
+        let (body, tx, _) = fed(SizeHint::with_exact(400 * 4000));
+        let mut body = drain(body, 16 * 1024);
+        assert_eq!(body.size_hint().exact(), Some(400 * 4000));
+        let mut sent = Vec::new();
+        for i in 0..400u32 {
+            let d: Vec<u8> = (0..4000u32).map(|j| (i * 3 + j) as u8).collect();
+            sent.extend_from_slice(&d);
+            tx.send(Frame::data(Bytes::from(d))).unwrap();
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-done", "yes".parse().unwrap());
+        tx.send(Frame::trailers(trailers)).unwrap();
+        drop(tx);
+        // Nobody reads for a while: large frames only wait.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut got = Vec::new();
+        let mut seen_trailers = None;
+        while let Some(f) = body.frame().await {
+            let f = f.expect("no error");
+            match f.into_data() {
+                Ok(d) => got.extend_from_slice(&d),
+                Err(f) => seen_trailers = f.into_trailers().ok(),
+            }
+        }
+        assert!(got == sent, "the bytes differ");
+        assert_eq!(seen_trailers.unwrap()["x-done"], "yes");
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn small_pieces_for_a_reader_that_stopped_end_the_body_and_drop_the_source() {
+        let (body, tx, dropped) = fed(SizeHint::default());
+        let mut body = drain(body, 4096);
+        for _ in 0..10_000 {
+            if tx
+                .send(Frame::data(Bytes::from_static(b"data: x\n\n")))
+                .is_err()
+            {
+                break;
+            }
+        }
+        // The source is let go (its stream reset) without anyone reading.
+        tokio::time::timeout(Duration::from_secs(5), dropped)
+            .await
+            .expect("the source was dropped")
+            .unwrap_err();
+        // The reader, when it comes back, gets the error rather than a body that looks whole.
+        let e = loop {
+            match body.frame().await {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => break e,
+                None => panic!("the body ended as if complete"),
+            }
+        };
+        assert!(e.is::<StalledReader>(), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_by_its_reader_lets_the_source_go() {
+        let (body, _tx, dropped) = fed(SizeHint::default());
+        let body = drain(body, 4096);
+        tokio::task::yield_now().await;
+        drop(body);
+        tokio::time::timeout(Duration::from_secs(5), dropped)
+            .await
+            .expect("the source was dropped")
+            .unwrap_err();
+    }
+}

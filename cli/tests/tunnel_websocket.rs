@@ -1453,3 +1453,95 @@ async fn a_visitor_that_stops_reading_a_response_of_small_pieces_is_cut_off_and_
     assert!(!log.contains("reconnect"), "{log}");
     drop(stalled);
 }
+
+#[tokio::test]
+async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_and_the_visitor_gets_an_error(
+) {
+    let edge = standalone_edge().await;
+    // A local server that reads the request head and then neither reads nor answers, with a
+    // small receive buffer (accepted sockets inherit the listener's).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(16).unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let (closed_tx, mut closed_rx) = mpsc::channel::<()>(4);
+    let drain_now = Arc::new(tokio::sync::Notify::new());
+    let drain_now2 = Arc::clone(&drain_now);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            let drain_now = Arc::clone(&drain_now2);
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut b).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                // Read nothing until the visitor has its answer; then check that the agent
+                // closed this connection (everything left reads to its end).
+                drain_now.notified().await;
+                let mut buf = vec![0u8; 65536];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+                let _ = closed_tx.send(()).await;
+            });
+        }
+    });
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "upload",
+            "--stall-buffer-bytes",
+            "32768",
+        ],
+    )
+    .await;
+    let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();
+    let head = format!(
+        "POST /upload HTTP/1.1\r\nHost: upload.localhost:{}\r\nTransfer-Encoding: chunked\r\n\r\n",
+        edge.http.port()
+    );
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        visitor.write_all(head.as_bytes()).unwrap();
+        visitor.set_nodelay(true).unwrap();
+        let writer = visitor.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut writer = writer;
+            let mut chunk = b"3c\r\n".to_vec();
+            chunk.extend_from_slice(&[b'u'; 60]);
+            chunk.extend_from_slice(b"\r\n");
+            while writer.write_all(&chunk).is_ok() {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        });
+        visitor
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+            match visitor.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+        String::from_utf8_lossy(&got).into_owned()
+    });
+    let answer = tokio::time::timeout(Duration::from_secs(40), answer)
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    drain_now.notify_waiters();
+    tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
+        .await
+        .expect("the agent closed the local connection");
+}

@@ -1,4 +1,5 @@
-//! A body read ahead from the agent link by a task of its own, into a bounded backlog.
+//! A body read ahead from the agent link by a task of its own, into a bounded backlog (the
+//! edge for response bodies, the agent for request bodies).
 //!
 //! hyper's HTTP/1 server polls a response body only while it can write to the visitor. A
 //! visitor that stops reading therefore leaves the rest of the body in h2, and h2 charges
@@ -19,6 +20,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use tokio_util::sync::CancellationToken;
 
 use crate::relay::SMALL_FRAMES_BELOW;
 
@@ -62,29 +64,51 @@ type Shared = Arc<Mutex<State>>;
 
 /// Reads `body` ahead into a backlog of at most about `cap` bytes (one frame more), on a task
 /// of its own; see the module documentation. An empty body, or `cap` 0, is passed through.
-pub fn drain<B>(body: B, cap: usize) -> http_body_util::combinators::BoxBody<Bytes, BoxError>
+/// `reader` names who reads the body, for the log ("visitor", "local server"). The token is
+/// cancelled when the body is cut for a stalled reader: whoever waits on that reader (for an
+/// answer, say) can give up at once.
+pub fn drain<B>(
+    body: B,
+    cap: usize,
+    reader: &'static str,
+) -> (
+    http_body_util::combinators::BoxBody<Bytes, BoxError>,
+    CancellationToken,
+)
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,
 {
     use http_body_util::BodyExt as _;
+    let stalled = CancellationToken::new();
     if cap == 0 || body.is_end_stream() {
-        return body.map_err(Into::into).boxed();
+        return (body.map_err(Into::into).boxed(), stalled);
     }
     let remaining = body.size_hint().exact();
     let shared = Shared::default();
-    tokio::spawn(read_ahead(body, Arc::clone(&shared), cap));
-    Drained {
+    tokio::spawn(read_ahead(
+        body,
+        Arc::clone(&shared),
+        cap,
+        reader,
+        stalled.clone(),
+    ));
+    let body = Drained {
         shared,
         remaining,
         finished: false,
-    }
-    .boxed()
+    };
+    (body.boxed(), stalled)
 }
 
 /// The reading task of [`drain`].
-async fn read_ahead<B>(body: B, shared: Shared, cap: usize)
-where
+async fn read_ahead<B>(
+    body: B,
+    shared: Shared,
+    cap: usize,
+    reader: &'static str,
+    stalled: CancellationToken,
+) where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
@@ -136,6 +160,7 @@ where
             Next::End => st.done = Some(Ok(())),
             Next::Failed(e) => {
                 if e.is::<StalledReader>() {
+                    stalled.cancel();
                     // The response is cut: what waits for the stalled visitor goes too.
                     let (held, frames) = (st.len, st.frames);
                     st.data.clear();
@@ -143,7 +168,7 @@ where
                     tracing::warn!(
                         held,
                         frames,
-                        "a visitor stopped reading a response that kept coming in small pieces; \
+                        "the {reader} stopped reading a body that kept coming in small pieces; \
                          ending it before the agent link's HTTP/2 budget for small frames runs out"
                     );
                 }
@@ -312,7 +337,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_reader_gets_every_byte_in_order_then_the_trailers() {
         let (body, tx, _) = fed(SizeHint::with_exact(400 * 4000));
-        let mut body = drain(body, 16 * 1024);
+        let (mut body, stalled) = drain(body, 16 * 1024, "test");
         assert_eq!(body.size_hint().exact(), Some(400 * 4000));
         let mut sent = Vec::new();
         for i in 0..400u32 {
@@ -338,12 +363,13 @@ mod tests {
         assert!(got == sent, "the bytes differ");
         assert_eq!(seen_trailers.unwrap()["x-done"], "yes");
         assert!(body.is_end_stream());
+        assert!(!stalled.is_cancelled());
     }
 
     #[tokio::test]
     async fn small_pieces_for_a_reader_that_stopped_end_the_body_and_drop_the_source() {
         let (body, tx, dropped) = fed(SizeHint::default());
-        let mut body = drain(body, 4096);
+        let (mut body, stalled) = drain(body, 4096, "test");
         for _ in 0..10_000 {
             if tx
                 .send(Frame::data(Bytes::from_static(b"data: x\n\n")))
@@ -366,12 +392,13 @@ mod tests {
             }
         };
         assert!(e.is::<StalledReader>(), "{e}");
+        assert!(stalled.is_cancelled());
     }
 
     #[tokio::test]
     async fn a_body_dropped_by_its_reader_lets_the_source_go() {
         let (body, _tx, dropped) = fed(SizeHint::default());
-        let body = drain(body, 4096);
+        let (body, _) = drain(body, 4096, "test");
         tokio::task::yield_now().await;
         drop(body);
         tokio::time::timeout(Duration::from_secs(5), dropped)

@@ -463,7 +463,10 @@ async fn handle(
         route,
         inbound: false,
     };
-    let body = crate::backlog::drain(body, state.config.limits.stall_buffer_bytes);
+    // The visitor's connection is cut with the body (hyper sees the error when it next
+    // polls); nothing else waits on it, so the stall signal goes unused here.
+    let (body, _stalled) =
+        crate::backlog::drain(body, state.config.limits.stall_buffer_bytes, "visitor");
     Response::from_parts(parts, body)
 }
 

@@ -26,6 +26,10 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use super::dial::{Dialer, LocalConnector};
 use super::target::{HostHeader, Target};
 
+/// Body type of requests the agent sends to the local server: read ahead from the edge
+/// (`burrow_edge::backlog::drain`).
+pub(crate) type UpBody = BoxBody<Bytes, burrow_edge::backlog::BoxError>;
+
 /// Body type of responses the agent sends to the edge.
 pub(crate) type DownBody = BoxBody<Bytes, hyper::Error>;
 
@@ -57,7 +61,7 @@ pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
     pub(crate) tunnels: HashMap<String, TunnelSpec>,
-    pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<Incoming>>,
+    pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<UpBody>>,
     /// Opens connections to local targets (also under `client`).
     pub(crate) dialer: Arc<Dialer>,
     /// Called with the tunnel key when the edge ends a tunnel for good.
@@ -76,7 +80,7 @@ pub(crate) struct Forwarder {
 /// The HTTP client toward local targets, connecting through `dialer`.
 pub(crate) fn local_client(
     dialer: Arc<Dialer>,
-) -> Client<LocalConnector, crate::inspect::TapBody<Incoming>> {
+) -> Client<LocalConnector, crate::inspect::TapBody<UpBody>> {
     Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(LocalConnector(dialer))
@@ -198,8 +202,24 @@ impl Forwarder {
             &path,
             &parts.headers,
         );
+        // Read ahead, so a local server that stops reading an upload of small pieces gets it
+        // cut (its stream reset) instead of h2's budget for small frames ending the agent's
+        // whole connection.
+        let (body, stalled) = burrow_edge::backlog::drain(body, self.stall_buffer, "local server");
         let req = Request::from_parts(parts, tap.request_body(body));
-        let resp = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)).await;
+        let resp = tokio::select! {
+            r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)) => r,
+            // Dropping the request ends the local connection.
+            () = stalled.cancelled() => {
+                let reason = format!(
+                    "{} stopped reading the request body (it kept coming in small pieces)",
+                    spec.target
+                );
+                log_request(&method, &path, 502, started, 0, Some(&reason));
+                tap.failed(502, &reason);
+                return agent_error(&reason);
+            }
+        };
         let resp = match resp {
             Err(_) => {
                 let reason = format!(

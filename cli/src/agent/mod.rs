@@ -103,10 +103,11 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = session::DEFAULT_STREAM_WINDOW,
           value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
     h2_stream_window: u32,
-    /// Bytes a WebSocket keeps reading from the edge while the local server reads nothing.
-    /// When they are full and came in small frames (under 1 KiB on average), the agent closes
-    /// that WebSocket with 1008 rather than leave the small frames to HTTP/2, whose budget for
-    /// them is shared by every tunnel on the connection. 0 turns this off.
+    /// Bytes the agent keeps reading from the edge for a local server that reads nothing (per
+    /// WebSocket and per request body). When they are full and came in small frames (under
+    /// 1 KiB on average), the agent ends that WebSocket (1008) or request (the visitor gets a
+    /// 502) rather than leave the small frames to HTTP/2, whose budget for them is shared by
+    /// every tunnel on the connection. 0 turns this off.
     #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STALL_BUFFER)]
     stall_buffer_bytes: usize,
     #[command(flatten)]

@@ -597,20 +597,7 @@ async fn raw_server() -> (SocketAddr, Jobs) {
                         .await;
                     return;
                 };
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_owned())
-                    })
-                    .unwrap_or_default();
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let mut out = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-                )
-                .into_bytes();
+                let mut out = switching_protocols(&head, "").into_bytes();
                 // The head and the first frames in one write when there is no pause first.
                 let first = job
                     .wire

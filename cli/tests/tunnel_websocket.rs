@@ -382,18 +382,8 @@ async fn raw_local_server(
             head.push(b[0]);
         }
         let head = String::from_utf8(head).unwrap();
-        let key = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("sec-websocket-key")
-                    .then(|| v.trim().to_owned())
-            })
-            .unwrap();
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        let resp = format!(
-            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
-        );
+        assert!(header_value(&head, "sec-websocket-key").is_some(), "{head}");
+        let resp = switching_protocols(&head, extra);
         s.write_all(resp.as_bytes()).await.unwrap();
         s.write_all(&to_send).await.unwrap();
         let mut got = Vec::new();
@@ -817,23 +807,15 @@ async fn judging_local_server(
                     head.push(b[0]);
                 }
                 let head = String::from_utf8(head).unwrap();
-                let get = |name: &str| {
-                    head.lines().find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
-                    })
-                };
+                let get = |name: &str| header_value(&head, name);
                 let answer = match (get("sec-websocket-key"), get("sec-websocket-version")) {
                     (None, _) => "HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nmissing key".to_owned(),
                     (Some(_), v) if v.as_deref() != Some("13") => {
                         "HTTP/1.1 426 Upgrade Required\r\nSec-WebSocket-Version: 13\r\nContent-Length: 11\r\n\r\nwant v13 :)".to_owned()
                     }
-                    (Some(key), _) => {
+                    (Some(_), _) => {
                         tokio::time::sleep(delay).await;
-                        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(
-                            key.as_bytes(),
-                        );
-                        format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n")
+                        switching_protocols(&head, "")
                     }
                 };
                 let _ = s.write_all(answer.as_bytes()).await;
@@ -1153,19 +1135,7 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
                     ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     return;
                 }
-                let key = head
-                    .lines()
-                    .find_map(|l| {
-                        let (k, v) = l.split_once(':')?;
-                        k.eq_ignore_ascii_case("sec-websocket-key")
-                            .then(|| v.trim().to_owned())
-                    })
-                    .unwrap_or_default();
-                let accept =
-                    tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-                let answer = format!(
-                    "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-                );
+                let answer = switching_protocols(&head, "");
                 if s.write_all(answer.as_bytes()).is_err() {
                     return;
                 }
@@ -1192,48 +1162,49 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
     (addr, ended)
 }
 
-#[tokio::test]
-async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_the_other_tunnels_live_on(
-) {
-    // The smallest windows make the edge's HTTP/2 budget for buffered small DATA frames tiny
-    // (h2 allows half the connection window), so a stalled reader would exhaust it at once.
+/// Against a standalone edge with the smallest HTTP/2 windows (h2 allows buffered small DATA
+/// frames a budget of half the connection window, so a stalled reader would exhaust it at
+/// once) and an agent for [`flooding_local_server`] on `sub`: a visitor with a small receive
+/// buffer sends `request` (`{host}` stands for its Host), checks that the answer starts with
+/// `answer`, and then never reads. A canary WebSocket on the same agent must keep echoing
+/// meanwhile, and the local server's endless answer must end: the edge cut the stalled visitor
+/// off, not the agent's link. Returns the agent, for more checks of its log.
+async fn a_stalled_visitor_is_cut_off_alone(sub: &str, request: &str, answer: &[u8]) -> Agent {
     let edge = standalone_edge_with(|l| {
         l.h2_connection_window = 65_535;
         l.h2_stream_window = 65_535;
         l.ws_close_timeout = Duration::from_secs(1);
     })
     .await;
-    let (local, flood_ended) = flooding_local_server();
+    let (local, local_ended) = flooding_local_server();
     let port = local.port().to_string();
     let agent = start_agent(
         &edge,
         STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "flood"],
+        &["http", &port, "--subdomain", sub],
     )
     .await;
-    let (mut canary, _) = connect(&edge, "flood", "/echo", &[]).await;
+    let (mut canary, _) = connect(&edge, sub, "/echo", &[]).await;
 
-    // A visitor that upgrades and then never reads, with a small receive buffer.
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(2048).unwrap();
     let mut stalled = sock.connect(edge.http).await.unwrap();
-    let head = format!(
-        "GET /flood HTTP/1.1\r\nHost: flood.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
-        edge.http.port()
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
+    let host = format!("{sub}.localhost:{}", edge.http.port());
+    stalled
+        .write_all(request.replace("{host}", &host).as_bytes())
+        .await
+        .unwrap();
     let mut first = [0u8; 64];
     let n = tokio::time::timeout(STEP, stalled.read(&mut first))
         .await
         .unwrap()
         .unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 101"), "{:?}", &first[..n]);
+    assert!(first[..n].starts_with(answer), "{:?}", &first[..n]);
 
-    // The canary keeps echoing while the flood piles up behind the stalled visitor, and the
-    // edge ends the stalled connection (the local server's writes then fail).
+    let ended = || local_ended.load(std::sync::atomic::Ordering::SeqCst);
     let started = std::time::Instant::now();
     let mut rounds = 0;
-    while started.elapsed() < Duration::from_secs(20) {
+    while started.elapsed() < Duration::from_secs(20) && !(ended() > 0 && rounds > 40) {
         if let Err(e) = canary.send(Message::text("hi")).await {
             panic!(
                 "the canary failed after {:?}: {e}; agent: {}",
@@ -1241,8 +1212,7 @@ async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_
                 agent.stderr_text().await
             );
         }
-        let m = tokio::time::timeout(Duration::from_secs(3), canary.next()).await;
-        match m {
+        match tokio::time::timeout(Duration::from_secs(3), canary.next()).await {
             Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
             other => panic!(
                 "the canary got {other:?} after {:?} (round {rounds}); agent: {}",
@@ -1252,35 +1222,37 @@ async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_
         }
         rounds += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if flood_ended.load(std::sync::atomic::Ordering::SeqCst) > 0 && rounds > 40 {
-            break;
-        }
     }
     assert_eq!(
-        flood_ended.load(std::sync::atomic::Ordering::SeqCst),
+        ended(),
         1,
-        "the edge should have ended the stalled visitor's WebSocket"
+        "the edge should have cut the stalled visitor off"
     );
-    // The local server was told why (the agent logs the close code it relayed), and nothing
-    // reconnected: the agent link itself never dropped.
-    let mut log = String::new();
-    for _ in 0..50 {
-        log = agent.stderr_text().await;
-        if log
-            .lines()
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+    drop(stalled);
+    agent
+}
+
+#[tokio::test]
+async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_the_other_tunnels_live_on(
+) {
+    let request = "GET /flood HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    let agent = a_stalled_visitor_is_cut_off_alone("flood", request, b"HTTP/1.1 101").await;
+    // The local server was told why: the agent logs the close code it relayed.
+    let relayed = |log: &str| {
+        log.lines()
             .any(|l| l.contains("/flood") && l.contains("close 1008"))
-        {
+    };
+    let mut log = agent.stderr_text().await;
+    for _ in 0..50 {
+        if relayed(&log) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+        log = agent.stderr_text().await;
     }
-    assert!(
-        log.lines()
-            .any(|l| l.contains("/flood") && l.contains("close 1008")),
-        "{log}"
-    );
-    assert!(!log.contains("reconnect"), "{log}");
-    drop(stalled);
+    assert!(relayed(&log), "{log}");
 }
 
 #[tokio::test]
@@ -1306,19 +1278,7 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
                 head.push(buf[0]);
             }
             let head = String::from_utf8_lossy(&head).into_owned();
-            let key = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("sec-websocket-key")
-                        .then(|| v.trim().to_owned())
-                })
-                .unwrap_or_default();
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            let answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-            );
+            let answer = switching_protocols(&head, "");
             let _ = s.write_all(answer.as_bytes()).await;
             held.push(s);
         }
@@ -1389,69 +1349,8 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
 #[tokio::test]
 async fn a_visitor_that_stops_reading_a_response_of_small_pieces_is_cut_off_and_the_other_tunnels_live_on(
 ) {
-    let edge = standalone_edge_with(|l| {
-        l.h2_connection_window = 65_535;
-        l.h2_stream_window = 65_535;
-    })
-    .await;
-    let (local, events_ended) = flooding_local_server();
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "events"],
-    )
-    .await;
-    let (mut canary, _) = connect(&edge, "events", "/echo", &[]).await;
-
-    // A visitor that reads the response head and then nothing, with a small receive buffer.
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(2048).unwrap();
-    let mut stalled = sock.connect(edge.http).await.unwrap();
-    let head = format!(
-        "GET /events HTTP/1.1\r\nHost: events.localhost:{}\r\n\r\n",
-        edge.http.port()
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    let mut first = [0u8; 64];
-    let n = tokio::time::timeout(STEP, stalled.read(&mut first))
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(first[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &first[..n]);
-
-    let started = std::time::Instant::now();
-    let mut rounds = 0;
-    while started.elapsed() < Duration::from_secs(20) {
-        if let Err(e) = canary.send(Message::text("hi")).await {
-            panic!(
-                "the canary failed after {:?}: {e}; agent: {}",
-                started.elapsed(),
-                agent.stderr_text().await
-            );
-        }
-        match tokio::time::timeout(Duration::from_secs(3), canary.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
-            other => panic!(
-                "the canary got {other:?} after {:?} (round {rounds}); agent: {}",
-                started.elapsed(),
-                agent.stderr_text().await
-            ),
-        }
-        rounds += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        if events_ended.load(std::sync::atomic::Ordering::SeqCst) > 0 && rounds > 40 {
-            break;
-        }
-    }
-    assert_eq!(
-        events_ended.load(std::sync::atomic::Ordering::SeqCst),
-        1,
-        "the edge should have ended the stalled visitor's response"
-    );
-    let log = agent.stderr_text().await;
-    assert!(!log.contains("reconnect"), "{log}");
-    drop(stalled);
+    let request = "GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n";
+    a_stalled_visitor_is_cut_off_alone("events", request, b"HTTP/1.1 200").await;
 }
 
 #[tokio::test]

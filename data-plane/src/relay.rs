@@ -855,20 +855,24 @@ mod stall_tests {
         assert!(report.to_visitor.bytes < 20_000 * 3, "{report:?}");
     }
 
-    #[tokio::test]
-    async fn a_visitor_that_pauses_on_large_frames_gets_every_byte_in_order_and_stays_open() {
-        let (chunks, tx, _written) = agent();
+    /// What [`paused_visitor`] leaves running.
+    struct Paused {
+        peer: tokio::io::DuplexStream,
+        tx: mpsc::UnboundedSender<Vec<u8>>,
+        written: Written,
+        run: tokio::task::JoinHandle<super::RelayReport>,
+    }
+
+    /// Sends `messages` from the local side (one frame each) to a visitor that reads nothing
+    /// for 300 ms, checks the relay is still open, then reads and compares every byte.
+    async fn paused_visitor(messages: Vec<Vec<u8>>) -> Paused {
+        let (chunks, tx, written) = agent();
         let (visitor, mut peer) = tokio::io::duplex(1024);
         let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
-        // Binary messages of 4000 bytes (each its own frame), 1 MiB in all.
-        let mut sent = Vec::new();
-        for i in 0..262u32 {
-            let mut m = vec![0x82, 126, 0x0f, 0xa0];
-            m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
-            sent.extend_from_slice(&m);
+        let sent: Vec<u8> = messages.concat();
+        for m in messages {
             tx.send(m).unwrap();
         }
-        // The visitor reads nothing for a while: the backlog fills and the relay waits.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!run.is_finished());
         let mut got = vec![0u8; sent.len()];
@@ -877,38 +881,45 @@ mod stall_tests {
             .expect("every byte in time")
             .unwrap();
         assert!(got == sent, "the bytes differ");
+        Paused {
+            peer,
+            tx,
+            written,
+            run,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_pauses_on_large_frames_gets_every_byte_in_order_and_stays_open() {
+        // Binary messages of 4000 bytes (each its own frame), 1 MiB in all: the backlog fills
+        // and the relay waits.
+        let messages = (0..262u32)
+            .map(|i| {
+                let mut m = vec![0x82, 126, 0x0f, 0xa0];
+                m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
+                m
+            })
+            .collect();
+        let mut p = paused_visitor(messages).await;
         // Still open: a close from the local server's side still gets through.
-        tx.send(b"\x88\x02\x03\xe8".to_vec()).unwrap();
+        p.tx.send(b"\x88\x02\x03\xe8".to_vec()).unwrap();
         let mut close = [0u8; 4];
-        peer.read_exact(&mut close).await.unwrap();
+        p.peer.read_exact(&mut close).await.unwrap();
         assert_eq!(&close, b"\x88\x02\x03\xe8");
-        peer.shutdown().await.unwrap();
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        p.peer.shutdown().await.unwrap();
+        drop(p.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
     }
 
     #[tokio::test]
     async fn a_short_pause_on_small_frames_loses_nothing_and_cuts_nothing() {
-        let (chunks, tx, written) = agent();
-        let (visitor, mut peer) = tokio::io::duplex(1024);
-        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
         // 12 KB of 3-byte messages: more than the socket holds, less than the backlog.
-        let mut sent = Vec::new();
-        for i in 0..4000u32 {
-            let m = vec![0x81, 0x01, b'a' + (i % 26) as u8];
-            sent.extend_from_slice(&m);
-            tx.send(m).unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!run.is_finished());
-        let mut got = vec![0u8; sent.len()];
-        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
-            .await
-            .expect("every byte in time")
-            .unwrap();
-        assert!(got == sent, "the bytes differ");
-        assert!(written.lock().unwrap().is_empty(), "nothing went back");
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        let messages = (0..4000u32)
+            .map(|i| vec![0x81, 0x01, b'a' + (i % 26) as u8])
+            .collect();
+        let p = paused_visitor(messages).await;
+        assert!(p.written.lock().unwrap().is_empty(), "nothing went back");
+        drop(p.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
     }
 }

@@ -431,3 +431,23 @@ pub async fn visit(
     (status, headers, body)
 }
 pub mod control;
+
+/// The value of header `name` (any case) in an HTTP head.
+pub fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| v.trim().to_owned())
+    })
+}
+
+/// A local server's 101 answer to the WebSocket upgrade request `head`, with `extra` header
+/// lines (each ending in CRLF).
+pub fn switching_protocols(head: &str, extra: &str) -> String {
+    let key = header_value(head, "sec-websocket-key").unwrap_or_default();
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n{extra}\r\n"
+    )
+}

@@ -107,9 +107,10 @@ pub struct RelayOptions {
     /// overhead, and h2 ends the whole agent connection (every tunnel on it) with
     /// ENHANCE_YOUR_CALM once one stalled reader has enough of them. When the backlog reaches
     /// this size, a direction that has been receiving small frames (under
-    /// [`SMALL_FRAMES_BELOW`] bytes a read on average) is ended with 1008 toward its source's
-    /// side; one receiving large frames stops reading, as any other direction does, and lets
-    /// flow control hold the sender. `0` turns the backlog off.
+    /// [`SMALL_FRAMES_BELOW`] bytes a read on average) and whose destination took nothing
+    /// while the second half filled is ended with 1008 toward its source's side; otherwise
+    /// (large frames, or a reader that is slow but still reading) it stops reading, as any
+    /// other direction does, and lets flow control hold the sender. `0` turns the backlog off.
     pub stall_buffer: usize,
 }
 
@@ -317,6 +318,9 @@ struct Held {
     /// Reads, and their bytes, since the destination fell behind.
     reads: u64,
     read_bytes: u64,
+    /// Bytes the destination took since the backlog was last at most half full: a reader
+    /// that is slow but still reading is not one that stopped.
+    taken: u64,
 }
 
 impl Held {
@@ -334,6 +338,14 @@ impl Held {
     /// Whether the backlog came in small frames (reads) on average.
     fn small_frames(&self) -> bool {
         self.reads > 0 && self.read_bytes / self.reads < SMALL_FRAMES_BELOW
+    }
+
+    /// Whether the relay should end the connection now that the backlog is full: it came in
+    /// small frames and the destination took nothing while its second half filled. A full
+    /// backlog of large frames, or one a slow reader is still working through, only stops the
+    /// reading, as a full relay buffer always did.
+    fn stalled_on_small_frames(&self, stall_buffer: usize) -> bool {
+        self.bytes.len() >= stall_buffer && self.small_frames() && self.taken == 0
     }
 }
 
@@ -378,6 +390,11 @@ where
             Poll::Ready(Ok(k)) => {
                 held.bytes.advance(k);
                 held.unflushed = true;
+                held.taken = if held.bytes.len() <= stall_buffer / 2 {
+                    0
+                } else {
+                    held.taken + k as u64
+                };
             }
             Poll::Pending => break,
         }
@@ -536,7 +553,7 @@ async fn pump<R, W>(
                 }
                 if held.is_pending() {
                     held.push(&buf[..n]);
-                    if held.bytes.len() >= stall_buffer && held.small_frames() {
+                    if held.stalled_on_small_frames(stall_buffer) {
                         let _ = ends.shared.verdict.set(Verdict {
                             code: CLOSE_POLICY_VIOLATION,
                             reason: format!("the {} stopped reading", dir.destination()),
@@ -921,5 +938,42 @@ mod stall_tests {
         assert!(p.written.lock().unwrap().is_empty(), "nothing went back");
         drop(p.tx);
         let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
+    }
+    #[tokio::test]
+    async fn a_slow_reader_of_small_frames_is_not_cut_while_it_keeps_reading() {
+        let (chunks, tx, written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
+        // 60 KB of 3-byte messages, over three times the backlog, at about 600 KB/s: twice
+        // what the visitor below reads, so the backlog fills while the visitor reads.
+        let sent: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| [0x81, 0x01, b'a' + (i % 26) as u8])
+            .collect();
+        let feed = sent.clone();
+        let tx2 = tx.clone();
+        tokio::spawn(async move {
+            for burst in feed.chunks(600) {
+                for m in burst.chunks(3) {
+                    let _ = tx2.send(m.to_vec());
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        });
+        // The visitor reads 600 bytes every 2 ms: slow, but never stopped.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 600];
+        while got.len() < sent.len() {
+            let n = tokio::time::timeout(Duration::from_secs(5), peer.read(&mut buf))
+                .await
+                .expect("bytes in time")
+                .unwrap();
+            assert!(n > 0, "the relay ended the visitor's side");
+            got.extend_from_slice(&buf[..n]);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(got == sent, "the bytes differ");
+        assert!(written.lock().unwrap().is_empty(), "nothing went back");
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     }
 }

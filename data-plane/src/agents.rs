@@ -180,6 +180,10 @@ async fn handle(
         cancel: shutdown.child_token(),
         sender,
         ready: ready_rx,
+        small_frames: crate::relay::LinkBudget::new(
+            limits.h2_connection_window,
+            limits.h2_stream_window,
+        ),
     });
     let route_limits = RouteLimits::resolve(&grant.limits.unwrap_or_default(), limits);
     let routes: Vec<Arc<Route>> = bound

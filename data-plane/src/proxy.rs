@@ -400,6 +400,7 @@ async fn handle(
             extensions_agreed,
             link_source: Some(crate::relay::Direction::ToVisitor),
             stall_buffer: state.config.limits.stall_buffer_bytes,
+            link_budget: Some(Arc::clone(&route.agent.small_frames)),
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();

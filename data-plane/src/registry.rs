@@ -140,6 +140,8 @@ pub(crate) struct AgentSession {
     pub(crate) sender: SendRequest<UpBody>,
     /// Becomes true once the agent has acknowledged its settings (extended CONNECT usable).
     pub(crate) ready: watch::Receiver<bool>,
+    /// What this connection's WebSocket relays may leave waiting in h2 as small frames.
+    pub(crate) small_frames: Arc<crate::relay::LinkBudget>,
 }
 
 /// One bound tunnel.

@@ -42,6 +42,53 @@ pub(crate) const SMALL_FRAMES_BELOW: u64 = 1024;
 /// Default [`RelayOptions::stall_buffer`], in bytes.
 pub const DEFAULT_STALL_BUFFER: usize = 64 * 1024;
 
+/// What the relays of one agent link may leave waiting in h2 as small DATA frames, in h2's
+/// own units (each frame under 256 bytes costs 256 minus its size). A direction whose
+/// backlog is full of small frames and whose reader is slow (not stopped) stops reading, and
+/// up to one stream window of small frames can then wait in h2: before pausing it reserves
+/// that worst case here, and when the budget has no room left it ends its connection instead
+/// (1008). h2 ends the whole link when its own budget (half the connection window) runs out;
+/// this one is a quarter of the connection window, so paused streams can never get there.
+#[derive(Debug)]
+pub struct LinkBudget {
+    left: std::sync::atomic::AtomicI64,
+    /// The per-stream flow-control window the peer sends into, in bytes.
+    stream_window: u32,
+}
+
+impl LinkBudget {
+    /// The budget of a link with these HTTP/2 windows (what this side advertises).
+    pub fn new(connection_window: u32, stream_window: u32) -> Arc<Self> {
+        Arc::new(Self {
+            left: std::sync::atomic::AtomicI64::new(i64::from(connection_window / 4)),
+            stream_window,
+        })
+    }
+
+    /// What one paused stream of reads of `avg` bytes may cost at most: a stream window of
+    /// such frames.
+    fn worst_case(&self, avg: u64) -> i64 {
+        let avg = avg.max(1);
+        let per_frame = 256u64.saturating_sub(avg);
+        let frames = u64::from(self.stream_window).div_ceil(avg);
+        i64::try_from(frames.saturating_mul(per_frame)).unwrap_or(i64::MAX)
+    }
+
+    fn try_take(&self, cost: i64) -> bool {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= cost).then_some(left - cost)
+            })
+            .is_ok()
+    }
+
+    fn give(&self, cost: i64) {
+        self.left
+            .fetch_add(cost, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
 /// How a pump ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum End {
@@ -80,7 +127,7 @@ pub struct RelayReport {
 }
 
 /// Options of one relay.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RelayOptions {
     pub buffer: usize,
     /// Keepalive ping toward an idle visitor (at frame boundaries only).
@@ -112,6 +159,9 @@ pub struct RelayOptions {
     /// (large frames, or a reader that is slow but still reading) it stops reading, as any
     /// other direction does, and lets flow control hold the sender. `0` turns the backlog off.
     pub stall_buffer: usize,
+    /// The agent link's [`LinkBudget`], shared by its relays; without one a slow reader of
+    /// small frames is paused without limit.
+    pub link_budget: Option<Arc<LinkBudget>>,
 }
 
 /// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
@@ -178,7 +228,7 @@ where
             vr,
             aw,
             Direction::ToLocal,
-            opts,
+            &opts,
             Ends {
                 stop: stop.clone(),
                 shared: &shared,
@@ -190,7 +240,7 @@ where
             ar,
             vw,
             Direction::ToVisitor,
-            opts,
+            &opts,
             Ends {
                 stop,
                 shared: &shared,
@@ -349,6 +399,22 @@ impl Held {
     }
 }
 
+/// Reserves in `budget` what pausing `held`'s direction may leave in h2 (see [`LinkBudget`]),
+/// into `reserved`; false when the budget has no room for it. Without a budget, pausing is
+/// always allowed.
+fn pause_within(budget: Option<&LinkBudget>, held: &Held, reserved: &mut i64) -> bool {
+    let Some(budget) = budget else {
+        return true;
+    };
+    let cost = budget.worst_case(held.read_bytes / held.reads.max(1));
+    if cost == 0 || budget.try_take(cost) {
+        *reserved = cost;
+        true
+    } else {
+        false
+    }
+}
+
 /// What [`poll_step`] got done.
 enum Step {
     /// A read of the source finished.
@@ -449,7 +515,7 @@ async fn pump<R, W>(
     mut src: R,
     mut dst: W,
     dir: Direction,
-    opts: RelayOptions,
+    opts: &RelayOptions,
     ends: Ends<'_>,
     observer: &mut FrameObserver,
 ) where
@@ -491,7 +557,16 @@ async fn pump<R, W>(
     let mut last_read = tokio::time::Instant::now();
     let shrink = tokio::time::sleep(SHRINK_AFTER);
     tokio::pin!(shrink);
+    // What this direction reserved of the link's budget while paused on small frames.
+    let mut reserved: i64 = 0;
     let mut end = loop {
+        if reserved > 0 && held.bytes.len() < stall_buffer {
+            // Reading again: no small frames of ours wait in h2 any more.
+            if let Some(b) = &opts.link_budget {
+                b.give(reserved);
+            }
+            reserved = 0;
+        }
         let read = tokio::select! {
             step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, cx)) => {
                 match step {
@@ -568,6 +643,28 @@ async fn pump<R, W>(
                         );
                         break End::Stalled;
                     }
+                    if reserved == 0
+                        && held.bytes.len() >= stall_buffer
+                        && held.small_frames()
+                        && !pause_within(opts.link_budget.as_deref(), &held, &mut reserved)
+                    {
+                        let _ = ends.shared.verdict.set(Verdict {
+                            code: CLOSE_POLICY_VIOLATION,
+                            reason: format!(
+                                "the {} reads too slowly for the small messages it is sent",
+                                dir.destination()
+                            ),
+                        });
+                        tracing::warn!(
+                            held = held.bytes.len(),
+                            reads = held.reads,
+                            "the {} of a WebSocket reads too slowly for the small messages it is \
+                             sent, and the agent link has no room left for more of them waiting in \
+                             HTTP/2; closing it (1008)",
+                            dir.destination()
+                        );
+                        break End::Stalled;
+                    }
                 } else if stall_buffer > 0 {
                     if poll_fn(|cx| poll_write_now(&mut dst, &buf[..n], &mut held, cx))
                         .await
@@ -621,6 +718,11 @@ async fn pump<R, W>(
             Err(_) => break End::ReadError,
         }
     };
+    if reserved > 0 {
+        if let Some(b) = &opts.link_budget {
+            b.give(reserved);
+        }
+    }
     if held.is_pending() && end != End::WriteError && end != End::Stalled {
         // Bytes read but not yet taken by the destination go out before anything else.
         let bytes = std::mem::take(&mut held.bytes);
@@ -824,6 +926,7 @@ mod stall_tests {
             extensions_agreed: false,
             link_source: Some(Direction::ToVisitor),
             stall_buffer: 16 * 1024,
+            link_budget: None,
         }
     }
 
@@ -941,11 +1044,24 @@ mod stall_tests {
     }
     #[tokio::test]
     async fn a_slow_reader_of_small_frames_is_not_cut_while_it_keeps_reading() {
+        // The messages come at twice the visitor's pace, so its backlog fills while it reads.
+        let (got, sent, back) = slow_visitor(opts(), usize::MAX, Duration::ZERO).await;
+        assert!(got == sent, "the bytes differ");
+        assert!(back.is_empty(), "nothing went back");
+    }
+
+    /// A relay from a stand-in agent stream fed 3-byte messages at about 600 KB/s (60 KB in
+    /// all) to a visitor that reads 600 bytes every 2 ms until it has `read_first` bytes,
+    /// pauses for `pause`, then reads the rest. Returns what the visitor got, what was sent,
+    /// and what went back toward the local server.
+    async fn slow_visitor(
+        opts: RelayOptions,
+        read_first: usize,
+        pause: Duration,
+    ) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let (chunks, tx, written) = agent();
         let (visitor, mut peer) = tokio::io::duplex(1024);
-        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
-        // 60 KB of 3-byte messages, over three times the backlog, at about 600 KB/s: twice
-        // what the visitor below reads, so the backlog fills while the visitor reads.
+        let run = tokio::spawn(relay(visitor, chunks, opts, CancellationToken::new()));
         let sent: Vec<u8> = (0..20_000u32)
             .flat_map(|i| [0x81, 0x01, b'a' + (i % 26) as u8])
             .collect();
@@ -959,21 +1075,98 @@ mod stall_tests {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         });
-        // The visitor reads 600 bytes every 2 ms: slow, but never stopped.
         let mut got = Vec::new();
         let mut buf = [0u8; 600];
+        let mut paused = false;
         while got.len() < sent.len() {
-            let n = tokio::time::timeout(Duration::from_secs(5), peer.read(&mut buf))
+            if !paused && got.len() >= read_first {
+                paused = true;
+                tokio::time::sleep(pause).await;
+            }
+            match tokio::time::timeout(Duration::from_secs(5), peer.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+                _ => break,
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        drop(tx);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        let back = written.lock().unwrap().clone();
+        (got, sent, back)
+    }
+
+    /// A relay whose visitor lets its backlog of 3-byte messages fill past half, reads 600
+    /// bytes (slow, not stopped), and then reads nothing while the backlog fills up.
+    async fn slow_then_full(opts: RelayOptions) -> Paused {
+        let (chunks, tx, written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts, CancellationToken::new()));
+        let feed = |from: u32, to: u32| {
+            for i in from..to {
+                let _ = tx.send(vec![0x81, 0x01, b'a' + (i % 26) as u8]);
+            }
+        };
+        feed(0, 4_000); // 12 KB: the backlog (16 KiB) is past half
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut buf = [0u8; 600];
+        let n = peer.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        feed(4_000, 20_000); // the backlog fills up
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        Paused {
+            peer,
+            tx,
+            written,
+            run,
+        }
+    }
+
+    #[tokio::test]
+    async fn slow_readers_of_small_frames_pause_only_while_the_links_budget_has_room() {
+        // Room for one paused stream of 3-byte frames (1,000 frames of a 3,000-byte window at
+        // 253 each), not two.
+        let budget = super::LinkBudget::new(1_200_000, 3_000);
+        let with_budget = || RelayOptions {
+            link_budget: Some(Arc::clone(&budget)),
+            ..opts()
+        };
+        // The first slow visitor pauses its stream and takes the room.
+        let first = slow_then_full(with_budget()).await;
+        assert!(!first.run.is_finished());
+        assert!(first.written.lock().unwrap().is_empty());
+        // The second, as slow, finds none when its backlog fills: closed with 1008.
+        let second = slow_then_full(with_budget()).await;
+        let back = second.written.lock().unwrap().clone();
+        let reason = b"the visitor reads too slowly for the small messages it is sent";
+        assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
+        let mask = [back[2], back[3], back[4], back[5]];
+        let payload: Vec<u8> = back[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+        assert_eq!(&payload[2..], reason);
+        // The first reads on and gets every byte; its room is given back.
+        let mut first = first;
+        let mut rest = Vec::new();
+        let mut buf = [0u8; 4096];
+        while rest.len() < 60_000 - 600 {
+            let n = tokio::time::timeout(Duration::from_secs(5), first.peer.read(&mut buf))
                 .await
                 .expect("bytes in time")
                 .unwrap();
-            assert!(n > 0, "the relay ended the visitor's side");
-            got.extend_from_slice(&buf[..n]);
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            assert!(n > 0);
+            rest.extend_from_slice(&buf[..n]);
         }
-        assert!(got == sent, "the bytes differ");
-        assert!(written.lock().unwrap().is_empty(), "nothing went back");
-        drop(tx);
-        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        assert!(
+            first.written.lock().unwrap().is_empty(),
+            "the first was cut"
+        );
+        assert_eq!(
+            budget.left.load(std::sync::atomic::Ordering::Acquire),
+            300_000
+        );
     }
 }

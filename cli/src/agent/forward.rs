@@ -71,6 +71,8 @@ pub(crate) struct Forwarder {
     /// full and came in small frames, the agent closes that WebSocket (1008) rather than let
     /// h2's budget for small frames end the whole connection to the edge.
     pub(crate) stall_buffer: usize,
+    /// What this connection's WebSocket relays may leave waiting in h2 as small frames.
+    pub(crate) small_frames: Arc<burrow_edge::relay::LinkBudget>,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
     pub(crate) stop: tokio_util::sync::CancellationToken,
     /// Called once when the edge says the tunnels are routable.
@@ -378,6 +380,7 @@ impl Forwarder {
 
         let stop = self.stop.clone();
         let stall_buffer = self.stall_buffer;
+        let link_budget = Some(Arc::clone(&self.small_frames));
         tokio::spawn(async move {
             let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
                 (Ok(e), Ok(l)) => (e, l),
@@ -396,6 +399,7 @@ impl Forwarder {
                 extensions_agreed,
                 link_source: Some(burrow_edge::relay::Direction::ToLocal),
                 stall_buffer,
+                link_budget,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.

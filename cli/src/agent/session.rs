@@ -366,6 +366,7 @@ async fn connect_once(
         client: local_client(Arc::clone(&dialer)),
         dialer,
         stall_buffer: edge.stall_buffer,
+        small_frames: burrow_edge::relay::LinkBudget::new(CONNECTION_WINDOW, edge.stream_window),
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -1255,17 +1255,37 @@ async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_
     assert!(relayed(&log), "{log}");
 }
 
-#[tokio::test]
-async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off_with_1008_toward_the_visitor(
-) {
-    let edge = standalone_edge_with(|l| l.ws_close_timeout = Duration::from_secs(1)).await;
-    // A local server that answers the upgrade and then never reads, with a small receive
-    // buffer (accepted sockets inherit the listener's).
+/// A local listener whose accepted sockets have a small receive buffer (they inherit the
+/// listener's), so a server that stops reading backs up at once; and its port.
+fn small_buffer_listener() -> (tokio::net::TcpListener, String) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(2048).unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = sock.listen(16).unwrap();
     let port = listener.local_addr().unwrap().port().to_string();
+    (listener, port)
+}
+
+/// An agent for the local server on `port` as `sub`, with a 32 KiB stall backlog (the flag
+/// reaches the relay and the body read-ahead).
+async fn agent_with_small_backlog(edge: &Edge, port: &str, sub: &str) -> Agent {
+    let args = [
+        "http",
+        port,
+        "--subdomain",
+        sub,
+        "--stall-buffer-bytes",
+        "32768",
+    ];
+    start_agent(edge, STANDALONE_TOKEN, &args).await
+}
+
+#[tokio::test]
+async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off_with_1008_toward_the_visitor(
+) {
+    let edge = standalone_edge_with(|l| l.ws_close_timeout = Duration::from_secs(1)).await;
+    // A local server that answers the upgrade and then never reads.
+    let (listener, port) = small_buffer_listener();
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
@@ -1283,19 +1303,7 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
             held.push(s);
         }
     });
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &[
-            "http",
-            &port,
-            "--subdomain",
-            "deaf",
-            "--stall-buffer-bytes",
-            "32768",
-        ],
-    )
-    .await;
+    let _agent = agent_with_small_backlog(&edge, &port, "deaf").await;
     let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();
     let head = format!(
         "GET /deaf HTTP/1.1\r\nHost: deaf.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
@@ -1357,13 +1365,8 @@ async fn a_visitor_that_stops_reading_a_response_of_small_pieces_is_cut_off_and_
 async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_and_the_visitor_gets_an_error(
 ) {
     let edge = standalone_edge().await;
-    // A local server that reads the request head and then neither reads nor answers, with a
-    // small receive buffer (accepted sockets inherit the listener's).
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.set_recv_buffer_size(2048).unwrap();
-    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = sock.listen(16).unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
+    // A local server that reads the request head and then neither reads nor answers.
+    let (listener, port) = small_buffer_listener();
     let (closed_tx, mut closed_rx) = mpsc::channel::<()>(4);
     let drain_now = Arc::new(tokio::sync::Notify::new());
     let drain_now2 = Arc::clone(&drain_now);
@@ -1389,19 +1392,7 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
             });
         }
     });
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &[
-            "http",
-            &port,
-            "--subdomain",
-            "upload",
-            "--stall-buffer-bytes",
-            "32768",
-        ],
-    )
-    .await;
+    let _agent = agent_with_small_backlog(&edge, &port, "upload").await;
     let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();
     let head = format!(
         "POST /upload HTTP/1.1\r\nHost: upload.localhost:{}\r\nTransfer-Encoding: chunked\r\n\r\n",

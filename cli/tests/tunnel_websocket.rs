@@ -1162,6 +1162,27 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
     (addr, ended)
 }
 
+/// One round of a canary WebSocket to [`flooding_local_server`] on a shared agent link: it
+/// sends `hi`, must get `ok` back, then waits 50 ms. Panics with the agent's log otherwise.
+async fn canary_echoes(canary: &mut Ws, agent: &Agent, started: std::time::Instant, round: usize) {
+    if let Err(e) = canary.send(Message::text("hi")).await {
+        panic!(
+            "the canary failed after {:?}: {e}; agent: {}",
+            started.elapsed(),
+            agent.stderr_text().await
+        );
+    }
+    match tokio::time::timeout(Duration::from_secs(3), canary.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
+        other => panic!(
+            "the canary got {other:?} after {:?} (round {round}); agent: {}",
+            started.elapsed(),
+            agent.stderr_text().await
+        ),
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 /// Against a standalone edge with the smallest HTTP/2 windows (h2 allows buffered small DATA
 /// frames a budget of half the connection window, so a stalled reader would exhaust it at
 /// once) and an agent for [`flooding_local_server`] on `sub`: a visitor with a small receive
@@ -1205,23 +1226,8 @@ async fn a_stalled_visitor_is_cut_off_alone(sub: &str, request: &str, answer: &[
     let started = std::time::Instant::now();
     let mut rounds = 0;
     while started.elapsed() < Duration::from_secs(20) && !(ended() > 0 && rounds > 40) {
-        if let Err(e) = canary.send(Message::text("hi")).await {
-            panic!(
-                "the canary failed after {:?}: {e}; agent: {}",
-                started.elapsed(),
-                agent.stderr_text().await
-            );
-        }
-        match tokio::time::timeout(Duration::from_secs(3), canary.next()).await {
-            Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), "ok"),
-            other => panic!(
-                "the canary got {other:?} after {:?} (round {rounds}); agent: {}",
-                started.elapsed(),
-                agent.stderr_text().await
-            ),
-        }
+        canary_echoes(&mut canary, &agent, started, rounds).await;
         rounds += 1;
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(
         ended(),
@@ -1253,6 +1259,67 @@ async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_
         log = agent.stderr_text().await;
     }
     assert!(relayed(&log), "{log}");
+}
+
+#[tokio::test]
+async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_other_tunnels_live_on(
+) {
+    // The smallest HTTP/2 windows, and a grace far longer than the test: holding the link's
+    // small frames back for the rate would use up h2's budget for the whole link at once.
+    let edge = standalone_edge_with(|l| {
+        l.h2_connection_window = 65_535;
+        l.h2_stream_window = 65_535;
+        l.default_max_websocket_bytes_per_second = 4096;
+        l.ws_rate_limit_grace = Duration::from_secs(60);
+    })
+    .await;
+    let (local, local_ended) = flooding_local_server();
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "chatty"],
+    )
+    .await;
+    let (mut canary, _) = connect(&edge, "chatty", "/echo", &[]).await;
+    let started = std::time::Instant::now();
+    // A visitor that reads everything the flood sends it, at the rate it arrives.
+    let (mut flood, _) = connect(&edge, "chatty", "/flood", &[]).await;
+    let reader = tokio::spawn(async move {
+        let mut messages = 0u64;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), flood.next()).await {
+                Ok(Some(Ok(Message::Close(c)))) => return (c, messages),
+                Ok(Some(Ok(_))) => messages += 1,
+                other => panic!("the flood ended without a close frame: {other:?}"),
+            }
+        }
+    });
+    let mut rounds = 0;
+    while !reader.is_finished() || rounds < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no close in time"
+        );
+        canary_echoes(&mut canary, &agent, started, rounds).await;
+        rounds += 1;
+    }
+    let (close, messages) = reader.await.unwrap();
+    let close = close.expect("a close code");
+    assert_eq!(u16::from(close.code), 1008);
+    assert!(close.reason.contains("4096 bytes/s"), "{}", close.reason);
+    // The backlog read ahead reached the visitor before the close.
+    assert!(messages > 64 * 1024 / 62, "{messages}");
+    let deadline = std::time::Instant::now() + STEP;
+    while local_ended.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood never ended"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
 }
 
 /// A local listener whose accepted sockets have a small receive buffer (they inherit the

@@ -5,7 +5,7 @@
 //! gets one (1001 for a clean end of stream, 1011 for an error) — but only at a frame boundary,
 //! never inside a frame. The same boundary lets the edge ping an idle visitor.
 
-use std::future::poll_fn;
+use std::future::{poll_fn, Future as _};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
@@ -135,7 +135,11 @@ pub struct RelayOptions {
     /// Close the connection when the visitor sends nothing for this long.
     pub idle_timeout: Option<Duration>,
     /// Most bytes per second in each direction; `None` is unlimited. Excess is delayed
-    /// (backpressure reaches the sender through TCP), never dropped.
+    /// (backpressure reaches the sender through TCP), never dropped. In the
+    /// [`RelayOptions::link_source`] direction the relay keeps reading into its backlog and
+    /// delays the writes, so the source's frames wait there and not in h2; a backlog full of
+    /// small frames that the link's budget has no room to pause is closed with 1008 as over
+    /// the limit.
     pub max_bytes_per_second: Option<u64>,
     /// How long a direction may stay over `max_bytes_per_second` (the sender kept waiting
     /// the whole time) before the edge closes the connection with 1008 and a reason toward
@@ -415,6 +419,59 @@ fn pause_within(budget: Option<&LinkBudget>, held: &Held, reserved: &mut i64) ->
     }
 }
 
+/// The byte rate of a direction that reads ahead into its backlog: its writes wait until the
+/// bytes written so far are due, its reads do not. Holding the reads instead would leave the
+/// source's frames waiting in h2, where small ones count against the whole link's budget.
+struct Pace {
+    rate: u64,
+    /// Most bytes one write may take: about 20 ms at the rate, so a backlog leaves at the
+    /// rate rather than in one burst after each wait.
+    quantum: usize,
+    started: tokio::time::Instant,
+    written: u64,
+    /// Until when the next write waits, once armed.
+    wait: Pin<Box<tokio::time::Sleep>>,
+    waiting: bool,
+}
+
+impl Pace {
+    fn new(rate: u64, started: tokio::time::Instant, max_write: usize) -> Self {
+        let quantum = usize::try_from(rate / 50).unwrap_or(usize::MAX);
+        Self {
+            rate,
+            quantum: quantum.clamp(1024, max_write.max(1024)),
+            started,
+            written: 0,
+            wait: Box::pin(tokio::time::sleep_until(started)),
+            waiting: false,
+        }
+    }
+
+    /// Counts `k` bytes written; the next write waits until they are due.
+    fn wrote(&mut self, k: usize) {
+        self.written += k as u64;
+        let due = self.started + Duration::from_secs_f64(self.written as f64 / self.rate as f64);
+        if due > tokio::time::Instant::now() {
+            self.wait.as_mut().reset(due);
+            self.waiting = true;
+        }
+    }
+
+    /// Whether a write must wait now (registering `cx` for when it may go on).
+    fn poll_closed(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.waiting && self.wait.as_mut().poll(cx).is_pending() {
+            return true;
+        }
+        self.waiting = false;
+        false
+    }
+
+    /// Whether writes are held back by the rate (not by the destination) at this moment.
+    fn holding(&self) -> bool {
+        self.waiting && tokio::time::Instant::now() < self.wait.deadline()
+    }
+}
+
 /// What [`poll_step`] got done.
 enum Step {
     /// A read of the source finished.
@@ -425,14 +482,15 @@ enum Step {
     WriteFailed,
 }
 
-/// Moves the backlog on toward `dst` as far as it goes, then reads `src` unless the backlog
-/// is full (without a backlog: just reads `src`).
+/// Moves the backlog on toward `dst` as far as it goes (and `pace` lets it), then reads `src`
+/// unless the backlog is full (without a backlog: just reads `src`).
 fn poll_step<R, W>(
     src: &mut R,
     dst: &mut W,
     buf: &mut [u8],
     held: &mut Held,
     stall_buffer: usize,
+    mut pace: Option<&mut Pace>,
     cx: &mut Context<'_>,
 ) -> Poll<Step>
 where
@@ -440,18 +498,32 @@ where
     W: AsyncWrite + Unpin,
 {
     while held.is_pending() {
-        if held.bytes.is_empty() {
+        let gated = match pace.as_deref_mut() {
+            Some(p) => p.poll_closed(cx),
+            None => false,
+        };
+        if held.bytes.is_empty() || gated {
+            if !held.unflushed {
+                break;
+            }
             match Pin::new(&mut *dst).poll_flush(cx) {
-                Poll::Ready(Ok(())) => {
+                Poll::Ready(Ok(())) if held.bytes.is_empty() => {
                     // Give the memory back: a stall is rare and the backlog may have grown.
                     *held = Held::default();
                     return Poll::Ready(Step::CaughtUp);
+                }
+                Poll::Ready(Ok(())) => {
+                    held.unflushed = false;
+                    break;
                 }
                 Poll::Ready(Err(_)) => return Poll::Ready(Step::WriteFailed),
                 Poll::Pending => break,
             }
         }
-        match Pin::new(&mut *dst).poll_write(cx, &held.bytes) {
+        let len = pace
+            .as_deref()
+            .map_or(held.bytes.len(), |p| held.bytes.len().min(p.quantum));
+        match Pin::new(&mut *dst).poll_write(cx, &held.bytes[..len]) {
             Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Step::WriteFailed),
             Poll::Ready(Ok(k)) => {
                 held.bytes.advance(k);
@@ -461,6 +533,9 @@ where
                 } else {
                     held.taken + k as u64
                 };
+                if let Some(p) = pace.as_deref_mut() {
+                    p.wrote(k);
+                }
             }
             Poll::Pending => break,
         }
@@ -538,6 +613,11 @@ async fn pump<R, W>(
     };
     let started = tokio::time::Instant::now();
     let mut total: u64 = 0;
+    let rate = opts.max_bytes_per_second.filter(|r| *r > 0);
+    // With a backlog, the byte rate holds back the writes and the reads go on.
+    let mut pace = rate
+        .filter(|_| stall_buffer > 0)
+        .map(|r| Pace::new(r, started, opts.buffer));
     let ping = if dir == Direction::ToVisitor {
         opts.ping_interval
     } else {
@@ -568,7 +648,7 @@ async fn pump<R, W>(
             reserved = 0;
         }
         let read = tokio::select! {
-            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, cx)) => {
+            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, pace.as_mut(), cx)) => {
                 match step {
                     Step::Read(r) => r,
                     Step::CaughtUp => continue,
@@ -626,9 +706,10 @@ async fn pump<R, W>(
                         ends.sink.ping_answered(sent.elapsed());
                     }
                 }
-                if held.is_pending() {
+                if held.is_pending() || pace.is_some() {
                     held.push(&buf[..n]);
-                    if held.stalled_on_small_frames(stall_buffer) {
+                    let paced = pace.as_ref().is_some_and(Pace::holding);
+                    if !paced && held.stalled_on_small_frames(stall_buffer) {
                         let _ = ends.shared.verdict.set(Verdict {
                             code: CLOSE_POLICY_VIOLATION,
                             reason: format!("the {} stopped reading", dir.destination()),
@@ -648,6 +729,22 @@ async fn pump<R, W>(
                         && held.small_frames()
                         && !pause_within(opts.link_budget.as_deref(), &held, &mut reserved)
                     {
+                        if let (true, Some(rate)) = (paced, rate) {
+                            let _ = ends.shared.verdict.set(Verdict {
+                                code: CLOSE_POLICY_VIOLATION,
+                                reason: format!("over the tunnel's limit of {rate} bytes/s"),
+                            });
+                            tracing::warn!(
+                                held = held.bytes.len(),
+                                reads = held.reads,
+                                "a WebSocket's small messages toward the {} came faster than \
+                                 the tunnel's limit of {rate} bytes/s for longer than its backlog \
+                                 holds, and the agent link has no room left for more of them \
+                                 waiting in HTTP/2; closing it (1008)",
+                                dir.destination()
+                            );
+                            break End::OverLimit;
+                        }
                         let _ = ends.shared.verdict.set(Verdict {
                             code: CLOSE_POLICY_VIOLATION,
                             reason: format!(
@@ -687,8 +784,9 @@ async fn pump<R, W>(
                 if buf.len() > initial {
                     last_read = tokio::time::Instant::now();
                 }
-                if let Some(rate) = opts.max_bytes_per_second.filter(|r| *r > 0) {
-                    // Hold the average at `rate`: wait until `total` bytes are due.
+                if let Some(rate) = rate {
+                    // Hold the average at `rate`: wait until `total` bytes are due (with a
+                    // backlog, `pace` makes the writes wait instead).
                     let due = started + Duration::from_secs_f64(total as f64 / rate as f64);
                     let now = tokio::time::Instant::now();
                     if due > now {
@@ -703,9 +801,11 @@ async fn pump<R, W>(
                     } else {
                         over_since = None;
                     }
-                    tokio::select! {
-                        () = tokio::time::sleep_until(due) => {}
-                        () = stop.cancelled() => break End::Stopped,
+                    if pace.is_none() {
+                        tokio::select! {
+                            () = tokio::time::sleep_until(due) => {}
+                            () = stop.cancelled() => break End::Stopped,
+                        }
                     }
                 }
                 if let Some(p) = ping {
@@ -724,7 +824,17 @@ async fn pump<R, W>(
         }
     }
     if held.is_pending() && end != End::WriteError && end != End::Stalled {
-        // Bytes read but not yet taken by the destination go out before anything else.
+        // Bytes read but not yet taken by the destination go out before anything else: at
+        // the byte rate's next turn when the source ended by itself, at once when the edge
+        // is closing the connection.
+        if let (End::Eof, Some(p)) = (end, &pace) {
+            if p.holding() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(p.wait.deadline()) => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        }
         let bytes = std::mem::take(&mut held.bytes);
         if dst.write_all(&bytes).await.is_err() || dst.flush().await.is_err() {
             end = End::WriteError;
@@ -1168,5 +1278,83 @@ mod stall_tests {
             budget.left.load(std::sync::atomic::Ordering::Acquire),
             300_000
         );
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_direction_reads_its_source_ahead_and_delays_only_its_writes() {
+        // The agent side holds 64 bytes: without reading ahead, 8,000 bytes at 20,000 bytes/s
+        // would take the sender 400 ms to hand over.
+        let (agent_side, mut local) = tokio::io::duplex(64);
+        let (visitor, mut peer) = tokio::io::duplex(64 * 1024);
+        let o = RelayOptions {
+            max_bytes_per_second: Some(20_000),
+            rate_limit_grace: Duration::from_secs(30),
+            ..opts()
+        };
+        let run = tokio::spawn(relay(visitor, agent_side, o, CancellationToken::new()));
+        let sent: Vec<u8> = (0..2000u32)
+            .flat_map(|i| [0x81, 0x02, b'a' + (i % 26) as u8, b'z'])
+            .collect();
+        let started = tokio::time::Instant::now();
+        tokio::time::timeout(Duration::from_millis(150), local.write_all(&sent))
+            .await
+            .expect("the relay read its source ahead")
+            .unwrap();
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("every byte in time")
+            .unwrap();
+        assert!(got == sent, "the bytes differ");
+        // The visitor still got them at the rate, not at once.
+        assert!(
+            started.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            started.elapsed()
+        );
+        drop(local);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    }
+
+    #[tokio::test]
+    async fn small_frames_over_the_rate_for_longer_than_the_backlog_holds_are_closed_as_over_the_limit(
+    ) {
+        let (chunks, tx, written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(64 * 1024);
+        // A link with no room to pause a stream of small frames, and a grace far longer than
+        // the test: only the full backlog can end the connection.
+        let o = RelayOptions {
+            max_bytes_per_second: Some(1000),
+            rate_limit_grace: Duration::from_secs(60),
+            link_budget: Some(super::LinkBudget::new(4, 3_000)),
+            ..opts()
+        };
+        let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
+        let sent: Vec<u8> = (0..20_000u32)
+            .flat_map(|i| [0x81, 0x01, b'a' + (i % 26) as u8])
+            .collect();
+        for m in sent.chunks(3) {
+            tx.send(m.to_vec()).unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got))
+            .await
+            .expect("the relay closed the connection long before the grace ran out")
+            .unwrap();
+        // What came first is whole messages, as sent (the backlog is not lost), then the close.
+        let reason = b"over the tunnel's limit of 1000 bytes/s";
+        let close_at = got.len() - 4 - reason.len();
+        assert_eq!(close_at % 3, 0, "{close_at}");
+        assert!(close_at >= 16 * 1024, "the backlog was lost: {close_at}");
+        assert!(got[..close_at] == sent[..close_at], "the bytes differ");
+        assert_eq!(
+            &got[close_at..close_at + 4],
+            &[0x88, 2 + reason.len() as u8, 0x03, 0xf0]
+        );
+        assert_eq!(&got[close_at + 4..], reason);
+        // The local server's side was told too (a masked close frame).
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        let back = written.lock().unwrap().clone();
+        assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
     }
 }

@@ -9,7 +9,12 @@ agent drops.
     python3 bench/stalled_readers.py visit 19180 dos.localhost 8 60
 
 `visit` opens N WebSockets to /flood that never read (2 KiB receive buffers) and one canary
-WebSocket to /echo that echoes every 100 ms, and reports whether the canary survived.
+WebSocket to /echo that echoes every 100 ms, and reports whether the canary survived. With a
+sixth argument `reading` the /flood visitors read everything instead: against an edge started
+with `--default-max-websocket-bytes-per-second`, the local server's small messages then come
+faster than the tunnel's byte rate. Measured at 4096 bytes/s (BENCHMARKS.md, fifth round): the
+link dropped after 3.4 s before the rate limit read ahead into the backlog too; since, each
+flood WebSocket is closed as over the limit and the canary lives on.
 Measured 2026-11-24 (release build, plain agent link): the canary closed after 19 s. Since the
 relay's backlog for stalled readers (docs/architecture.md) the edge closes each stalled
 WebSocket with 1008 instead and the canary lives on.
@@ -86,8 +91,22 @@ def upgrade(port, host, path, rcvbuf=None):
     return s
 
 
-def visit(port, host, n, secs):
-    stalled = [upgrade(port, host, "/flood", rcvbuf=2048) for _ in range(n)]
+def drain(s, closed):
+    try:
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
+    closed.append(s)
+
+
+def visit(port, host, n, secs, reading=False):
+    if reading:
+        stalled, closed = [upgrade(port, host, "/flood") for _ in range(n)], []
+        for s in stalled:
+            threading.Thread(target=drain, args=(s, closed), daemon=True).start()
+    else:
+        stalled = [upgrade(port, host, "/flood", rcvbuf=2048) for _ in range(n)]
     canary = upgrade(port, host, "/echo")
     canary.settimeout(2)
     started, echoes = time.time(), 0
@@ -102,14 +121,21 @@ def visit(port, host, n, secs):
             print(f"canary failed after {time.time() - started:.1f} s ({echoes} echoes): {e}")
             return 1
         time.sleep(0.1)
-    print(f"canary alive after {secs:.0f} s ({echoes} echoes); {len(stalled)} readers stalled")
+    if reading:
+        print(f"canary alive after {secs:.0f} s ({echoes} echoes); "
+              f"{len(closed)} of {n} reading visitors closed")
+    else:
+        print(f"canary alive after {secs:.0f} s ({echoes} echoes); {n} readers stalled")
     return 0
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 3 and sys.argv[1] == "serve":
         serve(int(sys.argv[2]))
-    elif len(sys.argv) == 6 and sys.argv[1] == "visit":
-        sys.exit(visit(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5])))
+    elif len(sys.argv) in (6, 7) and sys.argv[1] == "visit":
+        reading = sys.argv[6:] == ["reading"]
+        if len(sys.argv) == 7 and not reading:
+            sys.exit(__doc__)
+        sys.exit(visit(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), float(sys.argv[5]), reading))
     else:
         sys.exit(__doc__)

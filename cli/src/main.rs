@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     #[command(flatten)]
-    Agent(agent::AgentCommand),
+    Agent(Box<agent::AgentCommand>),
     #[command(flatten)]
     Admin(admin::AdminCommand),
 }
@@ -52,7 +52,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Agent(cmd) => agent::run(cmd).await,
+            Command::Agent(cmd) => agent::run(*cmd).await,
             Command::Admin(cmd) => admin::run(cmd).await,
         }
     });

@@ -1120,6 +1120,18 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
                     }
                 }
                 let head = String::from_utf8_lossy(&head).into_owned();
+                if head.starts_with("GET /big ") {
+                    // An endless download in 16 KiB chunks: large frames to HTTP/2.
+                    let answer = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+                    let mut chunk = b"4000\r\n".to_vec();
+                    chunk.extend_from_slice(&[b'b'; 0x4000]);
+                    chunk.extend_from_slice(b"\r\n");
+                    if s.write_all(answer.as_bytes()).is_ok() {
+                        while s.write_all(&chunk).is_ok() {}
+                    }
+                    ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    return;
+                }
                 if head.starts_with("GET /events ") {
                     // Server-Sent Events: a 60-byte chunk every few microseconds.
                     let answer = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -1320,6 +1332,48 @@ async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_ot
     }
     let log = agent.stderr_text().await;
     assert!(!log.contains("reconnect"), "{log}");
+}
+
+#[tokio::test]
+async fn visitors_that_stop_reading_downloads_cannot_take_the_links_whole_window() {
+    // Room for four stream windows in the connection window: without a bound, four stalled
+    // downloads would hold all of it and no other stream of the agent could receive a byte.
+    let edge = standalone_edge_with(|l| {
+        l.h2_connection_window = 4 * 65_535;
+        l.h2_stream_window = 65_535;
+        l.stopped_reader_grace = Duration::from_millis(300);
+    })
+    .await;
+    let (local, local_ended) = flooding_local_server();
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "files"],
+    )
+    .await;
+    let (mut canary, _) = connect(&edge, "files", "/echo", &[]).await;
+    let host = format!("files.localhost:{}", edge.http.port());
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.set_recv_buffer_size(2048).unwrap();
+        let mut s = sock.connect(edge.http).await.unwrap();
+        s.write_all(format!("GET /big HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        stalled.push(s);
+    }
+    let started = std::time::Instant::now();
+    for round in 0..40 {
+        canary_echoes(&mut canary, &agent, started, round).await;
+    }
+    // Half the connection window holds two stopped readers; the others were cut.
+    let ended = local_ended.load(std::sync::atomic::Ordering::SeqCst);
+    assert!((5..=7).contains(&ended), "{ended} downloads ended");
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+    drop(stalled);
 }
 
 /// A local listener whose accepted sockets have a small receive buffer (they inherit the

@@ -183,6 +183,7 @@ async fn handle(
         small_frames: crate::relay::LinkBudget::new(
             limits.h2_connection_window,
             limits.h2_stream_window,
+            limits.stopped_reader_grace,
         ),
     });
     let route_limits = RouteLimits::resolve(&grant.limits.unwrap_or_default(), limits);

@@ -22,18 +22,30 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use tokio_util::sync::CancellationToken;
 
-use crate::relay::SMALL_FRAMES_BELOW;
+use crate::relay::{LinkBudget, StoppedWatch, SMALL_FRAMES_BELOW};
 
 /// Any error, boxed.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Why a drained body ended early: its reader stopped while it kept coming in small frames.
+/// Why a drained body ended early: its reader stopped while the body kept coming in small
+/// frames, or (`small_frames` false) it took nothing for the link's
+/// [`LinkBudget::stopped_after`] while readers that stopped already held their share of the
+/// link's connection window.
 #[derive(Debug)]
-pub struct StalledReader;
+pub struct StalledReader {
+    pub small_frames: bool,
+}
 
 impl std::fmt::Display for StalledReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the reader stopped reading while the body kept coming in small frames")
+        if self.small_frames {
+            f.write_str("the reader stopped reading while the body kept coming in small frames")
+        } else {
+            f.write_str(
+                "the reader stopped reading while readers that stopped already held half of \
+                 the link's connection window",
+            )
+        }
     }
 }
 
@@ -49,6 +61,8 @@ struct State {
     frames: u64,
     frame_bytes: u64,
     trailers: Option<HeaderMap>,
+    /// Bytes the reader took so far.
+    taken: u64,
     /// Set when the reading task is done: `Ok` at the end of the body.
     done: Option<Result<(), BoxError>>,
     /// The body was dropped: the reading task stops.
@@ -66,11 +80,14 @@ type Shared = Arc<Mutex<State>>;
 /// of its own; see the module documentation. An empty body, or `cap` 0, is passed through.
 /// `reader` names who reads the body, for the log ("visitor", "local server"). The token is
 /// cancelled when the body is cut for a stalled reader: whoever waits on that reader (for an
-/// answer, say) can give up at once.
+/// answer, say) can give up at once. With the link's `budget`, a reader that stops for the
+/// link's [`LinkBudget::stopped_after`] holds a stream window of it, and is cut when it has
+/// no room left.
 pub fn drain<B>(
     body: B,
     cap: usize,
     reader: &'static str,
+    budget: Option<Arc<LinkBudget>>,
 ) -> (
     http_body_util::combinators::BoxBody<Bytes, BoxError>,
     CancellationToken,
@@ -92,6 +109,7 @@ where
         cap,
         reader,
         stalled.clone(),
+        budget.map(StoppedWatch::new),
     ));
     let body = Drained {
         shared,
@@ -108,6 +126,7 @@ async fn read_ahead<B>(
     cap: usize,
     reader: &'static str,
     stalled: CancellationToken,
+    mut watch: Option<StoppedWatch>,
 ) where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -132,10 +151,22 @@ async fn read_ahead<B>(
                 }
                 if st.len >= cap {
                     if st.frames > 0 && st.frame_bytes / st.frames < SMALL_FRAMES_BELOW {
-                        return Poll::Ready(Next::Failed(Box::new(StalledReader)));
+                        return Poll::Ready(Next::Failed(Box::new(StalledReader {
+                            small_frames: true,
+                        })));
+                    }
+                    if let Some(w) = watch.as_mut() {
+                        if w.poll_full(st.taken, cx).is_ready() {
+                            return Poll::Ready(Next::Failed(Box::new(StalledReader {
+                                small_frames: false,
+                            })));
+                        }
                     }
                     st.task = Some(cx.waker().clone());
                     return Poll::Pending;
+                }
+                if let Some(w) = watch.as_mut() {
+                    w.not_full();
                 }
                 if !st
                     .task_idle
@@ -159,18 +190,28 @@ async fn read_ahead<B>(
             Next::Gone => return,
             Next::End => st.done = Some(Ok(())),
             Next::Failed(e) => {
-                if e.is::<StalledReader>() {
+                if let Some(why) = e.downcast_ref::<StalledReader>() {
                     stalled.cancel();
                     // The response is cut: what waits for the stalled visitor goes too.
                     let (held, frames) = (st.len, st.frames);
                     st.data.clear();
                     st.len = 0;
-                    tracing::warn!(
-                        held,
-                        frames,
-                        "the {reader} stopped reading a body that kept coming in small pieces; \
-                         ending it before the agent link's HTTP/2 budget for small frames runs out"
-                    );
+                    if why.small_frames {
+                        tracing::warn!(
+                            held,
+                            frames,
+                            "the {reader} stopped reading a body that kept coming in small \
+                             pieces; ending it before the agent link's HTTP/2 budget for small \
+                             frames runs out"
+                        );
+                    } else {
+                        tracing::warn!(
+                            held,
+                            "the {reader} stopped reading a body, and readers that stopped \
+                             already hold half of the agent link's HTTP/2 connection window; \
+                             ending it so the other tunnels on the link keep their window"
+                        );
+                    }
                 }
                 st.done = Some(Err(e));
             }
@@ -231,6 +272,7 @@ impl Body for Drained {
             st.len = 0;
             st.frames = 0;
             st.frame_bytes = 0;
+            st.taken += data.len() as u64;
             if let Some(w) = st.task.take() {
                 w.wake();
             }
@@ -337,7 +379,7 @@ mod tests {
     #[tokio::test]
     async fn a_slow_reader_gets_every_byte_in_order_then_the_trailers() {
         let (body, tx, _) = fed(SizeHint::with_exact(400 * 4000));
-        let (mut body, stalled) = drain(body, 16 * 1024, "test");
+        let (mut body, stalled) = drain(body, 16 * 1024, "test", None);
         assert_eq!(body.size_hint().exact(), Some(400 * 4000));
         let mut sent = Vec::new();
         for i in 0..400u32 {
@@ -369,7 +411,7 @@ mod tests {
     #[tokio::test]
     async fn small_pieces_for_a_reader_that_stopped_end_the_body_and_drop_the_source() {
         let (body, tx, dropped) = fed(SizeHint::default());
-        let (mut body, stalled) = drain(body, 4096, "test");
+        let (mut body, stalled) = drain(body, 4096, "test", None);
         for _ in 0..10_000 {
             if tx
                 .send(Frame::data(Bytes::from_static(b"data: x\n\n")))
@@ -398,12 +440,51 @@ mod tests {
     #[tokio::test]
     async fn a_body_dropped_by_its_reader_lets_the_source_go() {
         let (body, _tx, dropped) = fed(SizeHint::default());
-        let (body, _) = drain(body, 4096, "test");
+        let (body, _) = drain(body, 4096, "test", None);
         tokio::task::yield_now().await;
         drop(body);
         tokio::time::timeout(Duration::from_secs(5), dropped)
             .await
             .expect("the source was dropped")
             .unwrap_err();
+    }
+
+    /// Large frames for a reader that takes nothing: with room in the link's budget the body
+    /// only waits, and its reader later gets every byte; without room it ends, as stopped.
+    async fn large_frames_for_a_reader_that_stops(room: bool) -> Result<usize, super::BoxError> {
+        let window = 65_535;
+        let connection = if room { 4 * window } else { window };
+        let budget = crate::relay::LinkBudget::new(connection, window, Duration::from_millis(100));
+        let (body, tx, _dropped) = fed(SizeHint::default());
+        let (mut body, stalled) = drain(body, 16 * 1024, "test", Some(budget));
+        for _ in 0..16 {
+            tx.send(Frame::data(Bytes::from(vec![7u8; 4000]))).unwrap();
+        }
+        drop(tx);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(stalled.is_cancelled(), !room);
+        let mut got = 0;
+        while let Some(f) = body.frame().await {
+            got += f?.into_data().map_or(0, |d| d.len());
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_on_large_frames_waits_while_the_link_has_room() {
+        assert_eq!(
+            large_frames_for_a_reader_that_stops(true).await.unwrap(),
+            64_000
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_on_large_frames_is_cut_when_stopped_readers_hold_half_the_window()
+    {
+        let e = large_frames_for_a_reader_that_stops(false)
+            .await
+            .unwrap_err();
+        let why = e.downcast_ref::<StalledReader>().expect("a stalled reader");
+        assert!(!why.small_frames);
     }
 }

@@ -103,6 +103,12 @@ pub struct Limits {
     /// WebSocket (1008) or response, before h2's budget for small frames would end the
     /// agent's whole connection. `0` turns it off.
     pub stall_buffer_bytes: usize,
+    /// How long a visitor may take nothing while its backlog (`stall_buffer_bytes`) is full
+    /// before it counts as stopped (`relay::LinkBudget`): a stopped reader then holds one
+    /// stream window of half the agent connection's window, and one more stopped reader than
+    /// that half holds has its WebSocket (1008) or response ended, so readers that stopped
+    /// cannot take the whole connection window and freeze every tunnel on the link.
+    pub stopped_reader_grace: Duration,
     /// Idle time after which the edge pings a visitor WebSocket at a frame boundary; `None`
     /// disables keepalive pings.
     pub ws_ping_interval: Option<Duration>,
@@ -179,6 +185,7 @@ impl Default for Limits {
             agent_keepalive_interval: Duration::from_secs(10),
             relay_buffer_bytes: 64 * 1024,
             stall_buffer_bytes: crate::relay::DEFAULT_STALL_BUFFER,
+            stopped_reader_grace: crate::relay::DEFAULT_STOPPED_READER_GRACE,
             ws_ping_interval: Some(Duration::from_secs(30)),
             ws_idle_timeout: Some(Duration::from_secs(75)),
             ws_close_timeout: Duration::from_secs(5),
@@ -294,6 +301,7 @@ impl Config {
             (l.agent_keepalive_interval, "agent_keepalive_interval"),
             (l.ws_close_timeout, "ws_close_timeout"),
             (l.ws_rate_limit_grace, "ws_rate_limit_grace"),
+            (l.stopped_reader_grace, "stopped_reader_grace"),
             (l.control_call_timeout, "control_call_timeout"),
             (l.admin_header_timeout, "admin_header_timeout"),
         ];

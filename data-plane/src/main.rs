@@ -185,6 +185,14 @@ struct Args {
     /// connection. 0 turns this off.
     #[arg(long, default_value_t = Limits::default().stall_buffer_bytes)]
     stall_buffer_bytes: usize,
+    /// Milliseconds a visitor may take nothing while its backlog (--stall-buffer-bytes) is
+    /// full before it counts as stopped. Stopped readers may hold at most half of the agent
+    /// connection's HTTP/2 window (--h2-connection-window), one stream window each; the edge
+    /// ends the WebSocket (1008) or response of one more, so they cannot freeze every tunnel
+    /// on the agent's connection.
+    #[arg(long, default_value_t = Limits::default().stopped_reader_grace.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stopped_reader_grace_ms: u64,
     /// Seconds one direction of a WebSocket may keep going after the other ended before the
     /// edge drops the connection.
     #[arg(long, default_value_t = Limits::default().ws_close_timeout.as_secs())]
@@ -373,6 +381,7 @@ fn limits(args: &Args) -> Limits {
         agent_max_header_list_bytes: args.agent_max_header_list_bytes,
         relay_buffer_bytes: args.relay_buffer_bytes,
         stall_buffer_bytes: args.stall_buffer_bytes,
+        stopped_reader_grace: Duration::from_millis(args.stopped_reader_grace_ms),
         ws_close_timeout: Duration::from_secs(args.ws_close_timeout),
         authorization_cache_ttl: Duration::from_secs(args.authorization_cache_ttl),
         authorization_cache_entries: args.authorization_cache_entries,
@@ -481,6 +490,7 @@ mod tests {
             "--control-call-timeout=17",
             "--admin-header-timeout=18",
             "--stall-buffer-bytes=19",
+            "--stopped-reader-grace-ms=20",
         ]);
         let secs = Duration::from_secs;
         assert_eq!(l.max_agent_connections, 7);
@@ -498,5 +508,6 @@ mod tests {
         assert_eq!(l.control_call_timeout, secs(17));
         assert_eq!(l.admin_header_timeout, secs(18));
         assert_eq!(l.stall_buffer_bytes, 19);
+        assert_eq!(l.stopped_reader_grace, Duration::from_millis(20));
     }
 }

@@ -459,6 +459,7 @@ async fn handle(
         ms = started.elapsed().as_millis() as u64,
         "request"
     );
+    let budget = Arc::clone(&route.agent.small_frames);
     let body = Counted {
         inner: body,
         route,
@@ -466,8 +467,12 @@ async fn handle(
     };
     // The visitor's connection is cut with the body (hyper sees the error when it next
     // polls); nothing else waits on it, so the stall signal goes unused here.
-    let (body, _stalled) =
-        crate::backlog::drain(body, state.config.limits.stall_buffer_bytes, "visitor");
+    let (body, _stalled) = crate::backlog::drain(
+        body,
+        state.config.limits.stall_buffer_bytes,
+        "visitor",
+        Some(budget),
+    );
     Response::from_parts(parts, body)
 }
 

@@ -49,20 +49,57 @@ pub const DEFAULT_STALL_BUFFER: usize = 64 * 1024;
 /// that worst case here, and when the budget has no room left it ends its connection instead
 /// (1008). h2 ends the whole link when its own budget (half the connection window) runs out;
 /// this one is a quarter of the connection window, so paused streams can never get there.
+///
+/// It also keeps readers that stopped from taking the link's whole connection window: what
+/// waits unread in h2 for one stream (up to a stream window) counts against the window of the
+/// whole connection, so enough stopped readers would leave no window for any other stream and
+/// freeze every tunnel on the link. A reader whose backlog stays full with nothing taken for
+/// [`LinkBudget::stopped_after`] holds one stream window of [`LinkBudget::hold_window`]'s
+/// half of the connection window until it takes something again; with no room left, its
+/// WebSocket or body is ended instead.
 #[derive(Debug)]
 pub struct LinkBudget {
     left: std::sync::atomic::AtomicI64,
+    /// Bytes of the connection window that stopped readers may still hold.
+    windows_left: std::sync::atomic::AtomicI64,
     /// The per-stream flow-control window the peer sends into, in bytes.
     stream_window: u32,
+    /// How long a full backlog may see nothing taken before its reader counts as stopped.
+    pub stopped_after: Duration,
 }
+
+/// Default [`LinkBudget::stopped_after`].
+pub const DEFAULT_STOPPED_READER_GRACE: Duration = Duration::from_millis(1000);
 
 impl LinkBudget {
     /// The budget of a link with these HTTP/2 windows (what this side advertises).
-    pub fn new(connection_window: u32, stream_window: u32) -> Arc<Self> {
+    pub fn new(connection_window: u32, stream_window: u32, stopped_after: Duration) -> Arc<Self> {
         Arc::new(Self {
             left: std::sync::atomic::AtomicI64::new(i64::from(connection_window / 4)),
+            windows_left: std::sync::atomic::AtomicI64::new(i64::from(connection_window / 2)),
             stream_window,
+            stopped_after,
         })
+    }
+
+    /// Takes one stream window of the connection window for a stopped reader; false when
+    /// stopped readers already hold half of it.
+    pub(crate) fn hold_window(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let w = i64::from(self.stream_window);
+        self.windows_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                (left >= w).then_some(left - w)
+            })
+            .is_ok()
+    }
+
+    /// Gives back what [`LinkBudget::hold_window`] took.
+    pub(crate) fn release_window(&self) {
+        self.windows_left.fetch_add(
+            i64::from(self.stream_window),
+            std::sync::atomic::Ordering::AcqRel,
+        );
     }
 
     /// What one paused stream of reads of `avg` bytes may cost at most: a stream window of
@@ -375,6 +412,8 @@ struct Held {
     /// Bytes the destination took since the backlog was last at most half full: a reader
     /// that is slow but still reading is not one that stopped.
     taken: u64,
+    /// Bytes the destination took since the backlog last emptied.
+    progress: u64,
 }
 
 impl Held {
@@ -416,6 +455,81 @@ fn pause_within(budget: Option<&LinkBudget>, held: &Held, reserved: &mut i64) ->
         true
     } else {
         false
+    }
+}
+
+/// Watches a full backlog for a reader that stopped (see [`LinkBudget`]): polled while the
+/// backlog is full, it checks every [`LinkBudget::stopped_after`] whether the reader took
+/// anything since the last check. A reader that took nothing holds one stream window of the
+/// link's budget until it takes something again or the backlog is no longer full.
+pub(crate) struct StoppedWatch {
+    budget: Arc<LinkBudget>,
+    check: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    /// What the reader had taken at the last check.
+    mark: u64,
+    holding: bool,
+}
+
+impl StoppedWatch {
+    pub(crate) fn new(budget: Arc<LinkBudget>) -> Self {
+        Self {
+            check: Box::pin(tokio::time::sleep(budget.stopped_after)),
+            budget,
+            armed: false,
+            mark: 0,
+            holding: false,
+        }
+    }
+
+    /// The backlog is full and its reader has taken `taken` bytes so far (a running count).
+    /// `Ready(())` means the reader stopped and the link has no room for it: end the stream.
+    /// Registers `cx` for the next check.
+    pub(crate) fn poll_full(&mut self, taken: u64, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if !self.armed {
+                self.arm(taken);
+            }
+            if self.check.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            self.armed = false;
+            if taken != self.mark {
+                // Slow, not stopped.
+                self.release();
+            } else if !self.holding {
+                if !self.budget.hold_window() {
+                    return Poll::Ready(());
+                }
+                self.holding = true;
+            }
+        }
+    }
+
+    /// The backlog is not full (any more): nothing to watch, nothing held.
+    pub(crate) fn not_full(&mut self) {
+        self.armed = false;
+        self.release();
+    }
+
+    fn arm(&mut self, taken: u64) {
+        let at = tokio::time::Instant::now() + self.budget.stopped_after;
+        self.check.as_mut().reset(at);
+        self.mark = taken;
+        self.armed = true;
+    }
+
+    fn release(&mut self) {
+        if self.holding {
+            self.budget.release_window();
+            self.holding = false;
+        }
+    }
+}
+
+impl Drop for StoppedWatch {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -480,6 +594,14 @@ enum Step {
     CaughtUp,
     /// Writing the backlog failed.
     WriteFailed,
+    /// The destination stopped reading and the link has no room for one more such stream.
+    Stopped,
+}
+
+/// What holds back, or watches, the writes of [`poll_step`].
+struct Watch<'a> {
+    pace: Option<&'a mut Pace>,
+    stopped: Option<&'a mut StoppedWatch>,
 }
 
 /// Moves the backlog on toward `dst` as far as it goes (and `pace` lets it), then reads `src`
@@ -490,15 +612,17 @@ fn poll_step<R, W>(
     buf: &mut [u8],
     held: &mut Held,
     stall_buffer: usize,
-    mut pace: Option<&mut Pace>,
+    watch: Watch<'_>,
     cx: &mut Context<'_>,
 ) -> Poll<Step>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let Watch { mut pace, stopped } = watch;
+    let mut gated = false;
     while held.is_pending() {
-        let gated = match pace.as_deref_mut() {
+        gated = match pace.as_deref_mut() {
             Some(p) => p.poll_closed(cx),
             None => false,
         };
@@ -533,6 +657,7 @@ where
                 } else {
                     held.taken + k as u64
                 };
+                held.progress += k as u64;
                 if let Some(p) = pace.as_deref_mut() {
                     p.wrote(k);
                 }
@@ -540,7 +665,16 @@ where
             Poll::Pending => break,
         }
     }
-    if held.is_pending() && held.bytes.len() >= stall_buffer {
+    let full = held.is_pending() && held.bytes.len() >= stall_buffer;
+    if let Some(w) = stopped {
+        if !full || gated {
+            // Not waiting on the reader (the byte rate holds the writes back, if anything).
+            w.not_full();
+        } else if w.poll_full(held.progress, cx).is_ready() {
+            return Poll::Ready(Step::Stopped);
+        }
+    }
+    if full {
         return Poll::Pending;
     }
     let mut rb = ReadBuf::new(buf);
@@ -618,6 +752,12 @@ async fn pump<R, W>(
     let mut pace = rate
         .filter(|_| stall_buffer > 0)
         .map(|r| Pace::new(r, started, opts.buffer));
+    // A reader that stops must not hold the link's connection window for ever.
+    let mut stopped = opts
+        .link_budget
+        .as_ref()
+        .filter(|_| stall_buffer > 0)
+        .map(|b| StoppedWatch::new(Arc::clone(b)));
     let ping = if dir == Direction::ToVisitor {
         opts.ping_interval
     } else {
@@ -648,11 +788,27 @@ async fn pump<R, W>(
             reserved = 0;
         }
         let read = tokio::select! {
-            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, pace.as_mut(), cx)) => {
+            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_mut(), stopped: stopped.as_mut() }, cx)) => {
                 match step {
                     Step::Read(r) => r,
                     Step::CaughtUp => continue,
                     Step::WriteFailed => break End::WriteError,
+                    Step::Stopped => {
+                        let _ = ends.shared.verdict.set(Verdict {
+                            code: CLOSE_POLICY_VIOLATION,
+                            reason: format!("the {} stopped reading", dir.destination()),
+                        });
+                        tracing::warn!(
+                            held = held.bytes.len(),
+                            "the {} of a WebSocket took nothing for {:?} with its backlog \
+                             full, and readers that stopped already hold half of the agent \
+                             link's HTTP/2 connection window; closing it (1008) so the other \
+                             tunnels on the link keep their window",
+                            dir.destination(),
+                            opts.link_budget.as_ref().map(|b| b.stopped_after).unwrap_or_default()
+                        );
+                        break End::Stalled;
+                    }
                 }
             }
             () = stop.cancelled() => break End::Stopped,
@@ -1236,7 +1392,7 @@ mod stall_tests {
     async fn slow_readers_of_small_frames_pause_only_while_the_links_budget_has_room() {
         // Room for one paused stream of 3-byte frames (1,000 frames of a 3,000-byte window at
         // 253 each), not two.
-        let budget = super::LinkBudget::new(1_200_000, 3_000);
+        let budget = super::LinkBudget::new(1_200_000, 3_000, super::DEFAULT_STOPPED_READER_GRACE);
         let with_budget = || RelayOptions {
             link_budget: Some(Arc::clone(&budget)),
             ..opts()
@@ -1326,7 +1482,11 @@ mod stall_tests {
         let o = RelayOptions {
             max_bytes_per_second: Some(1000),
             rate_limit_grace: Duration::from_secs(60),
-            link_budget: Some(super::LinkBudget::new(4, 3_000)),
+            link_budget: Some(super::LinkBudget::new(
+                4,
+                3_000,
+                super::DEFAULT_STOPPED_READER_GRACE,
+            )),
             ..opts()
         };
         let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
@@ -1356,5 +1516,77 @@ mod stall_tests {
         let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
         let back = written.lock().unwrap().clone();
         assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
+    }
+
+    /// Large frames (4,000-byte messages, 1 MiB) toward a visitor that reads nothing, on a
+    /// link whose connection window is `connection` (stream windows of 65,535), with readers
+    /// counted as stopped after 100 ms.
+    async fn stopped_on_large_frames(connection: u32) -> (Paused, Arc<super::LinkBudget>) {
+        let budget = super::LinkBudget::new(connection, 65_535, Duration::from_millis(100));
+        let o = RelayOptions {
+            link_budget: Some(Arc::clone(&budget)),
+            ..opts()
+        };
+        let (chunks, tx, written) = agent();
+        let (visitor, peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
+        for i in 0..262u32 {
+            let mut m = vec![0x82, 126, 0x0f, 0xa0];
+            m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
+            tx.send(m).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        (
+            Paused {
+                peer,
+                tx,
+                written,
+                run,
+            },
+            budget,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_stops_on_large_frames_holds_a_stream_window_of_the_link_while_it_has_room(
+    ) {
+        let (mut p, budget) = stopped_on_large_frames(4 * 65_535).await;
+        assert!(!p.run.is_finished());
+        assert!(p.written.lock().unwrap().is_empty());
+        // Half the connection window, less the stream window it holds.
+        let left = || {
+            budget
+                .windows_left
+                .load(std::sync::atomic::Ordering::Acquire)
+        };
+        assert_eq!(left(), 2 * 65_535 - 65_535);
+        // It reads again: every byte arrives and the window is given back.
+        let mut got = vec![0u8; 262 * 4004];
+        tokio::time::timeout(Duration::from_secs(10), p.peer.read_exact(&mut got))
+            .await
+            .expect("every byte in time")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(left(), 2 * 65_535);
+        assert!(p.written.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_stops_on_large_frames_is_closed_when_stopped_readers_hold_half_the_window(
+    ) {
+        // Half of this connection window is less than one stream window: no room at all.
+        let (p, _budget) = stopped_on_large_frames(65_535).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
+        let back = p.written.lock().unwrap().clone();
+        let reason = b"the visitor stopped reading";
+        assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
+        let mask = [back[2], back[3], back[4], back[5]];
+        let payload: Vec<u8> = back[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+        assert_eq!(&payload[2..], reason);
     }
 }

@@ -207,7 +207,12 @@ impl Forwarder {
         // Read ahead, so a local server that stops reading an upload of small pieces gets it
         // cut (its stream reset) instead of h2's budget for small frames ending the agent's
         // whole connection.
-        let (body, stalled) = burrow_edge::backlog::drain(body, self.stall_buffer, "local server");
+        let (body, stalled) = burrow_edge::backlog::drain(
+            body,
+            self.stall_buffer,
+            "local server",
+            Some(Arc::clone(&self.small_frames)),
+        );
         let req = Request::from_parts(parts, tap.request_body(body));
         let resp = tokio::select! {
             r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)) => r,

@@ -110,6 +110,13 @@ pub(crate) struct EdgeArgs {
     /// every tunnel on the connection. 0 turns this off.
     #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STALL_BUFFER)]
     stall_buffer_bytes: usize,
+    /// Milliseconds a local server may take nothing while its backlog (--stall-buffer-bytes)
+    /// is full before it counts as stopped. Stopped local servers may hold at most half of
+    /// the connection's HTTP/2 window, one stream window each; the agent ends the WebSocket
+    /// (1008) or request (502) of one more, so they cannot freeze every tunnel of the agent.
+    #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STOPPED_READER_GRACE.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    stopped_reader_grace_ms: u64,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -330,6 +337,7 @@ async fn run_tunnels(
         plaintext: args.edge_plaintext,
         stream_window: args.h2_stream_window,
         stall_buffer: args.stall_buffer_bytes,
+        stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

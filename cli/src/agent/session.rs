@@ -58,6 +58,9 @@ pub(crate) struct EdgeSpec {
     pub(crate) stream_window: u32,
     /// Backlog of a WebSocket whose local server stopped reading (`--stall-buffer-bytes`).
     pub(crate) stall_buffer: usize,
+    /// How long a local server may take nothing with its backlog full before it counts as
+    /// stopped (`--stopped-reader-grace-ms`).
+    pub(crate) stopped_reader_grace: std::time::Duration,
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -366,7 +369,11 @@ async fn connect_once(
         client: local_client(Arc::clone(&dialer)),
         dialer,
         stall_buffer: edge.stall_buffer,
-        small_frames: burrow_edge::relay::LinkBudget::new(CONNECTION_WINDOW, edge.stream_window),
+        small_frames: burrow_edge::relay::LinkBudget::new(
+            CONNECTION_WINDOW,
+            edge.stream_window,
+            edge.stopped_reader_grace,
+        ),
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -1476,6 +1476,86 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
 }
 
 #[tokio::test]
+async fn local_servers_that_stop_reading_uploads_cannot_take_the_agents_whole_window() {
+    let edge = standalone_edge().await;
+    // A local server that reads the head of `POST /stall` and then nothing, and echoes `ok`
+    // for every read of any WebSocket.
+    let (listener, port) = small_buffer_listener();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if !matches!(s.read(&mut b).await, Ok(1)) {
+                        return;
+                    }
+                    head.push(b[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                if head.starts_with("POST /stall ") {
+                    // Hold the connection, read nothing, until the agent drops it.
+                    let _ = s.writable().await;
+                    std::future::pending::<()>().await;
+                }
+                if s.write_all(switching_protocols(&head, "").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {
+                    if s.write_all(b"\x81\x02ok").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    // Room for four stream windows in the agent's connection window.
+    let args = [
+        "http",
+        &port,
+        "--subdomain",
+        "sink",
+        "--h2-stream-window",
+        "65535",
+        "--h2-connection-window",
+        "262140",
+        "--stopped-reader-grace-ms",
+        "300",
+    ];
+    let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    let (mut canary, _) = connect(&edge, "sink", "/echo", &[]).await;
+    let head = format!(
+        "POST /stall HTTP/1.1\r\nHost: sink.localhost:{}\r\nContent-Length: 100000000\r\n\r\n",
+        edge.http.port()
+    );
+    let mut uploads = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(edge.http).await.unwrap();
+        let head = head.clone();
+        uploads.push(tokio::spawn(async move {
+            s.write_all(head.as_bytes()).await.unwrap();
+            let chunk = vec![b'u'; 64 * 1024];
+            while s.write_all(&chunk).await.is_ok() {}
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    for round in 0..40 {
+        canary_echoes(&mut canary, &agent, started, round).await;
+    }
+    let log = agent.stderr_text().await;
+    assert!(log.contains("POST /stall"), "no upload was cut: {log}");
+    assert!(!log.contains("reconnect"), "{log}");
+    for u in uploads {
+        u.abort();
+    }
+}
+
+#[tokio::test]
 async fn a_visitor_that_stops_reading_a_response_of_small_pieces_is_cut_off_and_the_other_tunnels_live_on(
 ) {
     let request = "GET /events HTTP/1.1\r\nHost: {host}\r\n\r\n";

@@ -103,6 +103,12 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = session::DEFAULT_STREAM_WINDOW,
           value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
     h2_stream_window: u32,
+    /// HTTP/2 flow-control window of the whole connection to the edge, in bytes: what every
+    /// visitor stream together may have in flight toward this agent. Local servers that stop
+    /// reading may hold at most half of it (see --stopped-reader-grace-ms).
+    #[arg(long, default_value_t = session::DEFAULT_CONNECTION_WINDOW,
+          value_parser = clap::value_parser!(u32).range(65_535..=0x7fff_ffff))]
+    h2_connection_window: u32,
     /// Bytes the agent keeps reading from the edge for a local server that reads nothing (per
     /// WebSocket and per request body). When they are full and came in small frames (under
     /// 1 KiB on average), the agent ends that WebSocket (1008) or request (the visitor gets a
@@ -336,6 +342,7 @@ async fn run_tunnels(
         insecure: args.insecure,
         plaintext: args.edge_plaintext,
         stream_window: args.h2_stream_window,
+        connection_window: args.h2_connection_window,
         stall_buffer: args.stall_buffer_bytes,
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
     };

@@ -31,8 +31,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// bulk stream keeps little data queued ahead of other streams in the shared connection's
 /// socket buffers (head-of-line delay), large enough for full speed on loopback and LAN.
 pub(crate) const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
-/// HTTP/2 connection window, in bytes.
-const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// Default HTTP/2 connection window (`--h2-connection-window`), in bytes.
+pub(crate) const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 largest frame payload, in bytes.
 const MAX_FRAME: u32 = 65_536;
 /// Largest request head the edge may send (HTTP/2 header list size), in bytes. The edge
@@ -56,6 +56,8 @@ pub(crate) struct EdgeSpec {
     pub(crate) plaintext: bool,
     /// HTTP/2 window of each stream the edge opens (`--h2-stream-window`).
     pub(crate) stream_window: u32,
+    /// HTTP/2 window of the whole connection (`--h2-connection-window`).
+    pub(crate) connection_window: u32,
     /// Backlog of a WebSocket whose local server stopped reading (`--stall-buffer-bytes`).
     pub(crate) stall_buffer: usize,
     /// How long a local server may take nothing with its backlog full before it counts as
@@ -370,7 +372,7 @@ async fn connect_once(
         dialer,
         stall_buffer: edge.stall_buffer,
         small_frames: burrow_edge::relay::LinkBudget::new(
-            CONNECTION_WINDOW,
+            edge.connection_window,
             edge.stream_window,
             edge.stopped_reader_grace,
         ),
@@ -418,7 +420,7 @@ async fn connect_once(
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .initial_stream_window_size(edge.stream_window)
-        .initial_connection_window_size(CONNECTION_WINDOW)
+        .initial_connection_window_size(edge.connection_window)
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)

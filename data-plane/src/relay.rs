@@ -464,7 +464,8 @@ fn pause_within(budget: Option<&LinkBudget>, held: &Held, reserved: &mut i64) ->
 /// link's budget until it takes something again or the backlog is no longer full.
 pub(crate) struct StoppedWatch {
     budget: Arc<LinkBudget>,
-    check: Pin<Box<tokio::time::Sleep>>,
+    /// Made the first time the backlog is full: most connections never need it.
+    check: Option<Pin<Box<tokio::time::Sleep>>>,
     armed: bool,
     /// What the reader had taken at the last check.
     mark: u64,
@@ -474,7 +475,7 @@ pub(crate) struct StoppedWatch {
 impl StoppedWatch {
     pub(crate) fn new(budget: Arc<LinkBudget>) -> Self {
         Self {
-            check: Box::pin(tokio::time::sleep(budget.stopped_after)),
+            check: None,
             budget,
             armed: false,
             mark: 0,
@@ -490,7 +491,10 @@ impl StoppedWatch {
             if !self.armed {
                 self.arm(taken);
             }
-            if self.check.as_mut().poll(cx).is_pending() {
+            let Some(check) = self.check.as_mut() else {
+                return Poll::Pending;
+            };
+            if check.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
             self.armed = false;
@@ -514,7 +518,10 @@ impl StoppedWatch {
 
     fn arm(&mut self, taken: u64) {
         let at = tokio::time::Instant::now() + self.budget.stopped_after;
-        self.check.as_mut().reset(at);
+        match self.check.as_mut() {
+            Some(c) => c.as_mut().reset(at),
+            None => self.check = Some(Box::pin(tokio::time::sleep_until(at))),
+        }
         self.mark = taken;
         self.armed = true;
     }

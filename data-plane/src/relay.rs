@@ -758,7 +758,7 @@ async fn pump<R, W>(
     // With a backlog, the byte rate holds back the writes and the reads go on.
     let mut pace = rate
         .filter(|_| stall_buffer > 0)
-        .map(|r| Pace::new(r, started, opts.buffer));
+        .map(|r| Box::new(Pace::new(r, started, opts.buffer)));
     // A reader that stops must not hold the link's connection window for ever.
     let mut stopped = opts
         .link_budget
@@ -795,7 +795,7 @@ async fn pump<R, W>(
             reserved = 0;
         }
         let read = tokio::select! {
-            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_mut(), stopped: stopped.as_mut() }, cx)) => {
+            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_deref_mut(), stopped: stopped.as_mut() }, cx)) => {
                 match step {
                     Step::Read(r) => r,
                     Step::CaughtUp => continue,
@@ -871,7 +871,7 @@ async fn pump<R, W>(
                 }
                 if held.is_pending() || pace.is_some() {
                     held.push(&buf[..n]);
-                    let paced = pace.as_ref().is_some_and(Pace::holding);
+                    let paced = pace.as_ref().is_some_and(|p| p.holding());
                     if !paced && held.stalled_on_small_frames(stall_buffer) {
                         let _ = ends.shared.verdict.set(Verdict {
                             code: CLOSE_POLICY_VIOLATION,

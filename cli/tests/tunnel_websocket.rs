@@ -1195,17 +1195,29 @@ async fn canary_echoes(canary: &mut Ws, agent: &Agent, started: std::time::Insta
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-/// Against a standalone edge with the smallest HTTP/2 windows (h2 allows buffered small DATA
-/// frames a budget of half the connection window, so a stalled reader would exhaust it at
-/// once) and an agent for [`flooding_local_server`] on `sub`: a visitor with a small receive
+/// An edge link of 1 MiB windows, whose stopped readers are cut after 300 ms. h2 allows
+/// buffered small DATA frames a budget of half the connection window (here 512 Ki units, about
+/// 2,700 frames of 60 bytes): less than one stream window of them left waiting in h2 by one
+/// reader would use, yet enough that the edge's read-ahead, scheduled late on a loaded
+/// machine, never reaches it (at the smallest windows it is 167 such frames, 3 ms of
+/// [`flooding_local_server`]'s flood). Half the connection window is less than one stream
+/// window, so a reader that stops is cut whether its frames came small or, coalesced by a
+/// loaded agent, large.
+fn tight_link(l: &mut burrow_edge::config::Limits) {
+    l.h2_connection_window = 1 << 20;
+    l.h2_stream_window = 1 << 20;
+    l.stopped_reader_grace = Duration::from_millis(300);
+}
+
+/// Against a standalone edge with a [`tight_link`] and an agent for
+/// [`flooding_local_server`] on `sub`: a visitor with a small receive
 /// buffer sends `request` (`{host}` stands for its Host), checks that the answer starts with
 /// `answer`, and then never reads. A canary WebSocket on the same agent must keep echoing
 /// meanwhile, and the local server's endless answer must end: the edge cut the stalled visitor
 /// off, not the agent's link. Returns the agent, for more checks of its log.
 async fn a_stalled_visitor_is_cut_off_alone(sub: &str, request: &str, answer: &[u8]) -> Agent {
     let edge = standalone_edge_with(|l| {
-        l.h2_connection_window = 65_535;
-        l.h2_stream_window = 65_535;
+        tight_link(l);
         l.ws_close_timeout = Duration::from_secs(1);
     })
     .await;
@@ -1276,13 +1288,15 @@ async fn a_visitor_that_stops_reading_a_stream_of_small_messages_is_cut_off_and_
 #[tokio::test]
 async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_other_tunnels_live_on(
 ) {
-    // The smallest HTTP/2 windows, and a grace far longer than the test: holding the link's
-    // small frames back for the rate would use up h2's budget for the whole link at once.
+    // Holding the link's small frames back for the rate would use up h2's budget for the
+    // whole link. The edge closes the WebSocket as over the limit once its backlog is full of
+    // small frames, or after the grace if a loaded agent coalesced them into large ones.
+    // (The link of 1 MiB windows of `tight_link`, but with room for one stopped reader: a
+    // visitor slowed by a loaded machine is not mistaken for one that stopped.)
     let edge = standalone_edge_with(|l| {
-        l.h2_connection_window = 65_535;
-        l.h2_stream_window = 65_535;
+        l.h2_connection_window = 1 << 20;
         l.default_max_websocket_bytes_per_second = 4096;
-        l.ws_rate_limit_grace = Duration::from_secs(60);
+        l.ws_rate_limit_grace = Duration::from_secs(8);
     })
     .await;
     let (local, local_ended) = flooding_local_server();
@@ -1388,7 +1402,8 @@ fn small_buffer_listener() -> (tokio::net::TcpListener, String) {
 }
 
 /// An agent for the local server on `port` as `sub`, with a 32 KiB stall backlog (the flag
-/// reaches the relay and the body read-ahead).
+/// reaches the relay and the body read-ahead) and a [`tight_link`] of its own: a local server
+/// that stops is cut whether the edge sent it small frames or, loaded, coalesced large ones.
 async fn agent_with_small_backlog(edge: &Edge, port: &str, sub: &str) -> Agent {
     let args = [
         "http",
@@ -1397,6 +1412,12 @@ async fn agent_with_small_backlog(edge: &Edge, port: &str, sub: &str) -> Agent {
         sub,
         "--stall-buffer-bytes",
         "32768",
+        "--h2-connection-window",
+        "1048576",
+        "--h2-stream-window",
+        "1048576",
+        "--stopped-reader-grace-ms",
+        "300",
     ];
     start_agent(edge, STANDALONE_TOKEN, &args).await
 }

@@ -1174,6 +1174,26 @@ fn flooding_local_server() -> (std::net::SocketAddr, Arc<std::sync::atomic::Atom
     (addr, ended)
 }
 
+/// A standalone edge with `tweak`, an agent for [`flooding_local_server`] on `sub`, and a
+/// canary WebSocket to its `/echo` (see [`canary_echoes`]). Also returns the count of flood,
+/// download and events answers that ended.
+async fn flooded_tunnel(
+    tweak: impl FnOnce(&mut burrow_edge::config::Limits),
+    sub: &str,
+) -> (Edge, Agent, Arc<std::sync::atomic::AtomicUsize>, Ws) {
+    let edge = standalone_edge_with(tweak).await;
+    let (local, ended) = flooding_local_server();
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", sub],
+    )
+    .await;
+    let (canary, _) = connect(&edge, sub, "/echo", &[]).await;
+    (edge, agent, ended, canary)
+}
+
 /// One round of a canary WebSocket to [`flooding_local_server`] on a shared agent link: it
 /// sends `hi`, must get `ok` back, then waits 50 ms. Panics with the agent's log otherwise.
 async fn canary_echoes(canary: &mut Ws, agent: &Agent, started: std::time::Instant, round: usize) {
@@ -1216,20 +1236,11 @@ fn tight_link(l: &mut burrow_edge::config::Limits) {
 /// meanwhile, and the local server's endless answer must end: the edge cut the stalled visitor
 /// off, not the agent's link. Returns the agent, for more checks of its log.
 async fn a_stalled_visitor_is_cut_off_alone(sub: &str, request: &str, answer: &[u8]) -> Agent {
-    let edge = standalone_edge_with(|l| {
+    let tweak = |l: &mut burrow_edge::config::Limits| {
         tight_link(l);
         l.ws_close_timeout = Duration::from_secs(1);
-    })
-    .await;
-    let (local, local_ended) = flooding_local_server();
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", sub],
-    )
-    .await;
-    let (mut canary, _) = connect(&edge, sub, "/echo", &[]).await;
+    };
+    let (edge, agent, local_ended, mut canary) = flooded_tunnel(tweak, sub).await;
 
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(2048).unwrap();
@@ -1293,21 +1304,12 @@ async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_ot
     // small frames, or after the grace if a loaded agent coalesced them into large ones.
     // (The link of 1 MiB windows of `tight_link`, but with room for one stopped reader: a
     // visitor slowed by a loaded machine is not mistaken for one that stopped.)
-    let edge = standalone_edge_with(|l| {
+    let tweak = |l: &mut burrow_edge::config::Limits| {
         l.h2_connection_window = 1 << 20;
         l.default_max_websocket_bytes_per_second = 4096;
         l.ws_rate_limit_grace = Duration::from_secs(8);
-    })
-    .await;
-    let (local, local_ended) = flooding_local_server();
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "chatty"],
-    )
-    .await;
-    let (mut canary, _) = connect(&edge, "chatty", "/echo", &[]).await;
+    };
+    let (edge, agent, local_ended, mut canary) = flooded_tunnel(tweak, "chatty").await;
     let started = std::time::Instant::now();
     // A visitor that reads everything the flood sends it, at the rate it arrives.
     let (mut flood, _) = connect(&edge, "chatty", "/flood", &[]).await;
@@ -1352,21 +1354,12 @@ async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_ot
 async fn visitors_that_stop_reading_downloads_cannot_take_the_links_whole_window() {
     // Room for four stream windows in the connection window: without a bound, four stalled
     // downloads would hold all of it and no other stream of the agent could receive a byte.
-    let edge = standalone_edge_with(|l| {
+    let tweak = |l: &mut burrow_edge::config::Limits| {
         l.h2_connection_window = 4 * 65_535;
         l.h2_stream_window = 65_535;
         l.stopped_reader_grace = Duration::from_millis(300);
-    })
-    .await;
-    let (local, local_ended) = flooding_local_server();
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "files"],
-    )
-    .await;
-    let (mut canary, _) = connect(&edge, "files", "/echo", &[]).await;
+    };
+    let (edge, agent, local_ended, mut canary) = flooded_tunnel(tweak, "files").await;
     let host = format!("files.localhost:{}", edge.http.port());
     let mut stalled = Vec::new();
     for _ in 0..8 {

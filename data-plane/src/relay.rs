@@ -1216,6 +1216,24 @@ mod stall_tests {
         (chunks, tx, written)
     }
 
+    /// Checks that `back` (what the local server's side got) is exactly one masked close frame
+    /// (client to server) with 1008 and `reason`.
+    fn assert_masked_1008(back: &[u8], reason: &[u8]) {
+        assert!(
+            back.len() == 6 + 2 + reason.len() && back[0] == 0x88,
+            "{back:?}"
+        );
+        assert_eq!(usize::from(back[1] & 0x7f), 2 + reason.len());
+        let mask = [back[2], back[3], back[4], back[5]];
+        let payload: Vec<u8> = back[6..]
+            .iter()
+            .enumerate()
+            .map(|(i, b)| b ^ mask[i % 4])
+            .collect();
+        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
+        assert_eq!(&payload[2..], reason);
+    }
+
     #[tokio::test]
     async fn a_visitor_that_stops_reading_small_frames_is_closed_with_1008_toward_the_local_server()
     {
@@ -1232,18 +1250,7 @@ mod stall_tests {
             .expect("the relay ended")
             .unwrap();
         // The local server got a close frame (masked, client to server) with 1008 and why.
-        let w = written.lock().unwrap().clone();
-        assert_eq!(w[0], 0x88, "{w:?}");
-        let reason = b"the visitor stopped reading";
-        assert_eq!(usize::from(w[1] & 0x7f), 2 + reason.len());
-        let mask = [w[2], w[3], w[4], w[5]];
-        let payload: Vec<u8> = w[6..]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ mask[i % 4])
-            .collect();
-        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
-        assert_eq!(&payload[2..], reason);
+        assert_masked_1008(&written.lock().unwrap(), b"the visitor stopped reading");
         // It stopped near the backlog's size, not after taking every message.
         assert!(report.to_visitor.bytes < 20_000 * 3, "{report:?}");
     }
@@ -1410,17 +1417,10 @@ mod stall_tests {
         assert!(first.written.lock().unwrap().is_empty());
         // The second, as slow, finds none when its backlog fills: closed with 1008.
         let second = slow_then_full(with_budget()).await;
-        let back = second.written.lock().unwrap().clone();
-        let reason = b"the visitor reads too slowly for the small messages it is sent";
-        assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
-        let mask = [back[2], back[3], back[4], back[5]];
-        let payload: Vec<u8> = back[6..]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ mask[i % 4])
-            .collect();
-        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
-        assert_eq!(&payload[2..], reason);
+        assert_masked_1008(
+            &second.written.lock().unwrap(),
+            b"the visitor reads too slowly for the small messages it is sent",
+        );
         // The first reads on and gets every byte; its room is given back.
         let mut first = first;
         let mut rest = Vec::new();
@@ -1584,16 +1584,6 @@ mod stall_tests {
         // Half of this connection window is less than one stream window: no room at all.
         let (p, _budget) = stopped_on_large_frames(65_535).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
-        let back = p.written.lock().unwrap().clone();
-        let reason = b"the visitor stopped reading";
-        assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
-        let mask = [back[2], back[3], back[4], back[5]];
-        let payload: Vec<u8> = back[6..]
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ mask[i % 4])
-            .collect();
-        assert_eq!(&payload[..2], &1008u16.to_be_bytes());
-        assert_eq!(&payload[2..], reason);
+        assert_masked_1008(&p.written.lock().unwrap(), b"the visitor stopped reading");
     }
 }

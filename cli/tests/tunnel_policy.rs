@@ -417,16 +417,10 @@ async fn an_upgrade_retried_with_credentials_on_the_same_connection_after_a_401_
     }
     let auth = format!("Authorization: {}\r\n", basic("ann:pw"));
     s.write_all(upgrade(&auth).as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8_lossy(&head);
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .unwrap()
+        .unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     assert_eq!(local.hits(), 1);
 }

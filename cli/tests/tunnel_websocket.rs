@@ -375,13 +375,7 @@ async fn raw_local_server(
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(async move {
         let (mut s, _) = listener.accept().await.unwrap();
-        let mut head = Vec::new();
-        let mut b = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            s.read_exact(&mut b).await.unwrap();
-            head.push(b[0]);
-        }
-        let head = String::from_utf8(head).unwrap();
+        let head = read_head(&mut s).await.unwrap();
         assert!(header_value(&head, "sec-websocket-key").is_some(), "{head}");
         let resp = switching_protocols(&head, extra);
         s.write_all(resp.as_bytes()).await.unwrap();
@@ -450,16 +444,11 @@ async fn after_the_101_bytes_pass_unchanged_both_ways_so_permessage_deflate_just
     v.write_all(req.as_bytes()).await.unwrap();
     let from_client = odd_frames(true);
 
-    let mut head = Vec::new();
-    let mut b = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        tokio::time::timeout(STEP, v.read_exact(&mut b))
-            .await
-            .unwrap()
-            .unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    let head = tokio::time::timeout(STEP, read_head(&mut v))
+        .await
+        .unwrap()
+        .unwrap()
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(
         head.contains("sec-websocket-extensions: permessage-deflate"),
@@ -798,15 +787,9 @@ async fn judging_local_server(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if s.read_exact(&mut b).await.is_err() {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
-                let head = String::from_utf8(head).unwrap();
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
                 let get = |name: &str| header_value(&head, name);
                 let answer = match (get("sec-websocket-key"), get("sec-websocket-version")) {
                     (None, _) => "HTTP/1.1 400 Bad Request\r\nContent-Length: 11\r\n\r\nmissing key".to_owned(),
@@ -1424,15 +1407,7 @@ async fn a_local_server_that_stops_reading_a_stream_of_small_messages_is_cut_off
     tokio::spawn(async move {
         let mut held = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                if !matches!(s.read(&mut buf).await, Ok(1)) {
-                    break;
-                }
-                head.push(buf[0]);
-            }
-            let head = String::from_utf8_lossy(&head).into_owned();
+            let head = read_head(&mut s).await.unwrap_or_default();
             let answer = switching_protocols(&head, "");
             let _ = s.write_all(answer.as_bytes()).await;
             held.push(s);
@@ -1498,15 +1473,9 @@ async fn local_servers_that_stop_reading_uploads_cannot_take_the_agents_whole_wi
     tokio::spawn(async move {
         while let Ok((mut s, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if !matches!(s.read(&mut b).await, Ok(1)) {
-                        return;
-                    }
-                    head.push(b[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(head) = read_head(&mut s).await else {
+                    return;
+                };
                 if head.starts_with("POST /stall ") {
                     // Hold the connection, read nothing, until the agent drops it.
                     let _ = s.writable().await;
@@ -1590,13 +1559,8 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
             let closed_tx = closed_tx.clone();
             let drain_now = Arc::clone(&drain_now2);
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if !matches!(s.read(&mut b).await, Ok(1)) {
-                        return;
-                    }
-                    head.push(b[0]);
+                if read_head(&mut s).await.is_none() {
+                    return;
                 }
                 // Read nothing until the visitor has its answer; then check that the agent
                 // closed this connection (everything left reads to its end).

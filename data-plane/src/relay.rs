@@ -1263,24 +1263,12 @@ mod stall_tests {
         run: tokio::task::JoinHandle<super::RelayReport>,
     }
 
-    /// Sends `messages` from the local side (one frame each) to a visitor that reads nothing
-    /// for 300 ms, checks the relay is still open, then reads and compares every byte.
-    async fn paused_visitor(messages: Vec<Vec<u8>>) -> Paused {
+    /// A relay with `opts` from a stand-in agent stream to a visitor socket of 1 KiB that
+    /// nobody reads yet.
+    fn relayed(opts: RelayOptions) -> Paused {
         let (chunks, tx, written) = agent();
-        let (visitor, mut peer) = tokio::io::duplex(1024);
-        let run = tokio::spawn(relay(visitor, chunks, opts(), CancellationToken::new()));
-        let sent: Vec<u8> = messages.concat();
-        for m in messages {
-            tx.send(m).unwrap();
-        }
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(!run.is_finished());
-        let mut got = vec![0u8; sent.len()];
-        tokio::time::timeout(Duration::from_secs(10), peer.read_exact(&mut got))
-            .await
-            .expect("every byte in time")
-            .unwrap();
-        assert!(got == sent, "the bytes differ");
+        let (visitor, peer) = tokio::io::duplex(1024);
+        let run = tokio::spawn(relay(visitor, chunks, opts, CancellationToken::new()));
         Paused {
             peer,
             tx,
@@ -1289,18 +1277,40 @@ mod stall_tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_visitor_that_pauses_on_large_frames_gets_every_byte_in_order_and_stays_open() {
-        // Binary messages of 4000 bytes (each its own frame), 1 MiB in all: the backlog fills
-        // and the relay waits.
-        let messages = (0..262u32)
+    /// Binary messages of 4000 bytes (each its own frame), 1 MiB in all.
+    fn large_messages() -> Vec<Vec<u8>> {
+        (0..262u32)
             .map(|i| {
                 let mut m = vec![0x82, 126, 0x0f, 0xa0];
                 m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
                 m
             })
-            .collect();
-        let mut p = paused_visitor(messages).await;
+            .collect()
+    }
+
+    /// Sends `messages` from the local side (one frame each) to a visitor that reads nothing
+    /// for 300 ms, checks the relay is still open, then reads and compares every byte.
+    async fn paused_visitor(messages: Vec<Vec<u8>>) -> Paused {
+        let mut p = relayed(opts());
+        let sent: Vec<u8> = messages.concat();
+        for m in messages {
+            p.tx.send(m).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!p.run.is_finished());
+        let mut got = vec![0u8; sent.len()];
+        tokio::time::timeout(Duration::from_secs(10), p.peer.read_exact(&mut got))
+            .await
+            .expect("every byte in time")
+            .unwrap();
+        assert!(got == sent, "the bytes differ");
+        p
+    }
+
+    #[tokio::test]
+    async fn a_visitor_that_pauses_on_large_frames_gets_every_byte_in_order_and_stays_open() {
+        // Large frames, 1 MiB in all: the backlog fills and the relay waits.
+        let mut p = paused_visitor(large_messages()).await;
         // Still open: a close from the local server's side still gets through.
         p.tx.send(b"\x88\x02\x03\xe8".to_vec()).unwrap();
         let mut close = [0u8; 4];
@@ -1378,9 +1388,8 @@ mod stall_tests {
     /// A relay whose visitor lets its backlog of 3-byte messages fill past half, reads 600
     /// bytes (slow, not stopped), and then reads nothing while the backlog fills up.
     async fn slow_then_full(opts: RelayOptions) -> Paused {
-        let (chunks, tx, written) = agent();
-        let (visitor, mut peer) = tokio::io::duplex(1024);
-        let run = tokio::spawn(relay(visitor, chunks, opts, CancellationToken::new()));
+        let mut p = relayed(opts);
+        let tx = p.tx.clone();
         let feed = |from: u32, to: u32| {
             for i in from..to {
                 let _ = tx.send(vec![0x81, 0x01, b'a' + (i % 26) as u8]);
@@ -1389,17 +1398,12 @@ mod stall_tests {
         feed(0, 4_000); // 12 KB: the backlog (16 KiB) is past half
         tokio::time::sleep(Duration::from_millis(100)).await;
         let mut buf = [0u8; 600];
-        let n = peer.read(&mut buf).await.unwrap();
+        let n = p.peer.read(&mut buf).await.unwrap();
         assert!(n > 0);
         tokio::time::sleep(Duration::from_millis(100)).await;
         feed(4_000, 20_000); // the backlog fills up
         tokio::time::sleep(Duration::from_millis(200)).await;
-        Paused {
-            peer,
-            tx,
-            written,
-            run,
-        }
+        p
     }
 
     #[tokio::test]
@@ -1534,24 +1538,12 @@ mod stall_tests {
             link_budget: Some(Arc::clone(&budget)),
             ..opts()
         };
-        let (chunks, tx, written) = agent();
-        let (visitor, peer) = tokio::io::duplex(1024);
-        let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
-        for i in 0..262u32 {
-            let mut m = vec![0x82, 126, 0x0f, 0xa0];
-            m.extend((0..4000u32).map(|j| (i * 7 + j) as u8));
-            tx.send(m).unwrap();
+        let p = relayed(o);
+        for m in large_messages() {
+            p.tx.send(m).unwrap();
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
-        (
-            Paused {
-                peer,
-                tx,
-                written,
-                run,
-            },
-            budget,
-        )
+        (p, budget)
     }
 
     #[tokio::test]

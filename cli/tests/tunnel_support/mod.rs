@@ -442,6 +442,19 @@ pub fn header_value(head: &str, name: &str) -> Option<String> {
     })
 }
 
+/// Reads an HTTP head (request or answer) from `s` byte by byte, so nothing after it is
+/// consumed; `None` when the stream ends or fails first. Lossy UTF-8.
+pub async fn read_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> Option<String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut b).await.ok()?;
+        head.push(b[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A local server's 101 answer to the WebSocket upgrade request `head`, with `extra` header
 /// lines (each ending in CRLF).
 pub fn switching_protocols(head: &str, extra: &str) -> String {

@@ -1170,7 +1170,8 @@ async fn flooded_tunnel(
     let agent = start_agent(
         &edge,
         STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", sub],
+        // One connection, so the canary shares it with the flood.
+        &["http", &port, "--subdomain", sub, "--lanes", "1"],
     )
     .await;
     let (canary, _) = connect(&edge, sub, "/echo", &[]).await;
@@ -1394,6 +1395,9 @@ async fn agent_with_small_backlog(edge: &Edge, port: &str, sub: &str) -> Agent {
         "1048576",
         "--stopped-reader-grace-ms",
         "300",
+        // One connection, so every stream shares the link under test.
+        "--lanes",
+        "1",
     ];
     start_agent(edge, STANDALONE_TOKEN, &args).await
 }
@@ -1508,6 +1512,9 @@ async fn local_servers_that_stop_reading_uploads_cannot_take_the_agents_whole_wi
         "262140",
         "--stopped-reader-grace-ms",
         "300",
+        // One connection, so the canary shares it with the uploads.
+        "--lanes",
+        "1",
     ];
     let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
     let (mut canary, _) = connect(&edge, "sink", "/echo", &[]).await;
@@ -1613,4 +1620,102 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
     tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
         .await
         .expect("the agent closed the local connection");
+}
+
+/// Waits until the edge's `burrow_edge_agent_lanes` gauge reads `n`.
+async fn lanes_settle(edge: &Edge, n: f64) {
+    burrow_admin::Scrape::until(edge.admin, STEP, &format!("{n} agent lanes"), |s| {
+        s.get("burrow_edge_agent_lanes", &[]) == n
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_opens_its_lanes_and_visitors_share_them_beside_a_bulk_stream() {
+    let edge = standalone_edge().await;
+    let port = local_ws_echo().await.port().to_string();
+    let args = ["http", &port, "--subdomain", "lanes", "--lanes", "3"];
+    let mut agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    lanes_settle(&edge, 3.0).await;
+
+    // One visitor echoes 1 MiB messages while twelve others echo small ones of their own.
+    let bulk = async {
+        let (mut ws, _) = connect(&edge, "lanes", "/bulk", &[]).await;
+        for i in 0..16u8 {
+            let big = vec![i; 1 << 20];
+            ws.send(Message::binary(big.clone())).await.unwrap();
+            match tokio::time::timeout(STEP, ws.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => assert!(b[..] == big[..], "message {i}"),
+                other => panic!("bulk message {i}: {other:?}"),
+            }
+        }
+    };
+    let small = |v: usize| {
+        let edge = &edge;
+        async move {
+            let (mut ws, _) = connect(edge, "lanes", "/small", &[]).await;
+            for j in 0..20 {
+                let text = format!("visitor {v} message {j}");
+                ws.send(Message::text(text.clone())).await.unwrap();
+                match tokio::time::timeout(STEP, ws.next()).await {
+                    Ok(Some(Ok(Message::Text(t)))) => assert_eq!(t.as_str(), text),
+                    other => panic!("visitor {v} message {j}: {other:?}"),
+                }
+            }
+        }
+    };
+    let others = futures::future::join_all((0..12).map(small));
+    tokio::join!(bulk, others);
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+
+    // The lanes end with the agent.
+    agent.child.kill().await.unwrap();
+    lanes_settle(&edge, 0.0).await;
+    edge.stop().await;
+}
+
+#[tokio::test]
+async fn the_edge_caps_an_agents_lanes_and_refuses_a_lane_without_its_sessions_key() {
+    use burrow_proto::tunnel::{read_message, write_message, PROTOCOL_VERSION};
+    use burrow_proto::v1 as pb;
+    let edge = start_edge_full(
+        burrow_edge::ControlConfig::Standalone {
+            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+        },
+        identity(),
+        None,
+        false,
+        true,
+        |l| l.max_agent_lanes = 2,
+    )
+    .await;
+    let port = local_ws_echo().await.port().to_string();
+    let args = ["http", &port, "--subdomain", "capped", "--lanes", "4"];
+    let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    lanes_settle(&edge, 2.0).await;
+    // The agent asks for no more than the edge allows.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lanes_settle(&edge, 2.0).await;
+
+    // A lane with a made-up key for the live session (edge-local id 0) is refused, and says why.
+    let mut s = TcpStream::connect(edge.agent).await.unwrap();
+    let hello = pb::AgentHello {
+        protocol_version: PROTOCOL_VERSION,
+        lane_key: "0.00112233445566778899aabbccddeeff".into(),
+        ..Default::default()
+    };
+    write_message(&mut s, &hello).await.unwrap();
+    let answer: pb::EdgeHello = read_message(&mut s).await.unwrap();
+    assert_eq!(answer.error_code, "NOT_FOUND", "{answer:?}");
+    assert!(answer.error.contains("session is gone"), "{}", answer.error);
+    lanes_settle(&edge, 2.0).await;
+
+    let (mut ws, _) = connect(&edge, "capped", "/", &[]).await;
+    ws.send(Message::text("still here")).await.unwrap();
+    let echoed = tokio::time::timeout(STEP, ws.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == "still here"));
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+    edge.stop().await;
 }

@@ -2,8 +2,10 @@
 //! reversed-role HTTP/2 (the edge is the client) for as long as the agent stays.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use burrow_proto::tunnel::{
@@ -12,7 +14,9 @@ use burrow_proto::tunnel::{
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use subtle::ConstantTimeEq as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -23,7 +27,7 @@ use tracing::Instrument as _;
 
 use crate::control::{AgentInfo, ControlError, Grant};
 use crate::policy::{Policies, Policy, Refusals};
-use crate::registry::{AgentSession, Counters, RateWindow, Route, RouteLimits};
+use crate::registry::{AgentSession, Counters, Lane, RateWindow, Route, RouteLimits, UpBody};
 use crate::State;
 
 /// How often a draining agent connection checks whether visitors are done.
@@ -111,6 +115,9 @@ async fn handle(
     };
     let hello: pb::AgentHello = read_message(&mut tls).await?;
     tracing::Span::current().record("instance", hello.agent_instance.as_str());
+    if !hello.lane_key.is_empty() {
+        return join_lane(tls, &hello.lane_key, peer, &state).await;
+    }
 
     let bind_started = std::time::Instant::now();
     let (grant, bound) = match bind(&state, &hello, peer).await {
@@ -128,7 +135,18 @@ async fn handle(
             return Ok(());
         }
     };
+    let agent_id = state.registry.next_agent_id();
+    let lanes = limits.max_agent_lanes.max(1);
+    let lane_key = if lanes > 1 {
+        let secret: [u8; 32] = rand::random();
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{agent_id}.{hex}")
+    } else {
+        String::new()
+    };
     let answer = pb::EdgeHello {
+        lanes: u32::try_from(lanes).unwrap_or(u32::MAX),
+        lane_key: lane_key.clone(),
         session_id: bound
             .first()
             .map(|b| b.session_id.clone())
@@ -152,39 +170,26 @@ async fn handle(
         return Err(e.into());
     }
 
-    // === HTTP/2, edge as client ===
-    let mut builder = hyper::client::conn::http2::Builder::new(crate::exec::Executor);
-    builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(limits.h2_stream_window)
-        .initial_connection_window_size(limits.h2_connection_window)
-        .max_frame_size(limits.h2_max_frame_size)
-        .max_header_list_size(limits.agent_max_header_list_bytes)
-        .keep_alive_interval(limits.agent_keepalive_interval)
-        .keep_alive_timeout(limits.agent_keepalive_interval)
-        .keep_alive_while_idle(true)
-        .max_send_buf_size(limits.h2_stream_window as usize);
-    let (sender, conn) = match builder.handshake(TokioIo::new(tls)).await {
+    let lanes_end = CancellationToken::new();
+    let (lane, mut driver) = match link(tls, limits).await {
         Ok(x) => x,
         Err(e) => {
             release(&state, &bound, false).await;
-            return Err(e.into());
+            return Err(e);
         }
     };
-    let mut driver = tokio::spawn(conn);
     let (ready_tx, ready_rx) = watch::channel(false);
     let agent = Arc::new(AgentSession {
-        id: state.registry.next_agent_id(),
+        id: agent_id,
         token_id: grant.token_id.clone(),
         team_id: grant.team_id.clone(),
         cancel: shutdown.child_token(),
-        sender,
+        primary: lane,
+        extra: RwLock::new(Vec::new()),
+        lane_key,
+        next_lane: AtomicU64::new(0),
         ready: ready_rx,
-        small_frames: crate::relay::LinkBudget::new(
-            limits.h2_connection_window,
-            limits.h2_stream_window,
-            limits.stopped_reader_grace,
-        ),
+        lanes_end: lanes_end.clone(),
     });
     let route_limits = RouteLimits::resolve(&grant.limits.unwrap_or_default(), limits);
     let routes: Vec<Arc<Route>> = bound
@@ -220,23 +225,7 @@ async fn handle(
 
     // Tell the agent its tunnels are routable; its answer also proves the agent's SETTINGS
     // (extended CONNECT) have arrived.
-    let probe = {
-        let mut sender = agent.sender.clone();
-        async move {
-            let req = http::Request::builder()
-                .method(http::Method::POST)
-                .uri("http://burrow.control/")
-                .header(HEADER_CONTROL, CONTROL_READY)
-                .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())?;
-            let resp = sender.send_request(req).await?;
-            anyhow::ensure!(
-                resp.status().is_success(),
-                "the agent answered {} to the ready message",
-                resp.status()
-            );
-            Ok::<_, anyhow::Error>(())
-        }
-    };
+    let probe = ready(agent.primary.sender.clone());
 
     let outcome = tokio::select! {
         r = &mut driver => Some(r),
@@ -296,6 +285,9 @@ async fn handle(
         }
         driver.abort();
     }
+    // The session's extra lanes end with its first connection (their visitors were drained
+    // above on an edge shutdown).
+    lanes_end.cancel();
     let grace = if clean {
         None
     } else {
@@ -330,6 +322,188 @@ async fn handle(
     release(&state, &removed, clean).await;
     tracing::info!(%peer, clean, "agent disconnected");
     Ok(())
+}
+
+/// Starts HTTP/2 (the edge as client) on an agent connection whose hellos are done; returns
+/// the lane and the task driving the connection.
+async fn link(
+    io: Box<dyn AgentIo>,
+    limits: &crate::config::Limits,
+) -> anyhow::Result<(Arc<Lane>, tokio::task::JoinHandle<hyper::Result<()>>)> {
+    let bytes = Arc::new(AtomicU64::new(0));
+    let io = Metered {
+        inner: io,
+        bytes: Arc::clone(&bytes),
+    };
+    let mut builder = hyper::client::conn::http2::Builder::new(crate::exec::Executor);
+    builder
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(limits.h2_stream_window)
+        .initial_connection_window_size(limits.h2_connection_window)
+        .max_frame_size(limits.h2_max_frame_size)
+        .max_header_list_size(limits.agent_max_header_list_bytes)
+        .keep_alive_interval(limits.agent_keepalive_interval)
+        .keep_alive_timeout(limits.agent_keepalive_interval)
+        .keep_alive_while_idle(true)
+        .max_send_buf_size(limits.h2_stream_window as usize);
+    let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
+    let driver = tokio::spawn(conn);
+    let lane = Lane::new(
+        sender,
+        crate::relay::LinkBudget::new(
+            limits.h2_connection_window,
+            limits.h2_stream_window,
+            limits.stopped_reader_grace,
+        ),
+        bytes,
+    );
+    Ok((Arc::new(lane), driver))
+}
+
+/// Tells the agent the connection is routable; its answer also proves the agent's SETTINGS
+/// (extended CONNECT) have arrived.
+async fn ready(mut sender: SendRequest<UpBody>) -> anyhow::Result<()> {
+    let req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("http://burrow.control/")
+        .header(HEADER_CONTROL, CONTROL_READY)
+        .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())?;
+    let resp = sender.send_request(req).await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "the agent answered {} to the ready message",
+        resp.status()
+    );
+    Ok(())
+}
+
+/// An extra lane of a live session: checks its key, starts HTTP/2 on it and offers it for new
+/// streams until it or the session's first connection ends.
+async fn join_lane(
+    mut io: Box<dyn AgentIo>,
+    key: &str,
+    peer: SocketAddr,
+    state: &Arc<State>,
+) -> anyhow::Result<()> {
+    let limits = &state.config.limits;
+    let agent = key
+        .split_once('.')
+        .and_then(|(id, _)| id.parse::<u64>().ok())
+        .and_then(|id| state.registry.agent(id))
+        .filter(|a| {
+            !a.lane_key.is_empty() && bool::from(a.lane_key.as_bytes().ct_eq(key.as_bytes()))
+        });
+    let refusal = match &agent {
+        None => Some((
+            "NOT_FOUND",
+            "this lane's session is gone (its first connection ended); reconnect".to_owned(),
+        )),
+        Some(a) if a.lanes() >= limits.max_agent_lanes => Some((
+            "RESOURCE_EXHAUSTED",
+            format!(
+                "this session already uses the edge's limit of {} connections",
+                limits.max_agent_lanes
+            ),
+        )),
+        Some(_) => None,
+    };
+    let answer = pb::EdgeHello {
+        error: refusal.as_ref().map(|r| r.1.clone()).unwrap_or_default(),
+        error_code: refusal.as_ref().map(|r| r.0.to_owned()).unwrap_or_default(),
+        edge_name: state.config.name.clone(),
+        lanes: u32::try_from(limits.max_agent_lanes).unwrap_or(u32::MAX),
+        ..Default::default()
+    };
+    write_message(&mut io, &answer).await?;
+    let Some(agent) = agent.filter(|_| refusal.is_none()) else {
+        tracing::info!(%peer, err = %answer.error, "agent lane refused");
+        let _ = io.shutdown().await;
+        return Ok(());
+    };
+    let (lane, mut driver) = link(io, limits).await?;
+    let acknowledged =
+        tokio::time::timeout(limits.agent_handshake_timeout, ready(lane.sender.clone())).await;
+    if !matches!(acknowledged, Ok(Ok(()))) {
+        driver.abort();
+        anyhow::bail!("the agent did not acknowledge its lane");
+    }
+    if let Ok(mut extra) = agent.extra.write() {
+        extra.push(Arc::clone(&lane));
+    }
+    tracing::debug!(%peer, lanes = agent.lanes(), "agent lane open");
+    let outcome = tokio::select! {
+        r = &mut driver => Some(r),
+        () = agent.lanes_end.cancelled() => None,
+    };
+    if let Ok(mut extra) = agent.extra.write() {
+        extra.retain(|l| !Arc::ptr_eq(l, &lane));
+    }
+    driver.abort();
+    if let Some(Ok(Err(e))) = outcome {
+        tracing::info!(%peer, err = %e, "agent lane ended with an error");
+    }
+    Ok(())
+}
+
+/// An agent connection that counts the bytes it moves, so new streams can go to the lane that
+/// is quietest (`AgentSession::pick`).
+struct Metered {
+    inner: Box<dyn AgentIo>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl tokio::io::AsyncRead for Metered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let read = buf.filled().len().saturating_sub(before);
+        if read > 0 {
+            self.bytes.fetch_add(read as u64, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl tokio::io::AsyncWrite for Metered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            self.bytes.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Closes the control-plane sessions of `bound`.

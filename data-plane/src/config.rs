@@ -59,6 +59,9 @@ pub enum ControlConfig {
     },
 }
 
+/// Default of `Limits::max_agent_lanes`.
+pub const DEFAULT_MAX_AGENT_LANES: usize = 4;
+
 /// Limits and timeouts. Each one bounds memory or time an outsider can make the edge spend.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -68,6 +71,10 @@ pub struct Limits {
     pub max_agent_connections: usize,
     /// Most tunnels one agent connection may bind.
     pub max_tunnels_per_agent: usize,
+    /// Most connections (lanes) one agent session may use, its first included; the edge
+    /// spreads new visitor streams over them so one bulk transfer does not hold up every
+    /// other visitor's frames in a single TCP stream. 1 turns extra lanes off.
+    pub max_agent_lanes: usize,
     /// Largest visitor request head (request line + headers), in bytes; larger gets 431.
     pub max_header_bytes: usize,
     /// Most headers in one visitor request; more gets 431.
@@ -172,6 +179,7 @@ impl Default for Limits {
         Self {
             max_visitor_connections: 10_000,
             max_agent_connections: 1_000,
+            max_agent_lanes: DEFAULT_MAX_AGENT_LANES,
             max_tunnels_per_agent: 16,
             max_header_bytes: 16 * 1024,
             max_headers: 100,
@@ -264,6 +272,7 @@ impl Config {
             (l.max_visitor_connections, "max_visitor_connections"),
             (l.max_agent_connections, "max_agent_connections"),
             (l.max_tunnels_per_agent, "max_tunnels_per_agent"),
+            (l.max_agent_lanes, "max_agent_lanes"),
             (l.max_headers, "max_headers"),
             (l.relay_buffer_bytes, "relay_buffer_bytes"),
             (

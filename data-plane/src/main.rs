@@ -160,6 +160,11 @@ struct Args {
     /// Most tunnels one agent connection may bind; more in its hello refuse the connection.
     #[arg(long, default_value_t = Limits::default().max_tunnels_per_agent)]
     max_tunnels_per_agent: usize,
+    /// Most connections (lanes) one agent may use, its first included. New visitor streams go
+    /// to the lane that moved the fewest bytes lately, so a bulk transfer on one lane does not
+    /// delay other visitors' messages queued behind it in the same TCP stream. 1: no lanes.
+    #[arg(long, default_value_t = Limits::default().max_agent_lanes)]
+    max_agent_lanes: usize,
     /// Seconds the TLS handshake plus the agent's hello may take.
     #[arg(long, default_value_t = Limits::default().agent_handshake_timeout.as_secs())]
     agent_handshake_timeout: u64,
@@ -374,6 +379,7 @@ fn limits(args: &Args) -> Limits {
         basic_auth_max_hash_passes: args.basic_auth_max_hash_passes,
         policy_max_rules: args.policy_max_rules,
         max_agent_connections: args.max_agent_connections,
+        max_agent_lanes: args.max_agent_lanes,
         max_tunnels_per_agent: args.max_tunnels_per_agent,
         agent_handshake_timeout: Duration::from_secs(args.agent_handshake_timeout),
         upstream_response_timeout: Duration::from_secs(args.upstream_response_timeout),
@@ -477,6 +483,7 @@ mod tests {
         let l = limits_from(&[
             "--max-agent-connections=7",
             "--max-tunnels-per-agent=8",
+            "--max-agent-lanes=3",
             "--agent-handshake-timeout=9",
             "--upstream-response-timeout=10",
             "--h2-max-frame-size=32768",
@@ -495,6 +502,7 @@ mod tests {
         let secs = Duration::from_secs;
         assert_eq!(l.max_agent_connections, 7);
         assert_eq!(l.max_tunnels_per_agent, 8);
+        assert_eq!(l.max_agent_lanes, 3);
         assert_eq!(l.agent_handshake_timeout, secs(9));
         assert_eq!(l.upstream_response_timeout, secs(10));
         assert_eq!(l.h2_max_frame_size, 32_768);

@@ -163,6 +163,11 @@ impl Collector for Sampled {
                 i64::from(counts.agent_sessions),
             ),
             (
+                "agent_lanes",
+                "Connections of those agents: each one's first and its extra lanes.",
+                i64::from(counts.agent_lanes),
+            ),
+            (
                 "tunnels",
                 "Tunnels routable on this edge.",
                 i64::from(counts.tunnels),

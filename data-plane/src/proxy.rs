@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::early::{Early, Mark, Recorder};
-use crate::registry::{Route, UpBody};
+use crate::registry::{Lane, Route, UpBody};
 use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
 
@@ -344,7 +344,7 @@ async fn handle(
     counters.connections_total.fetch_add(1, Ordering::Relaxed);
     counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let resp = forward(&route, up, upgrade.is_some(), &state).await;
-    let resp = match resp {
+    let (resp, lane) = match resp {
         Ok(r) => r,
         Err(page) => {
             counters.connections_open.fetch_sub(1, Ordering::Relaxed);
@@ -400,7 +400,7 @@ async fn handle(
             extensions_agreed,
             link_source: Some(crate::relay::Direction::ToVisitor),
             stall_buffer: state.config.limits.stall_buffer_bytes,
-            link_budget: Some(Arc::clone(&route.agent.small_frames)),
+            link_budget: Some(Arc::clone(&lane.small_frames)),
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();
@@ -459,7 +459,7 @@ async fn handle(
         ms = started.elapsed().as_millis() as u64,
         "request"
     );
-    let budget = Arc::clone(&route.agent.small_frames);
+    let budget = Arc::clone(&lane.small_frames);
     let body = Counted {
         inner: body,
         route,
@@ -545,15 +545,17 @@ impl http_body::Body for Counted {
     }
 }
 
-/// Sends `up` to the route's agent; an `Err` is the page to show instead.
+/// Sends `up` to the route's agent over its quietest lane; an `Err` is the page to show
+/// instead.
 async fn forward(
     route: &Route,
     up: Request<UpBody>,
     upgrade: bool,
     state: &State,
-) -> Result<Response<Incoming>, Box<Response<UpBody>>> {
+) -> Result<(Response<Incoming>, Arc<Lane>), Box<Response<UpBody>>> {
     let agent = &route.agent;
-    let mut sender = agent.sender.clone();
+    let lane = agent.pick();
+    let mut sender = lane.sender.clone();
     if upgrade && !*agent.ready.borrow() {
         let mut ready = agent.ready.clone();
         let _ = tokio::time::timeout(READY_WAIT, ready.wait_for(|r| *r)).await;
@@ -574,7 +576,7 @@ async fn forward(
             tracing::info!(subdomain = %route.subdomain, err = %e, "cannot reach the agent");
             Err(Box::new(pages::tunnel_offline(&route.subdomain)))
         }
-        Ok(Ok(r)) => Ok(r),
+        Ok(Ok(r)) => Ok((r, lane)),
     }
 }
 

@@ -136,12 +136,124 @@ pub(crate) struct AgentSession {
     pub(crate) team_id: String,
     /// Cancelled to end the agent connection.
     pub(crate) cancel: CancellationToken,
-    /// Opens streams to the agent.
-    pub(crate) sender: SendRequest<UpBody>,
+    /// The first connection (the one that bound the names).
+    pub(crate) primary: Arc<Lane>,
+    /// Extra connections the agent opened with the session's lane key (`Limits::max_agent_lanes`).
+    pub(crate) extra: RwLock<Vec<Arc<Lane>>>,
+    /// Secret an extra lane presents to join this session; empty when lanes are off.
+    pub(crate) lane_key: String,
+    /// Round-robin start for picking among equally busy lanes.
+    pub(crate) next_lane: AtomicU64,
     /// Becomes true once the agent has acknowledged its settings (extended CONNECT usable).
     pub(crate) ready: watch::Receiver<bool>,
-    /// What this connection's WebSocket relays may leave waiting in h2 as small frames.
+    /// Cancelled when the first connection is gone: its lanes end with it.
+    pub(crate) lanes_end: CancellationToken,
+}
+
+/// How long a lane's byte count is averaged over when choosing where a new stream goes.
+pub(crate) const LANE_SAMPLE: Duration = Duration::from_millis(50);
+
+/// One HTTP/2 connection of an agent session.
+pub(crate) struct Lane {
+    /// Opens streams to the agent.
+    pub(crate) sender: SendRequest<UpBody>,
+    /// What this connection's relays may leave waiting in h2 as small frames.
     pub(crate) small_frames: Arc<crate::relay::LinkBudget>,
+    /// Bytes read and written on the connection so far (counted by the agent listener).
+    pub(crate) bytes: Arc<AtomicU64>,
+    recent: Recent,
+}
+
+impl Lane {
+    pub(crate) fn new(
+        sender: SendRequest<UpBody>,
+        small_frames: Arc<crate::relay::LinkBudget>,
+        bytes: Arc<AtomicU64>,
+    ) -> Self {
+        Self {
+            sender,
+            small_frames,
+            bytes,
+            recent: Recent::new(Instant::now()),
+        }
+    }
+
+    /// Bytes moved lately; `None` when the connection has failed (not yet removed).
+    fn busy(&self, now: Instant) -> Option<u64> {
+        if self.sender.is_closed() {
+            return None;
+        }
+        Some(self.recent.busy(self.bytes.load(Ordering::Relaxed), now))
+    }
+}
+
+/// How many bytes a connection moved lately, from its running total, looked at lazily.
+struct Recent(Mutex<(Instant, u64, u64)>);
+
+impl Recent {
+    fn new(now: Instant) -> Self {
+        Self(Mutex::new((now, 0, 0)))
+    }
+
+    /// Bytes of the current sample period plus the one before it; after a longer gap, the
+    /// average per period since the last look.
+    fn busy(&self, total: u64, now: Instant) -> u64 {
+        let Ok(mut s) = self.0.lock() else {
+            return 0;
+        };
+        let (at, at_total, before) = *s;
+        let since = now.saturating_duration_since(at);
+        let moved = total.saturating_sub(at_total);
+        if since < LANE_SAMPLE {
+            return before + moved;
+        }
+        let periods = (since.as_nanos() / LANE_SAMPLE.as_nanos()).max(1);
+        let per_period = u64::try_from(u128::from(moved) / periods).unwrap_or(u64::MAX);
+        *s = (now, total, per_period);
+        per_period
+    }
+}
+
+/// Index of the quietest of `n` lanes (`busy(i)`, `None` for a failed one), looking from
+/// `start` on so that equally quiet lanes take turns; 0 when every lane failed.
+fn quietest(n: usize, start: usize, busy: impl Fn(usize) -> Option<u64>) -> usize {
+    let mut best = (0, u64::MAX);
+    for k in 0..n {
+        let i = (start + k) % n;
+        if let Some(b) = busy(i) {
+            if b < best.1 {
+                best = (i, b);
+            }
+        }
+    }
+    best.0
+}
+
+impl AgentSession {
+    /// The lane a new stream should use: the one that moved the fewest bytes lately, taking
+    /// turns among equally quiet ones.
+    pub(crate) fn pick(&self) -> Arc<Lane> {
+        let extra = match self.extra.read() {
+            Ok(e) if !e.is_empty() => e,
+            _ => return Arc::clone(&self.primary),
+        };
+        let n = extra.len() + 1;
+        let start = (self.next_lane.fetch_add(1, Ordering::Relaxed) % n as u64) as usize;
+        let now = Instant::now();
+        let lane = |i: usize| {
+            if i == 0 {
+                &self.primary
+            } else {
+                &extra[i - 1]
+            }
+        };
+        Arc::clone(lane(quietest(n, start, |i| lane(i).busy(now))))
+    }
+
+    /// How many connections the session uses now.
+    pub(crate) fn lanes(&self) -> usize {
+        1 + self.extra.read().map(|e| e.len()).unwrap_or(0)
+    }
 }
 
 /// One bound tunnel.
@@ -198,6 +310,8 @@ pub(crate) struct RefusalCount {
 /// Totals for the heartbeat.
 pub(crate) struct Counts {
     pub(crate) agent_sessions: u32,
+    /// Connections of those sessions, extra lanes included.
+    pub(crate) agent_lanes: u32,
     pub(crate) tunnels: u32,
     pub(crate) visitor_connections: u64,
 }
@@ -271,6 +385,11 @@ impl Registry {
         if let Ok(mut a) = self.agents.lock() {
             a.insert(agent.id, agent);
         }
+    }
+
+    /// The live agent session with edge-local id `id`.
+    pub(crate) fn agent(&self, id: u64) -> Option<Arc<AgentSession>> {
+        self.agents.lock().ok()?.get(&id).cloned()
     }
 
     pub(crate) fn remove_agent(&self, id: u64) {
@@ -459,8 +578,14 @@ impl Registry {
     }
 
     pub(crate) fn counts(&self) -> Counts {
+        let agents: Vec<Arc<AgentSession>> = self
+            .agents
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default();
         Counts {
-            agent_sessions: self.agents.lock().map(|a| a.len()).unwrap_or(0) as u32,
+            agent_sessions: agents.len() as u32,
+            agent_lanes: agents.iter().map(|a| a.lanes()).sum::<usize>() as u32,
             tunnels: self.routes.read().map(|t| t.len()).unwrap_or(0) as u32,
             visitor_connections: self.visitor_connections.load(Ordering::Relaxed),
         }
@@ -492,6 +617,47 @@ async fn tell_closed(route: &Route, reason: &str) {
         )
         .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
     let Ok(req) = req else { return };
-    let mut sender = route.agent.sender.clone();
+    let mut sender = route.agent.primary.sender.clone();
     let _ = tokio::time::timeout(Duration::from_secs(5), sender.send_request(req)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lane_counts_a_burst_at_once_and_forgets_it_after_two_quiet_periods() {
+        let t0 = Instant::now();
+        let r = Recent::new(t0);
+        assert_eq!(r.busy(0, t0), 0);
+        // A transfer that just started counts before its period is over.
+        assert_eq!(r.busy(300_000, t0 + LANE_SAMPLE / 2), 300_000);
+        // Next period: the last one's bytes still count, plus the new ones.
+        assert_eq!(r.busy(400_000, t0 + LANE_SAMPLE), 400_000);
+        assert_eq!(r.busy(400_000, t0 + LANE_SAMPLE + LANE_SAMPLE / 2), 400_000);
+        // Quiet for two periods: nothing lately.
+        assert_eq!(r.busy(400_000, t0 + LANE_SAMPLE * 2), 0);
+        assert_eq!(r.busy(400_000, t0 + LANE_SAMPLE * 3), 0);
+    }
+
+    #[test]
+    fn after_a_long_gap_a_lane_counts_its_average_per_period() {
+        let t0 = Instant::now();
+        let r = Recent::new(t0);
+        // 1 MB over ten periods: 100 kB per period.
+        assert_eq!(r.busy(1_000_000, t0 + LANE_SAMPLE * 10), 100_000);
+    }
+
+    #[test]
+    fn the_quietest_lane_is_picked_and_equally_quiet_ones_take_turns() {
+        let busy = [Some(5_000_000), Some(10), Some(10), None];
+        assert_eq!(quietest(4, 0, |i| busy[i]), 1);
+        assert_eq!(quietest(4, 2, |i| busy[i]), 2);
+        // The failed lane is never picked, even from its own turn.
+        assert_eq!(quietest(4, 3, |i| busy[i]), 1);
+        let idle = [Some(0); 3];
+        let picks: Vec<usize> = (0..3).map(|s| quietest(3, s, |i| idle[i])).collect();
+        assert_eq!(picks, [0, 1, 2]);
+        assert_eq!(quietest(2, 1, |_| None), 0);
+    }
 }

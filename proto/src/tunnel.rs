@@ -161,6 +161,7 @@ mod tests {
             }],
             agent_instance: "i".into(),
             agent_version: "v".into(),
+            lane_key: "7.secret".into(),
         };
         write_message(&mut a, &hello).await.unwrap();
         let got: AgentHello = read_message(&mut b).await.unwrap();

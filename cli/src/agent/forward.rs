@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use burrow_edge::relay::{relay, RelayOptions};
+use burrow_edge::relay::{relay, LinkBudget, RelayOptions};
 use burrow_proto::tunnel::{
     CONTROL_CLOSED, CONTROL_READY, HEADER_AGENT_ERROR, HEADER_CONTROL, HEADER_REASON,
     HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
@@ -71,8 +71,6 @@ pub(crate) struct Forwarder {
     /// full and came in small frames, the agent closes that WebSocket (1008) rather than let
     /// h2's budget for small frames end the whole connection to the edge.
     pub(crate) stall_buffer: usize,
-    /// What this connection's WebSocket relays may leave waiting in h2 as small frames.
-    pub(crate) small_frames: Arc<burrow_edge::relay::LinkBudget>,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
     pub(crate) stop: tokio_util::sync::CancellationToken,
     /// Called once when the edge says the tunnels are routable.
@@ -137,7 +135,13 @@ fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
 
 impl Forwarder {
     /// Handles one stream from the edge.
-    pub(crate) async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<DownBody> {
+    /// Handles one stream from the edge; `small_frames` is the budget of the connection
+    /// (lane) it came on.
+    pub(crate) async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        small_frames: Arc<LinkBudget>,
+    ) -> Response<DownBody> {
         if let Some(c) = req.headers().get(HEADER_CONTROL) {
             return self.control(c.as_bytes(), &req);
         }
@@ -155,9 +159,9 @@ impl Forwarder {
         if req.method() == http::Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some()
         {
-            Box::pin(self.upgrade(req, spec)).await
+            Box::pin(self.upgrade(req, spec, small_frames)).await
         } else {
-            Box::pin(self.plain(req, spec)).await
+            Box::pin(self.plain(req, spec, small_frames)).await
         }
     }
 
@@ -180,7 +184,12 @@ impl Forwarder {
         empty(StatusCode::NO_CONTENT)
     }
 
-    async fn plain(&self, req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
+    async fn plain(
+        &self,
+        req: Request<Incoming>,
+        spec: TunnelSpec,
+        small_frames: Arc<LinkBudget>,
+    ) -> Response<DownBody> {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let method = parts.method.clone();
@@ -211,7 +220,7 @@ impl Forwarder {
             body,
             self.stall_buffer,
             "local server",
-            Some(Arc::clone(&self.small_frames)),
+            Some(small_frames),
         );
         let req = Request::from_parts(parts, tap.request_body(body));
         let resp = tokio::select! {
@@ -271,7 +280,12 @@ impl Forwarder {
         Response::from_parts(parts, tap.response_body(body).boxed())
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>, spec: TunnelSpec) -> Response<DownBody> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        spec: TunnelSpec,
+        small_frames: Arc<LinkBudget>,
+    ) -> Response<DownBody> {
         let started = Instant::now();
         let edge_upgrade = hyper::upgrade::on(&mut req);
         let path = req
@@ -385,7 +399,7 @@ impl Forwarder {
 
         let stop = self.stop.clone();
         let stall_buffer = self.stall_buffer;
-        let link_budget = Some(Arc::clone(&self.small_frames));
+        let link_budget = Some(small_frames);
         tokio::spawn(async move {
             let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
                 (Ok(e), Ok(l)) => (e, l),

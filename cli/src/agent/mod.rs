@@ -123,6 +123,13 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STOPPED_READER_GRACE.as_millis() as u64,
           value_parser = clap::value_parser!(u64).range(1..))]
     stopped_reader_grace_ms: u64,
+    /// Connections (lanes) to the edge, the first included. The edge sends each new visitor
+    /// to the lane that moved the fewest bytes lately, so a big download or upload on one
+    /// lane does not delay other visitors' messages queued behind it in one TCP stream. The
+    /// edge may allow fewer (`burrow-edge --max-agent-lanes`). 1: one connection.
+    #[arg(long, default_value_t = session::DEFAULT_LANES,
+          value_parser = clap::value_parser!(u32).range(1..=64))]
+    lanes: u32,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -345,6 +352,7 @@ async fn run_tunnels(
         connection_window: args.h2_connection_window,
         stall_buffer: args.stall_buffer_bytes,
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
+        lanes: args.lanes,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -17,6 +17,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+use burrow_edge::relay::LinkBudget;
+
 use super::dial::Dialer;
 use super::forward::{local_client, Forwarder, TunnelSpec, LOCAL_CONNECT_TIMEOUT};
 
@@ -42,6 +44,9 @@ const MAX_HEADER_LIST: u32 = 1024 * 1024;
 const MAX_STREAMS: u32 = 100_000;
 /// Interval of HTTP/2 PINGs toward the edge; a peer silent for two intervals is dead.
 const KEEPALIVE: Duration = Duration::from_secs(10);
+/// Default number of connections to the edge (`--lanes`): one more than the first, so a bulk
+/// transfer and the other visitors' messages usually travel in different TCP streams.
+pub(crate) const DEFAULT_LANES: u32 = 2;
 
 /// Where and how to reach the edge.
 #[derive(Debug, Clone)]
@@ -63,6 +68,8 @@ pub(crate) struct EdgeSpec {
     /// How long a local server may take nothing with its backlog full before it counts as
     /// stopped (`--stopped-reader-grace-ms`).
     pub(crate) stopped_reader_grace: std::time::Duration,
+    /// Connections to open, the first included, when the edge allows as many (`--lanes`).
+    pub(crate) lanes: u32,
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -285,35 +292,7 @@ async fn connect_once(
     shutdown: &CancellationToken,
     reconnecting: bool,
 ) -> Result<bool, Failure> {
-    let dial = async {
-        let tcp = TcpStream::connect(&edge.addr)
-            .await
-            .with_context(|| format!("cannot connect to {}", edge.addr))?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn EdgeIo> = match connector {
-            Some(c) => Box::new(
-                c.connect(name.clone(), burrow_edge::tls::buffered(tcp))
-                    .await
-                    .context("TLS handshake with the edge failed")?,
-            ),
-            None => Box::new(tcp),
-        };
-        Ok::<_, anyhow::Error>(io)
-    };
-    let mut tls = match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
-        Err(_) => return Err(Failure::Retry(anyhow::anyhow!("timed out"))),
-        Ok(Err(e)) => {
-            let cert_problem = e.chain().any(|c| c.to_string().contains("certificate"));
-            return Err(if cert_problem {
-                Failure::Fatal(e.context(
-                    "the edge's certificate is not trusted (self-signed edges need --edge-ca FILE)",
-                ))
-            } else {
-                Failure::Retry(e)
-            });
-        }
-        Ok(Ok(t)) => t,
-    };
+    let mut tls = dial(edge, connector, name).await?;
     let hello = pb::AgentHello {
         protocol_version: PROTOCOL_VERSION,
         token: token.to_owned(),
@@ -328,6 +307,7 @@ async fn connect_once(
             .collect(),
         agent_instance: instance.to_owned(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        lane_key: String::new(),
     };
     write_message(&mut tls, &hello)
         .await
@@ -371,11 +351,6 @@ async fn connect_once(
         client: local_client(Arc::clone(&dialer)),
         dialer,
         stall_buffer: edge.stall_buffer,
-        small_frames: burrow_edge::relay::LinkBudget::new(
-            edge.connection_window,
-            edge.stream_window,
-            edge.stopped_reader_grace,
-        ),
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {
@@ -415,6 +390,82 @@ async fn connect_once(
         }),
     });
 
+    let done_rx = serve(tls, edge, Arc::clone(&forwarder), conn_cancel.clone());
+    // Extra lanes live as long as this connection.
+    let lanes_cancel = conn_cancel.child_token();
+    let wanted = edge.lanes.min(answer.lanes).max(1);
+    if wanted > 1 && !answer.lane_key.is_empty() {
+        for _ in 1..wanted {
+            tokio::spawn(keep_lane(
+                edge.clone(),
+                connector.cloned(),
+                name.clone(),
+                instance.to_owned(),
+                answer.lane_key.clone(),
+                Arc::clone(&forwarder),
+                lanes_cancel.clone(),
+            ));
+        }
+    }
+    let _lanes_end = lanes_cancel.drop_guard();
+    let result = done_rx.await;
+    let served = printed.load(std::sync::atomic::Ordering::SeqCst);
+    if conn_cancel.is_cancelled() && !shutdown.is_cancelled() {
+        return Err(Failure::Fatal(anyhow::anyhow!(
+            "every tunnel was ended by the edge"
+        )));
+    }
+    if let Ok(Err(e)) = result {
+        tracing::debug!(err = %e, "edge connection ended with an error");
+    }
+    Ok(served)
+}
+
+/// Dials the edge's agent listener: TCP, then TLS unless `connector` is `None`.
+async fn dial(
+    edge: &EdgeSpec,
+    connector: Option<&TlsConnector>,
+    name: &ServerName<'static>,
+) -> Result<Box<dyn EdgeIo>, Failure> {
+    let dial = async {
+        let tcp = TcpStream::connect(&edge.addr)
+            .await
+            .with_context(|| format!("cannot connect to {}", edge.addr))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn EdgeIo> = match connector {
+            Some(c) => Box::new(
+                c.connect(name.clone(), burrow_edge::tls::buffered(tcp))
+                    .await
+                    .context("TLS handshake with the edge failed")?,
+            ),
+            None => Box::new(tcp),
+        };
+        Ok::<_, anyhow::Error>(io)
+    };
+    match tokio::time::timeout(DIAL_TIMEOUT, dial).await {
+        Err(_) => Err(Failure::Retry(anyhow::anyhow!("timed out"))),
+        Ok(Err(e)) => {
+            let cert_problem = e.chain().any(|c| c.to_string().contains("certificate"));
+            Err(if cert_problem {
+                Failure::Fatal(e.context(
+                    "the edge's certificate is not trusted (self-signed edges need --edge-ca FILE)",
+                ))
+            } else {
+                Failure::Retry(e)
+            })
+        }
+        Ok(Ok(t)) => Ok(t),
+    }
+}
+
+/// Serves HTTP/2 (the agent as server) on a connection whose hellos are done, on its own task
+/// (driving it inline would slow every round trip); the receiver says how it ended.
+fn serve(
+    io: Box<dyn EdgeIo>,
+    edge: &EdgeSpec,
+    forwarder: Arc<Forwarder>,
+    cancel: CancellationToken,
+) -> tokio::sync::oneshot::Receiver<hyper::Result<()>> {
     let mut builder = hyper::server::conn::http2::Builder::new(burrow_edge::exec::Executor);
     builder
         .timer(TokioTimer::new())
@@ -427,15 +478,19 @@ async fn connect_once(
         .max_send_buf_size(edge.stream_window as usize)
         .keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE);
-    let fw = Arc::clone(&forwarder);
+    // What this connection's relays may leave waiting in h2 as small frames.
+    let small_frames = LinkBudget::new(
+        edge.connection_window,
+        edge.stream_window,
+        edge.stopped_reader_grace,
+    );
     let service = service_fn(move |req| {
-        let fw = Arc::clone(&fw);
-        async move { Ok::<_, std::convert::Infallible>(fw.handle(req).await) }
+        let fw = Arc::clone(&forwarder);
+        let budget = Arc::clone(&small_frames);
+        async move { Ok::<_, std::convert::Infallible>(fw.handle(req, budget).await) }
     });
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
-    // Drive the connection on its own task (driving it here would slow every round trip).
+    let conn = builder.serve_connection(TokioIo::new(io), service);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-    let cancel = conn_cancel.clone();
     tokio::spawn(async move {
         tokio::pin!(conn);
         let r = tokio::select! {
@@ -450,15 +505,63 @@ async fn connect_once(
         };
         let _ = done_tx.send(r);
     });
-    let result = done_rx.await;
-    let served = printed.load(std::sync::atomic::Ordering::SeqCst);
-    if conn_cancel.is_cancelled() && !shutdown.is_cancelled() {
-        return Err(Failure::Fatal(anyhow::anyhow!(
-            "every tunnel was ended by the edge"
-        )));
+    done_rx
+}
+
+/// Keeps one extra lane to the edge open until `cancel` (the first connection ended or the
+/// agent stops), opening it again with backoff when it drops.
+async fn keep_lane(
+    edge: EdgeSpec,
+    connector: Option<TlsConnector>,
+    name: ServerName<'static>,
+    instance: String,
+    lane_key: String,
+    forwarder: Arc<Forwarder>,
+    cancel: CancellationToken,
+) {
+    let mut delay = BACKOFF_START;
+    while !cancel.is_cancelled() {
+        let attempt = async {
+            let mut io = dial(&edge, connector.as_ref(), &name)
+                .await
+                .map_err(|f| match f {
+                    Failure::Fatal(e) | Failure::Retry(e) => e,
+                })?;
+            let hello = pb::AgentHello {
+                protocol_version: PROTOCOL_VERSION,
+                agent_instance: instance.clone(),
+                agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+                lane_key: lane_key.clone(),
+                ..Default::default()
+            };
+            write_message(&mut io, &hello).await?;
+            let answer: pb::EdgeHello = read_message(&mut io).await?;
+            Ok::<_, anyhow::Error>((io, answer))
+        };
+        let outcome = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = attempt => r,
+        };
+        match outcome {
+            Ok((_, answer)) if !answer.error.is_empty() => {
+                // The session is gone or full: the first connection's own loop takes over.
+                tracing::debug!(err = %answer.error, "the edge refused an extra lane");
+                return;
+            }
+            Ok((io, _)) => {
+                delay = BACKOFF_START;
+                let done = serve(io, &edge, Arc::clone(&forwarder), cancel.clone());
+                if let Ok(Err(e)) = done.await {
+                    tracing::debug!(err = %e, "a lane to the edge ended with an error");
+                }
+            }
+            Err(e) => tracing::debug!(err = %format!("{e:#}"), "cannot open a lane to the edge"),
+        }
+        let pause = delay.mul_f64(rand::random::<f64>() * 0.5 + 0.5);
+        delay = (delay * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(pause) => {}
+        }
     }
-    if let Ok(Err(e)) = result {
-        tracing::debug!(err = %e, "edge connection ended with an error");
-    }
-    Ok(served)
 }

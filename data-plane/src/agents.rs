@@ -445,8 +445,8 @@ async fn join_lane(
     Ok(())
 }
 
-/// An agent connection that counts the bytes it moves, so new streams can go to the lane that
-/// is quietest (`AgentSession::pick`).
+/// An agent connection that counts the bytes it moves, so new streams can go to the least
+/// loaded lane (`AgentSession::pick`).
 struct Metered {
     inner: Box<dyn AgentIo>,
     bytes: Arc<AtomicU64>,

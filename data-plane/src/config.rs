@@ -60,7 +60,7 @@ pub enum ControlConfig {
 }
 
 /// Default of `Limits::max_agent_lanes`.
-pub const DEFAULT_MAX_AGENT_LANES: usize = 4;
+pub const DEFAULT_MAX_AGENT_LANES: usize = 8;
 
 /// Limits and timeouts. Each one bounds memory or time an outsider can make the edge spend.
 #[derive(Debug, Clone)]

@@ -161,8 +161,9 @@ struct Args {
     #[arg(long, default_value_t = Limits::default().max_tunnels_per_agent)]
     max_tunnels_per_agent: usize,
     /// Most connections (lanes) one agent may use, its first included. New visitor streams go
-    /// to the lane that moved the fewest bytes lately, so a bulk transfer on one lane does not
-    /// delay other visitors' messages queued behind it in the same TCP stream. 1: no lanes.
+    /// to the lane with the fewest streams open (then the fewest bytes lately), so a bulk
+    /// transfer on one lane does not delay other visitors' messages queued behind it in the
+    /// same TCP stream. Each lane counts against --max-agent-connections. 1: no lanes.
     #[arg(long, default_value_t = Limits::default().max_agent_lanes)]
     max_agent_lanes: usize,
     /// Seconds the TLS handshake plus the agent's hello may take.

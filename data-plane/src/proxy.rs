@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::early::{Early, Mark, Recorder};
-use crate::registry::{Lane, Route, UpBody};
+use crate::registry::{LaneStream, Route, UpBody};
 use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
 
@@ -317,6 +317,7 @@ async fn handle(
             inner: body,
             route: Arc::clone(&route),
             inbound: true,
+            _lane: None,
         }
         .map_err(Into::into)
         .boxed(),
@@ -406,6 +407,7 @@ async fn handle(
         let stop = route.agent.cancel.clone();
         tracker.spawn(async move {
             let _slot = ws_slot;
+            let _lane = lane;
             let (v, a) = match tokio::join!(visitor_upgrade, agent_upgrade) {
                 (Ok(v), Ok(a)) => (v, a),
                 (v, a) => {
@@ -464,6 +466,7 @@ async fn handle(
         inner: body,
         route,
         inbound: false,
+        _lane: Some(lane),
     };
     // The visitor's connection is cut with the body (hyper sees the error when it next
     // polls); nothing else waits on it, so the stall signal goes unused here.
@@ -510,6 +513,8 @@ struct Counted {
     route: Arc<Route>,
     /// Visitor → local (`bytes_in`) rather than local → visitor (`bytes_out`).
     inbound: bool,
+    /// A response's lane, whose stream is open until the body is done.
+    _lane: Option<LaneStream>,
 }
 
 impl http_body::Body for Counted {
@@ -545,14 +550,14 @@ impl http_body::Body for Counted {
     }
 }
 
-/// Sends `up` to the route's agent over its quietest lane; an `Err` is the page to show
-/// instead.
+/// Sends `up` to the route's agent over its least loaded lane (held as open on it for as long
+/// as the returned claim lives); an `Err` is the page to show instead.
 async fn forward(
     route: &Route,
     up: Request<UpBody>,
     upgrade: bool,
     state: &State,
-) -> Result<(Response<Incoming>, Arc<Lane>), Box<Response<UpBody>>> {
+) -> Result<(Response<Incoming>, LaneStream), Box<Response<UpBody>>> {
     let agent = &route.agent;
     let lane = agent.pick();
     let mut sender = lane.sender.clone();

@@ -162,6 +162,25 @@ pub(crate) struct Lane {
     /// Bytes read and written on the connection so far (counted by the agent listener).
     pub(crate) bytes: Arc<AtomicU64>,
     recent: Recent,
+    /// Visitor streams open on the connection now ([`LaneStream`]s alive).
+    streams: AtomicU64,
+}
+
+/// One visitor stream's claim on its lane: counted as open until dropped.
+pub(crate) struct LaneStream(Arc<Lane>);
+
+impl std::ops::Deref for LaneStream {
+    type Target = Lane;
+
+    fn deref(&self) -> &Lane {
+        &self.0
+    }
+}
+
+impl Drop for LaneStream {
+    fn drop(&mut self) {
+        self.0.streams.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Lane {
@@ -175,15 +194,20 @@ impl Lane {
             small_frames,
             bytes,
             recent: Recent::new(Instant::now()),
+            streams: AtomicU64::new(0),
         }
     }
 
-    /// Bytes moved lately; `None` when the connection has failed (not yet removed).
-    fn busy(&self, now: Instant) -> Option<u64> {
+    /// How loaded the lane is: (visitor streams open, bytes moved lately); `None` when the
+    /// connection has failed (not yet removed).
+    fn load(&self, now: Instant) -> Option<(u64, u64)> {
         if self.sender.is_closed() {
             return None;
         }
-        Some(self.recent.busy(self.bytes.load(Ordering::Relaxed), now))
+        Some((
+            self.streams.load(Ordering::Relaxed),
+            self.recent.busy(self.bytes.load(Ordering::Relaxed), now),
+        ))
     }
 }
 
@@ -214,15 +238,16 @@ impl Recent {
     }
 }
 
-/// Index of the quietest of `n` lanes (`busy(i)`, `None` for a failed one), looking from
-/// `start` on so that equally quiet lanes take turns; 0 when every lane failed.
-fn quietest(n: usize, start: usize, busy: impl Fn(usize) -> Option<u64>) -> usize {
-    let mut best = (0, u64::MAX);
+/// Index of the least loaded of `n` lanes (`load(i)`: streams open, then bytes moved lately;
+/// `None` for a failed lane), looking from `start` on so that equally loaded lanes take turns;
+/// 0 when every lane failed.
+fn least_loaded(n: usize, start: usize, load: impl Fn(usize) -> Option<(u64, u64)>) -> usize {
+    let mut best = (0, (u64::MAX, u64::MAX));
     for k in 0..n {
         let i = (start + k) % n;
-        if let Some(b) = busy(i) {
-            if b < best.1 {
-                best = (i, b);
+        if let Some(l) = load(i) {
+            if l < best.1 {
+                best = (i, l);
             }
         }
     }
@@ -230,9 +255,16 @@ fn quietest(n: usize, start: usize, busy: impl Fn(usize) -> Option<u64>) -> usiz
 }
 
 impl AgentSession {
-    /// The lane a new stream should use: the one that moved the fewest bytes lately, taking
-    /// turns among equally quiet ones.
-    pub(crate) fn pick(&self) -> Arc<Lane> {
+    /// The lane a new visitor stream should use: the one with the fewest streams open, then
+    /// the one that moved the fewest bytes lately, taking turns among equal ones. The stream
+    /// counts as open on it until the returned claim is dropped.
+    pub(crate) fn pick(&self) -> LaneStream {
+        let lane = self.least_loaded_lane();
+        lane.streams.fetch_add(1, Ordering::Relaxed);
+        LaneStream(lane)
+    }
+
+    fn least_loaded_lane(&self) -> Arc<Lane> {
         let extra = match self.extra.read() {
             Ok(e) if !e.is_empty() => e,
             _ => return Arc::clone(&self.primary),
@@ -247,7 +279,7 @@ impl AgentSession {
                 &extra[i - 1]
             }
         };
-        Arc::clone(lane(quietest(n, start, |i| lane(i).busy(now))))
+        Arc::clone(lane(least_loaded(n, start, |i| lane(i).load(now))))
     }
 
     /// How many connections the session uses now.
@@ -649,15 +681,19 @@ mod tests {
     }
 
     #[test]
-    fn the_quietest_lane_is_picked_and_equally_quiet_ones_take_turns() {
-        let busy = [Some(5_000_000), Some(10), Some(10), None];
-        assert_eq!(quietest(4, 0, |i| busy[i]), 1);
-        assert_eq!(quietest(4, 2, |i| busy[i]), 2);
+    fn the_least_loaded_lane_is_picked_and_equal_ones_take_turns() {
+        // Fewest streams first; a lane that just finished a transfer (many bytes, no stream)
+        // beats one where a transfer has just begun.
+        let load = [Some((1, 300_000)), Some((0, 1 << 20)), Some((1, 10)), None];
+        assert_eq!(least_loaded(4, 0, |i| load[i]), 1);
+        let load = [Some((1, 5_000_000)), Some((1, 10)), Some((1, 10)), None];
+        assert_eq!(least_loaded(4, 0, |i| load[i]), 1);
+        assert_eq!(least_loaded(4, 2, |i| load[i]), 2);
         // The failed lane is never picked, even from its own turn.
-        assert_eq!(quietest(4, 3, |i| busy[i]), 1);
-        let idle = [Some(0); 3];
-        let picks: Vec<usize> = (0..3).map(|s| quietest(3, s, |i| idle[i])).collect();
+        assert_eq!(least_loaded(4, 3, |i| load[i]), 1);
+        let idle = [Some((0, 0)); 3];
+        let picks: Vec<usize> = (0..3).map(|s| least_loaded(3, s, |i| idle[i])).collect();
         assert_eq!(picks, [0, 1, 2]);
-        assert_eq!(quietest(2, 1, |_| None), 0);
+        assert_eq!(least_loaded(2, 1, |_| None), 0);
     }
 }

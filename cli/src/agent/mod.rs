@@ -124,9 +124,10 @@ pub(crate) struct EdgeArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     stopped_reader_grace_ms: u64,
     /// Connections (lanes) to the edge, the first included. The edge sends each new visitor
-    /// to the lane that moved the fewest bytes lately, so a big download or upload on one
-    /// lane does not delay other visitors' messages queued behind it in one TCP stream. The
-    /// edge may allow fewer (`burrow-edge --max-agent-lanes`). 1: one connection.
+    /// to the lane with the fewest streams open (then the fewest bytes lately), so a big
+    /// download or upload on one lane does not delay other visitors' messages queued behind it
+    /// in one TCP stream. The edge may allow fewer (`burrow-edge --max-agent-lanes`). 1: one
+    /// connection.
     #[arg(long, default_value_t = session::DEFAULT_LANES,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     lanes: u32,

@@ -44,9 +44,11 @@ const MAX_HEADER_LIST: u32 = 1024 * 1024;
 const MAX_STREAMS: u32 = 100_000;
 /// Interval of HTTP/2 PINGs toward the edge; a peer silent for two intervals is dead.
 const KEEPALIVE: Duration = Duration::from_secs(10);
-/// Default number of connections to the edge (`--lanes`): one more than the first, so a bulk
-/// transfer and the other visitors' messages usually travel in different TCP streams.
-pub(crate) const DEFAULT_LANES: u32 = 2;
+/// Default number of connections to the edge (`--lanes`). The edge gives each new visitor
+/// stream the lane with the fewest streams open, so with four a new visitor almost always
+/// finds a lane without a bulk transfer in it (with two, measured in BENCHMARKS.md, it shared
+/// one about half the time: a stream's load is unknown when it opens).
+pub(crate) const DEFAULT_LANES: u32 = 4;
 
 /// Where and how to reach the edge.
 #[derive(Debug, Clone)]

@@ -1719,3 +1719,23 @@ async fn the_edge_caps_an_agents_lanes_and_refuses_a_lane_without_its_sessions_k
     assert!(!log.contains("reconnect"), "{log}");
     edge.stop().await;
 }
+
+#[tokio::test]
+async fn lanes_leave_a_quarter_of_the_edges_agent_connections_to_new_agents() {
+    let edge = standalone_edge_with(|l| l.max_agent_connections = 8).await;
+    let port = local_ws_echo().await.port().to_string();
+    let args = ["http", &port, "--subdomain", "greedy", "--lanes", "8"];
+    let _greedy = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    // Six of eight: two stay free.
+    lanes_settle(&edge, 6.0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lanes_settle(&edge, 6.0).await;
+    let args = ["http", &port, "--subdomain", "later", "--lanes", "1"];
+    let _later = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    lanes_settle(&edge, 7.0).await;
+    let (mut ws, _) = connect(&edge, "later", "/", &[]).await;
+    ws.send(Message::text("room")).await.unwrap();
+    let echoed = tokio::time::timeout(STEP, ws.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == "room"));
+    edge.stop().await;
+}

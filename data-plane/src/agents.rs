@@ -36,6 +36,9 @@ const DRAIN_POLL: Duration = Duration::from_millis(50);
 const RANDOM_NAME_ATTEMPTS: usize = 8;
 /// Length of a random subdomain (lower-case letters and digits).
 const RANDOM_NAME_LEN: usize = 10;
+/// An extra lane is refused while fewer than 1/`LANE_RESERVE` of `max_agent_connections` are
+/// free, so agents' first connections always find room.
+const LANE_RESERVE: usize = 4;
 
 /// The byte stream from an agent: TLS, or plain TCP with `Config::agent_plaintext`.
 trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
@@ -69,11 +72,12 @@ pub(crate) async fn serve(
         let state = Arc::clone(&state);
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
+        let permits = Arc::clone(&permits);
         let span = tracing::info_span!("agent", %peer, instance = tracing::field::Empty);
         tracker.spawn(
             async move {
                 let _permit = permit;
-                if let Err(e) = handle(stream, peer, acceptor, state, shutdown).await {
+                if let Err(e) = handle(stream, peer, acceptor, state, shutdown, &permits).await {
                     tracing::info!(err = %format!("{e:#}"), "agent connection ended");
                 }
             }
@@ -99,6 +103,7 @@ async fn handle(
     acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
     shutdown: CancellationToken,
+    permits: &Semaphore,
 ) -> anyhow::Result<()> {
     let limits = &state.config.limits;
     let _ = stream.set_nodelay(true);
@@ -116,7 +121,7 @@ async fn handle(
     let hello: pb::AgentHello = read_message(&mut tls).await?;
     tracing::Span::current().record("instance", hello.agent_instance.as_str());
     if !hello.lane_key.is_empty() {
-        return join_lane(tls, &hello.lane_key, peer, &state).await;
+        return join_lane(tls, &hello.lane_key, peer, &state, permits).await;
     }
 
     let bind_started = std::time::Instant::now();
@@ -384,6 +389,7 @@ async fn join_lane(
     key: &str,
     peer: SocketAddr,
     state: &Arc<State>,
+    permits: &Semaphore,
 ) -> anyhow::Result<()> {
     let limits = &state.config.limits;
     let agent = key
@@ -405,6 +411,21 @@ async fn join_lane(
                 limits.max_agent_lanes
             ),
         )),
+        // Lanes are optional: the last quarter of the agent connections is kept for agents'
+        // first connections, so lanes never keep a new agent out. (The accept loop already
+        // holds the permit of the next connection: that one is free too.)
+        Some(_)
+            if permits.available_permits() + 1 < limits.max_agent_connections / LANE_RESERVE =>
+        {
+            Some((
+                "RESOURCE_EXHAUSTED",
+                format!(
+                    "the edge is near its limit of {} agent connections; this session keeps the \
+                     lanes it has",
+                    limits.max_agent_connections
+                ),
+            ))
+        }
         Some(_) => None,
     };
     let answer = pb::EdgeHello {

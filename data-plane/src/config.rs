@@ -67,7 +67,8 @@ pub const DEFAULT_MAX_AGENT_LANES: usize = 8;
 pub struct Limits {
     /// Most visitor connections open at once; the next visitor waits for a free slot.
     pub max_visitor_connections: usize,
-    /// Most agent connections open at once.
+    /// Most agent connections open at once. Each lane of an agent counts; extra lanes are
+    /// refused while fewer than a quarter of these are free, so new agents always find room.
     pub max_agent_connections: usize,
     /// Most tunnels one agent connection may bind.
     pub max_tunnels_per_agent: usize,

@@ -242,7 +242,7 @@ impl Tunnel {
         let (_, secret) = control.agent_token(&owner).await;
         let names = ["localhost".to_owned(), format!("{subdomain}.localhost")];
         let identity = burrow_edge::TlsIdentity::self_signed(&names).unwrap();
-        let edge_control = control.edge_control("edge-a").await;
+        let edge_control = control.edge_control().await;
         let edge = start_edge_with(edge_control, identity, None, true, tweak).await;
         let port = local_port.to_string();
         // The inspector stays on, as people run the agent, but on a port the OS picks.

@@ -469,7 +469,7 @@ async fn readyz_is_503_until_the_edge_registers_and_again_when_the_control_plane
     edge.stop().await;
 
     let cp = start_control(pool).await;
-    let edge = start_edge(cp.edge_control("edge-m").await, identity(), None, |_| {}).await;
+    let edge = start_edge(cp.edge_control().await, identity(), None, |_| {}).await;
     let deadline = tokio::time::Instant::now() + STEP;
     loop {
         let (status, _, body) = admin_get(edge.admin, "/readyz").await;

@@ -12,7 +12,7 @@ use tunnel_support::control::*;
 use tunnel_support::*;
 
 async fn edge_for(cp: &ControlPlane) -> Edge {
-    start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await
+    start_edge(cp.edge_control().await, identity(), None, |_| {}).await
 }
 
 /// Waits for the agent process to exit; returns its stderr.

@@ -753,7 +753,7 @@ async fn an_agent_cannot_loosen_a_policy_pinned_on_the_reservation(pool: PgPool)
     )
     .await;
     let (_, secret) = cp.agent_token(&owner).await;
-    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let edge = start_edge(cp.edge_control().await, identity(), None, |_| {}).await;
     let local = local_server().await;
     let port = local.port();
     // The agent allows its own address and brings its own user: neither loosens the pin.
@@ -803,7 +803,7 @@ async fn a_pinned_policy_changed_through_the_api_applies_to_the_running_tunnel(p
     let owner = cp.owner("ann@example.com", "web").await;
     cp.reserve(&owner, "live").await;
     let (_, secret) = cp.agent_token(&owner).await;
-    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let edge = start_edge(cp.edge_control().await, identity(), None, |_| {}).await;
     let local = local_server().await;
     let port = local.port();
     let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "live"]).await;
@@ -846,7 +846,7 @@ async fn new_team_limits_apply_to_the_running_tunnel(pool: PgPool) {
     let cp = start_control(pool).await;
     let owner = cp.owner("ann@example.com", "web").await;
     let (_, secret) = cp.agent_token(&owner).await;
-    let edge = start_edge(cp.edge_control("edge-a").await, identity(), None, |_| {}).await;
+    let edge = start_edge(cp.edge_control().await, identity(), None, |_| {}).await;
     let local = local_server().await;
     let port = local.port();
     let _agent = start_agent(&edge, &secret, &["http", &port, "--subdomain", "capped"]).await;

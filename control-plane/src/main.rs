@@ -67,9 +67,12 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum EdgeTokenCommand {
     /// Create an edge token and print it (once).
-    #[command(after_help = "Example:\n  burrow-control edge-token create --name edge-1")]
+    #[command(
+        after_help = "Example:\n  burrow-control edge-token create --name edge-1\n  burrow-edge --name edge-1 --edge-token-file edge-1.token …"
+    )]
     Create {
-        /// A name to recognise the token by.
+        /// The edge the token is for: it registers only an edge of this name (`burrow-edge
+        /// --name`), and acts only for that edge's sessions.
         #[arg(long)]
         name: String,
     },

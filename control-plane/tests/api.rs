@@ -2936,3 +2936,96 @@ async fn usage_is_shown_to_team_members_for_a_checked_range_of_days(pool: PgPool
     assert!(get(&alice.token, "acme", "", "").await.unwrap().is_empty());
     app.stop().await;
 }
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn an_edge_token_acts_only_for_the_edge_it_was_made_for(pool: PgPool) {
+    let app = spawn_app(pool).await;
+    let alice = app.owner("alice@example.com", "acme").await;
+    let (edge1, edge1_id) = app.edge().await;
+    let agent = app.agent_token(&alice, "acme", &[]).await;
+    let auth = app
+        .authorize(&edge1, &agent.secret, &["chat"])
+        .await
+        .unwrap();
+    let session = app.open(&edge1, &edge1_id, &auth, "chat").await.unwrap();
+
+    // Edge 1's token cannot register under another name (and so take it over).
+    let other_name = app
+        .edges()
+        .register_edge(req(
+            &edge1,
+            v1::RegisterEdgeRequest {
+                name: "edge-9".into(),
+                domain: "localhost".into(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(other_name.code(), Code::PermissionDenied);
+    assert!(
+        other_name.message().contains("made for edge \"edge-1\""),
+        "{}",
+        other_name.message()
+    );
+
+    // A second edge, registered with its own token, cannot act as edge 1.
+    let edge2 = burrow_control::create_edge_token(&app.pool, "edge-2")
+        .await
+        .unwrap();
+    let denied = |e: Status| {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    };
+    denied(
+        app.edges()
+            .heartbeat(req(
+                &edge2,
+                v1::HeartbeatRequest {
+                    edge_id: edge1_id.clone(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .unwrap_err(),
+    );
+    denied(
+        app.open(&edge2, &edge1_id, &auth, "other")
+            .await
+            .unwrap_err(),
+    );
+    denied(
+        app.edges()
+            .report_tunnel_stats(req(
+                &edge2,
+                v1::ReportTunnelStatsRequest {
+                    edge_id: edge1_id.clone(),
+                    stats: Vec::new(),
+                },
+            ))
+            .await
+            .unwrap_err(),
+    );
+    denied(
+        app.edges()
+            .close_tunnel_session(req(
+                &edge2,
+                v1::CloseTunnelSessionRequest {
+                    session_id: session.id.clone(),
+                    clean: true,
+                },
+            ))
+            .await
+            .unwrap_err(),
+    );
+    let live: bool =
+        sqlx::query_scalar("SELECT ended_at IS NULL FROM tunnel_sessions WHERE id = $1::uuid")
+            .bind(&session.id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert!(live, "another edge's token closed the session");
+
+    // Edge 1 itself still can.
+    app.close(&edge1, &session.id, true).await;
+    app.stop().await;
+}

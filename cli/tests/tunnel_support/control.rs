@@ -76,9 +76,10 @@ pub async fn start_control(pool: PgPool) -> ControlPlane {
 }
 
 impl ControlPlane {
-    /// Edge settings for an edge registered with this control plane.
-    pub async fn edge_control(&self, name: &str) -> ControlConfig {
-        let token = burrow_control::create_edge_token(&self.pool, name)
+    /// Edge settings for an edge registered with this control plane: a token made for the
+    /// name test edges use ([`super::TEST_EDGE_NAME`]).
+    pub async fn edge_control(&self) -> ControlConfig {
+        let token = burrow_control::create_edge_token(&self.pool, super::TEST_EDGE_NAME)
             .await
             .unwrap();
         ControlConfig::Remote {

@@ -17,6 +17,9 @@ use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+/// Name of every test edge (edge tokens are made for it).
+pub const TEST_EDGE_NAME: &str = "test-edge";
+
 /// Longest an agent may take to print its public URL.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -127,7 +130,7 @@ pub async fn start_edge_on(
     let mut limits = Limits::default();
     tweak(&mut limits);
     let config = Config {
-        name: "test-edge".into(),
+        name: TEST_EDGE_NAME.into(),
         domain: "localhost".into(),
         public_url_template: None,
         agent_addr: None,

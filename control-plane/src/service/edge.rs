@@ -65,6 +65,22 @@ impl EdgeApi {
         caller.require_edge()?;
         let req = request.into_inner();
         let name = crate::domain::parse_name(&req.name, "name", true)?;
+        // An edge token is made for one edge name (`edge-token create --name`); it registers
+        // that edge only, so one edge's token cannot take over another's name or sessions.
+        let token_name: Option<String> =
+            sqlx::query_scalar("SELECT name FROM api_tokens WHERE id = $1")
+                .bind(&caller.token_id)
+                .fetch_optional(&self.state.pool)
+                .await?;
+        if token_name.as_deref() != Some(name.as_str()) {
+            return Err(ApiError::PermissionDenied(format!(
+                "this edge token was made for edge {:?}, not {name:?}: start the edge with \
+                 --name {} or create a token for {name:?} (`burrow-control edge-token create \
+                 --name {name}`)",
+                token_name.as_deref().unwrap_or(""),
+                token_name.as_deref().unwrap_or("NAME"),
+            )));
+        }
         if req.domain.trim().is_empty() {
             return Err(ApiError::invalid(
                 "domain",
@@ -108,6 +124,26 @@ impl EdgeApi {
         })
     }
 
+    /// Checks that the edge `edge_id` was registered with the caller's edge token: an edge
+    /// acts only for itself.
+    async fn own_edge(&self, caller: &crate::auth::Caller, edge_id: Uuid) -> ApiResult<()> {
+        let token: Option<Option<String>> =
+            sqlx::query_scalar("SELECT token_id FROM edges WHERE id = $1")
+                .bind(edge_id)
+                .fetch_optional(&self.state.pool)
+                .await?;
+        match token {
+            None => Err(ApiError::NotFound(format!(
+                "edge {edge_id} is not registered; call RegisterEdge first"
+            ))),
+            Some(t) if t.as_deref() == Some(caller.token_id.as_str()) => Ok(()),
+            Some(_) => Err(ApiError::PermissionDenied(format!(
+                "edge {edge_id} is registered with another edge token; an edge may act only \
+                 for itself"
+            ))),
+        }
+    }
+
     async fn heartbeat_inner(
         &self,
         request: Request<v1::HeartbeatRequest>,
@@ -116,6 +152,7 @@ impl EdgeApi {
         caller.require_edge()?;
         let req = request.into_inner();
         let id = parse_uuid("edge_id", &req.edge_id)?;
+        self.own_edge(&caller, id).await?;
         let updated = sqlx::query(
             "UPDATE edges SET last_heartbeat_at = now(), agent_sessions = $2, tunnels = $3,
                  visitor_connections = $4
@@ -232,6 +269,7 @@ impl EdgeApi {
         caller.require_edge()?;
         let req = request.into_inner();
         let edge_id = parse_uuid("edge_id", &req.edge_id)?;
+        self.own_edge(&caller, edge_id).await?;
         let team_id = parse_uuid("team_id", &req.team_id)?;
         let subdomain = Subdomain::parse(&req.subdomain, "subdomain", &self.state.config)?;
         let mut tx = self.state.pool.begin().await?;
@@ -429,11 +467,13 @@ impl EdgeApi {
                  grace_until = CASE WHEN $2 THEN NULL
                      ELSE now() + make_interval(secs => $3::double precision) END
              WHERE id = $1 AND ended_at IS NULL
+                 AND edge_id IN (SELECT id FROM edges WHERE token_id = $4)
              RETURNING team_id, subdomain",
         )
         .bind(id)
         .bind(req.clean)
         .bind(grace)
+        .bind(&caller.token_id)
         .fetch_optional(&mut *tx)
         .await?;
         match ended {
@@ -454,16 +494,25 @@ impl EdgeApi {
                 .await?;
             }
             None => {
-                let exists: bool = sqlx::query_scalar(
-                    "SELECT EXISTS (SELECT 1 FROM tunnel_sessions WHERE id = $1)",
+                let owner: Option<Option<String>> = sqlx::query_scalar(
+                    "SELECT e.token_id FROM tunnel_sessions s
+                     LEFT JOIN edges e ON e.id = s.edge_id WHERE s.id = $1",
                 )
                 .bind(id)
-                .fetch_one(&mut *tx)
+                .fetch_optional(&mut *tx)
                 .await?;
-                if !exists {
-                    return Err(ApiError::NotFound(format!(
-                        "tunnel session {id} does not exist"
-                    )));
+                match owner {
+                    None => {
+                        return Err(ApiError::NotFound(format!(
+                            "tunnel session {id} does not exist"
+                        )))
+                    }
+                    Some(t) if t.as_deref() != Some(caller.token_id.as_str()) => {
+                        return Err(ApiError::PermissionDenied(format!(
+                            "tunnel session {id} belongs to another edge"
+                        )))
+                    }
+                    Some(_) => {}
                 }
                 // Already ended (killed or taken over): closing again is fine.
             }
@@ -486,6 +535,7 @@ impl EdgeApi {
             ));
         }
         let edge_id = parse_uuid("edge_id", &req.edge_id)?;
+        self.own_edge(&caller, edge_id).await?;
         // The last entry wins when a session appears twice in one report.
         let mut reported: BTreeMap<Uuid, (Counters, i64)> = BTreeMap::new();
         for s in &req.stats {

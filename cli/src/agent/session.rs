@@ -344,6 +344,9 @@ async fn connect_once(
     let conn_cancel = shutdown.child_token();
     let ready_urls = urls;
     let printed2 = Arc::clone(&printed);
+    // Set once the edge says the tunnels are routable: by then it knows the session, so
+    // extra lanes can join it.
+    let (routable_tx, mut routable_rx) = tokio::sync::watch::channel(false);
     let team = answer.team.clone();
     let edge_addr = edge.addr.clone();
     let closed_cancel = conn_cancel.clone();
@@ -358,6 +361,7 @@ async fn connect_once(
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 return;
             }
+            let _ = routable_tx.send(true);
             let forwards = ready_urls.values();
             let forwards = forwards.flat_map(|(l, p)| p.iter().map(|u| (u.clone(), l.clone())));
             crate::inspect::recorder().set_online(&edge_addr, &team, forwards.collect());
@@ -397,17 +401,26 @@ async fn connect_once(
     let lanes_cancel = conn_cancel.child_token();
     let wanted = edge.lanes.min(answer.lanes).max(1);
     if wanted > 1 && !answer.lane_key.is_empty() {
-        for _ in 1..wanted {
-            tokio::spawn(keep_lane(
-                edge.clone(),
-                connector.cloned(),
-                name.clone(),
-                instance.to_owned(),
-                answer.lane_key.clone(),
-                Arc::clone(&forwarder),
-                lanes_cancel.clone(),
-            ));
-        }
+        let (edge, connector, name) = (edge.clone(), connector.cloned(), name.clone());
+        let (instance, key) = (instance.to_owned(), answer.lane_key.clone());
+        let (forwarder, cancel) = (Arc::clone(&forwarder), lanes_cancel.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                r = routable_rx.wait_for(|r| *r) => if r.is_err() { return },
+            }
+            for _ in 1..wanted {
+                tokio::spawn(keep_lane(
+                    edge.clone(),
+                    connector.clone(),
+                    name.clone(),
+                    instance.clone(),
+                    key.clone(),
+                    Arc::clone(&forwarder),
+                    cancel.clone(),
+                ));
+            }
+        });
     }
     let _lanes_end = lanes_cancel.drop_guard();
     let result = done_rx.await;

@@ -448,16 +448,7 @@ async fn authtoken_add_reads_the_token_from_stdin_and_the_agent_uses_it() {
 async fn https_visitors_reach_the_tunnel_and_the_local_server_sees_proto_https() {
     let local = local_http_server().await;
     let id = identity();
-    let edge = start_edge_with(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        id.clone(),
-        None,
-        true,
-        |_| {},
-    )
-    .await;
+    let edge = start_edge_with(standalone_control(), id.clone(), None, true, |_| {}).await;
     let port = local.port().to_string();
     let agent = start_agent(
         &edge,
@@ -561,9 +552,7 @@ async fn a_plaintext_agent_connection_works_for_benchmarks_on_one_machine() {
         domain: "localhost".into(),
         public_url_template: None,
         agent_addr: None,
-        control: burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
+        control: standalone_control(),
         agent_tls: identity(),
         agent_plaintext: true,
         visitor_tls: None,

@@ -471,9 +471,7 @@ async fn an_ip_deny_rule_wins_over_an_allow_rule_for_http_and_websocket() {
 /// An edge whose visitor listener is on `[::1]`.
 async fn ipv6_edge() -> Edge {
     start_edge_on(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
+        standalone_control(),
         identity(),
         None,
         false,

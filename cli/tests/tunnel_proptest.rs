@@ -699,9 +699,7 @@ async fn tunnel(setup: Setup) -> Tunnel {
     let (local, jobs) = raw_server().await;
     let id = identity();
     let edge = start_edge_full(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
+        standalone_control(),
         id.clone(),
         None,
         setup.visitor_tls,

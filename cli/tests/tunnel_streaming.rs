@@ -262,9 +262,7 @@ async fn server_sent_events_arrive_one_at_a_time() {
 async fn the_tunnel_comes_back_within_two_seconds_of_the_edge_restarting() {
     let local = local_http_server().await;
     let id = identity();
-    let control = || burrow_edge::ControlConfig::Standalone {
-        agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-    };
+    let control = || standalone_control();
     let edge = start_edge(control(), id.clone(), None, |_| {}).await;
     let agent_addr = edge.agent;
     let port = local.port().to_string();

@@ -1630,6 +1630,22 @@ async fn lanes_settle(edge: &Edge, n: f64) {
     .await;
 }
 
+/// Waits until the gauge reads `n`, and checks it still does half a second later (no agent
+/// keeps trying for more).
+async fn lanes_stay(edge: &Edge, n: f64) {
+    lanes_settle(edge, n).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lanes_settle(edge, n).await;
+}
+
+/// Sends `text` on a new WebSocket to `sub` and expects it echoed.
+async fn echoes(edge: &Edge, sub: &str, text: &str) {
+    let (mut ws, _) = connect(edge, sub, "/", &[]).await;
+    ws.send(Message::text(text)).await.unwrap();
+    let echoed = tokio::time::timeout(STEP, ws.next()).await.unwrap();
+    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == text));
+}
+
 #[tokio::test]
 async fn an_agent_opens_its_lanes_and_visitors_share_them_beside_a_bulk_stream() {
     let edge = standalone_edge().await;
@@ -1679,24 +1695,15 @@ async fn an_agent_opens_its_lanes_and_visitors_share_them_beside_a_bulk_stream()
 async fn the_edge_caps_an_agents_lanes_and_refuses_a_lane_without_its_sessions_key() {
     use burrow_proto::tunnel::{read_message, write_message, PROTOCOL_VERSION};
     use burrow_proto::v1 as pb;
-    let edge = start_edge_full(
-        burrow_edge::ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        false,
-        true,
-        |l| l.max_agent_lanes = 2,
-    )
+    let edge = start_edge_full(standalone_control(), identity(), None, false, true, |l| {
+        l.max_agent_lanes = 2
+    })
     .await;
     let port = local_ws_echo().await.port().to_string();
     let args = ["http", &port, "--subdomain", "capped", "--lanes", "4"];
     let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
-    lanes_settle(&edge, 2.0).await;
     // The agent asks for no more than the edge allows.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    lanes_settle(&edge, 2.0).await;
+    lanes_stay(&edge, 2.0).await;
 
     // A lane with a made-up key for the live session (edge-local id 0) is refused, and says why.
     let mut s = TcpStream::connect(edge.agent).await.unwrap();
@@ -1711,10 +1718,7 @@ async fn the_edge_caps_an_agents_lanes_and_refuses_a_lane_without_its_sessions_k
     assert!(answer.error.contains("session is gone"), "{}", answer.error);
     lanes_settle(&edge, 2.0).await;
 
-    let (mut ws, _) = connect(&edge, "capped", "/", &[]).await;
-    ws.send(Message::text("still here")).await.unwrap();
-    let echoed = tokio::time::timeout(STEP, ws.next()).await.unwrap();
-    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == "still here"));
+    echoes(&edge, "capped", "still here").await;
     let log = agent.stderr_text().await;
     assert!(!log.contains("reconnect"), "{log}");
     edge.stop().await;
@@ -1727,15 +1731,10 @@ async fn lanes_leave_a_quarter_of_the_edges_agent_connections_to_new_agents() {
     let args = ["http", &port, "--subdomain", "greedy", "--lanes", "8"];
     let _greedy = start_agent(&edge, STANDALONE_TOKEN, &args).await;
     // Six of eight: two stay free.
-    lanes_settle(&edge, 6.0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    lanes_settle(&edge, 6.0).await;
+    lanes_stay(&edge, 6.0).await;
     let args = ["http", &port, "--subdomain", "later", "--lanes", "1"];
     let _later = start_agent(&edge, STANDALONE_TOKEN, &args).await;
     lanes_settle(&edge, 7.0).await;
-    let (mut ws, _) = connect(&edge, "later", "/", &[]).await;
-    ws.send(Message::text("room")).await.unwrap();
-    let echoed = tokio::time::timeout(STEP, ws.next()).await.unwrap();
-    assert!(matches!(echoed, Some(Ok(Message::Text(t))) if t.as_str() == "room"));
+    echoes(&edge, "later", "room").await;
     edge.stop().await;
 }

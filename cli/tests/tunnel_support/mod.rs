@@ -172,17 +172,16 @@ pub async fn standalone_edge() -> Edge {
     standalone_edge_with(|_| {}).await
 }
 
+/// Settings of an edge without a control plane that accepts [`STANDALONE_TOKEN`].
+pub fn standalone_control() -> ControlConfig {
+    ControlConfig::Standalone {
+        agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
+    }
+}
+
 /// Like [`standalone_edge`], with `tweak` applied to the limits.
 pub async fn standalone_edge_with(tweak: impl FnOnce(&mut Limits)) -> Edge {
-    start_edge(
-        ControlConfig::Standalone {
-            agent_tokens: vec![STANDALONE_TOKEN.to_owned().into()],
-        },
-        identity(),
-        None,
-        tweak,
-    )
-    .await
+    start_edge(standalone_control(), identity(), None, tweak).await
 }
 
 /// A running `burrow` agent process.

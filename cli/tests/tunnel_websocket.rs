@@ -1738,3 +1738,58 @@ async fn lanes_leave_a_quarter_of_the_edges_agent_connections_to_new_agents() {
     echoes(&edge, "later", "room").await;
     edge.stop().await;
 }
+
+/// A TCP relay to `to`; each accepted connection's task is kept so a test can cut it.
+async fn cuttable_relay(
+    to: std::net::SocketAddr,
+) -> (
+    std::net::SocketAddr,
+    Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(Mutex::new(Vec::new()));
+    let kept = Arc::clone(&conns);
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = listener.accept().await {
+            let task = tokio::spawn(async move {
+                if let Ok(mut b) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }
+            });
+            kept.lock().await.push(task);
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn a_lane_that_drops_is_opened_again_and_the_tunnel_never_goes_down() {
+    let mut edge = standalone_edge().await;
+    let (relay, conns) = cuttable_relay(edge.agent).await;
+    let real = std::mem::replace(&mut edge.agent, relay);
+    let port = local_ws_echo().await.port().to_string();
+    let args = ["http", &port, "--subdomain", "sturdy", "--lanes", "3"];
+    let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    edge.agent = real;
+    lanes_settle(&edge, 3.0).await;
+    assert_eq!(conns.lock().await.len(), 3);
+
+    // Cut the second connection (an extra lane; the first bound the names).
+    conns.lock().await[1].abort();
+    let started = std::time::Instant::now();
+    while conns.lock().await.len() < 4 {
+        assert!(
+            started.elapsed() < STEP,
+            "the agent did not open the lane again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lanes_settle(&edge, 3.0).await;
+    for i in 0..6 {
+        echoes(&edge, "sturdy", &format!("message {i}")).await;
+    }
+    let log = agent.stderr_text().await;
+    assert!(!log.contains("reconnect"), "{log}");
+    edge.stop().await;
+}

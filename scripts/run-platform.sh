@@ -80,7 +80,10 @@ cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# Ctrl-C (or a TERM) is how this script is meant to stop: clean up and exit 0, rather than fall
+# through to the "a process exited" error below.
+trap 'cleanup; exit 0' INT TERM
 
 wait_for() { # what, check command...
   local what=$1; shift

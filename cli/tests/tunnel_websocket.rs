@@ -1728,14 +1728,35 @@ async fn the_edge_caps_an_agents_lanes_and_refuses_a_lane_without_its_sessions_k
 async fn lanes_leave_a_quarter_of_the_edges_agent_connections_to_new_agents() {
     let edge = standalone_edge_with(|l| l.max_agent_connections = 8).await;
     let port = local_ws_echo().await.port().to_string();
-    let args = ["http", &port, "--subdomain", "greedy", "--lanes", "8"];
+    let args = ["http", &port, "--subdomain", "first", "--lanes", "3"];
+    let mut first = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    lanes_settle(&edge, 3.0).await;
+    let args = [
+        "http",
+        &port,
+        "--subdomain",
+        "greedy",
+        "--lanes",
+        "8",
+        "--lane-retry-secs",
+        "1",
+    ];
     let _greedy = start_agent(&edge, STANDALONE_TOKEN, &args).await;
-    // Six of eight: two stay free.
+    // Six of eight in use: two stay free for agents' first connections.
     lanes_stay(&edge, 6.0).await;
     let args = ["http", &port, "--subdomain", "later", "--lanes", "1"];
     let _later = start_agent(&edge, STANDALONE_TOKEN, &args).await;
     lanes_settle(&edge, 7.0).await;
     echoes(&edge, "later", "room").await;
+
+    // Once the first agent leaves, the greedy one asks again and gets lanes up to the reserve.
+    first.child.kill().await.unwrap();
+    burrow_admin::Scrape::until(edge.admin, STEP, "the greedy agent's lanes", |s| {
+        s.get("burrow_edge_agent_sessions", &[]) == 2.0
+            && s.get("burrow_edge_agent_lanes", &[]) == 6.0
+    })
+    .await;
+    echoes(&edge, "greedy", "more room").await;
     edge.stop().await;
 }
 

@@ -131,6 +131,11 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = session::DEFAULT_LANES,
           value_parser = clap::value_parser!(u32).range(1..=64))]
     lanes: u32,
+    /// Seconds to wait before asking again for a lane the edge had no room for (its
+    /// --max-agent-lanes, or few of its agent connections left).
+    #[arg(long, default_value_t = session::DEFAULT_LANE_RETRY_SECS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    lane_retry_secs: u64,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -354,6 +359,7 @@ async fn run_tunnels(
         stall_buffer: args.stall_buffer_bytes,
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
         lanes: args.lanes,
+        lane_retry: std::time::Duration::from_secs(args.lane_retry_secs),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -49,6 +49,9 @@ const KEEPALIVE: Duration = Duration::from_secs(10);
 /// finds a lane without a bulk transfer in it (with two, measured in BENCHMARKS.md, it shared
 /// one about half the time: a stream's load is unknown when it opens).
 pub(crate) const DEFAULT_LANES: u32 = 4;
+/// Default of `--lane-retry-secs`: how long an agent waits before asking again for a lane the
+/// edge had no room for.
+pub(crate) const DEFAULT_LANE_RETRY_SECS: u64 = 30;
 
 /// Where and how to reach the edge.
 #[derive(Debug, Clone)]
@@ -72,6 +75,8 @@ pub(crate) struct EdgeSpec {
     pub(crate) stopped_reader_grace: std::time::Duration,
     /// Connections to open, the first included, when the edge allows as many (`--lanes`).
     pub(crate) lanes: u32,
+    /// Pause before asking again for a lane the edge had no room for (`--lane-retry-secs`).
+    pub(crate) lane_retry: Duration,
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -558,8 +563,17 @@ async fn keep_lane(
             r = attempt => r,
         };
         match outcome {
+            Ok((_, answer)) if answer.error_code == "RESOURCE_EXHAUSTED" => {
+                // The session is at the edge's lane limit or the edge near its connection
+                // limit: ask again later, when room may have freed up.
+                tracing::debug!(err = %answer.error, "the edge has no room for an extra lane now");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(edge.lane_retry) => continue,
+                }
+            }
             Ok((_, answer)) if !answer.error.is_empty() => {
-                // The session is gone or full: the first connection's own loop takes over.
+                // The session is gone: the first connection's own loop reconnects.
                 tracing::debug!(err = %answer.error, "the edge refused an extra lane");
                 return;
             }

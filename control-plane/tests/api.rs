@@ -246,6 +246,19 @@ impl TestApp {
         (token, registered.edge_id)
     }
 
+    /// Alice owning team acme, a registered edge (token, id) and the edge's authorization of an
+    /// agent token of acme for `names`.
+    async fn acme_agent_on_edge(
+        &self,
+        names: &[&str],
+    ) -> (User, String, String, v1::AuthorizeAgentResponse) {
+        let alice = self.owner("alice@example.com", "acme").await;
+        let (edge, edge_id) = self.edge().await;
+        let agent = self.agent_token(&alice, "acme", &[]).await;
+        let auth = self.authorize(&edge, &agent.secret, names).await.unwrap();
+        (alice, edge, edge_id, auth)
+    }
+
     async fn authorize(
         &self,
         edge_token: &str,
@@ -1521,13 +1534,7 @@ async fn next_event(stream: &mut tonic::Streaming<v1::WatchEvent>) -> v1::watch_
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn watch_starts_with_hello_then_pushes_revocations_reservations_and_kills(pool: PgPool) {
     let app = spawn_app(pool).await;
-    let alice = app.owner("alice@example.com", "acme").await;
-    let (edge, edge_id) = app.edge().await;
-    let agent = app.agent_token(&alice, "acme", &[]).await;
-    let auth = app
-        .authorize(&edge, &agent.secret, &["demo"])
-        .await
-        .unwrap();
+    let (alice, edge, edge_id, auth) = app.acme_agent_on_edge(&["demo"]).await;
     let session = app.open(&edge, &edge_id, &auth, "demo").await.unwrap();
 
     let mut stream = app
@@ -1621,13 +1628,7 @@ async fn watch_starts_with_hello_then_pushes_revocations_reservations_and_kills(
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn tunnels_are_listed_watched_and_killed_for_their_team(pool: PgPool) {
     let app = spawn_app(pool).await;
-    let alice = app.owner("alice@example.com", "acme").await;
-    let (edge, edge_id) = app.edge().await;
-    let agent = app.agent_token(&alice, "acme", &[]).await;
-    let auth = app
-        .authorize(&edge, &agent.secret, &["demo"])
-        .await
-        .unwrap();
+    let (alice, edge, edge_id, auth) = app.acme_agent_on_edge(&["demo"]).await;
     let mut events = app
         .tunnels()
         .watch_tunnels(req(&alice.token, v1::WatchTunnelsRequest::default()))
@@ -2940,13 +2941,7 @@ async fn usage_is_shown_to_team_members_for_a_checked_range_of_days(pool: PgPool
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn an_edge_token_acts_only_for_the_edge_it_was_made_for(pool: PgPool) {
     let app = spawn_app(pool).await;
-    let alice = app.owner("alice@example.com", "acme").await;
-    let (edge1, edge1_id) = app.edge().await;
-    let agent = app.agent_token(&alice, "acme", &[]).await;
-    let auth = app
-        .authorize(&edge1, &agent.secret, &["chat"])
-        .await
-        .unwrap();
+    let (_, edge1, edge1_id, auth) = app.acme_agent_on_edge(&["chat"]).await;
     let session = app.open(&edge1, &edge1_id, &auth, "chat").await.unwrap();
 
     // Edge 1's token cannot register under another name (and so take it over).

@@ -246,6 +246,21 @@ impl TestApp {
         (token, registered.edge_id)
     }
 
+    /// Registers edge `name` (domain `localhost`) with `token`.
+    async fn register(&self, token: &str, name: &str) -> Result<v1::RegisterEdgeResponse, Status> {
+        self.edges()
+            .register_edge(req(
+                token,
+                v1::RegisterEdgeRequest {
+                    name: name.into(),
+                    domain: "localhost".into(),
+                    ..Default::default()
+                },
+            ))
+            .await
+            .map(|r| r.into_inner())
+    }
+
     /// Alice owning team acme, a registered edge (token, id) and the edge's authorization of an
     /// agent token of acme for `names`.
     async fn acme_agent_on_edge(
@@ -2795,20 +2810,7 @@ async fn usage_grows_by_what_each_report_added_and_never_shrinks(pool: PgPool) {
     let other_token = burrow_control::create_edge_token(&app.pool, "edge-2")
         .await
         .unwrap();
-    let other_id = app
-        .edges()
-        .register_edge(req(
-            &other_token,
-            v1::RegisterEdgeRequest {
-                name: "edge-2".into(),
-                domain: "localhost".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .edge_id;
+    let other_id = app.register(&other_token, "edge-2").await.unwrap().edge_id;
     app.report(
         &other_token,
         &other_id,
@@ -2945,18 +2947,7 @@ async fn an_edge_token_acts_only_for_the_edge_it_was_made_for(pool: PgPool) {
     let session = app.open(&edge1, &edge1_id, &auth, "chat").await.unwrap();
 
     // Edge 1's token cannot register under another name (and so take it over).
-    let other_name = app
-        .edges()
-        .register_edge(req(
-            &edge1,
-            v1::RegisterEdgeRequest {
-                name: "edge-9".into(),
-                domain: "localhost".into(),
-                ..Default::default()
-            },
-        ))
-        .await
-        .unwrap_err();
+    let other_name = app.register(&edge1, "edge-9").await.unwrap_err();
     assert_eq!(other_name.code(), Code::PermissionDenied);
     assert!(
         other_name.message().contains("made for edge \"edge-1\""),

@@ -105,6 +105,10 @@ pub struct Limits {
     /// Largest relay buffer of an upgraded (WebSocket) connection per direction, in bytes
     /// (4 KiB at first, this much under bulk transfer, 4 KiB again once a burst is over).
     pub relay_buffer_bytes: usize,
+    /// Bytes a relay direction moves while its source keeps data ready before it lets the
+    /// other tasks of its worker thread run (`relay::RelayOptions::yield_after`), so a bulk
+    /// transfer does not hold back a small message of another connection. `0` never yields.
+    pub relay_yield_bytes: usize,
     /// Backlog the edge keeps reading from the agent link for a visitor that does not read,
     /// in bytes, per WebSocket (`relay::RelayOptions::stall_buffer`) and per response body
     /// (`backlog::drain`). When it is full and came in small frames the edge ends that
@@ -193,6 +197,7 @@ impl Default for Limits {
             agent_max_header_list_bytes: 256 * 1024,
             agent_keepalive_interval: Duration::from_secs(10),
             relay_buffer_bytes: 64 * 1024,
+            relay_yield_bytes: crate::relay::DEFAULT_YIELD_AFTER,
             stall_buffer_bytes: crate::relay::DEFAULT_STALL_BUFFER,
             stopped_reader_grace: crate::relay::DEFAULT_STOPPED_READER_GRACE,
             ws_ping_interval: Some(Duration::from_secs(30)),

@@ -184,6 +184,13 @@ struct Args {
     /// read or a second without data, so a connection's relay holds at most twice this.
     #[arg(long, default_value_t = Limits::default().relay_buffer_bytes)]
     relay_buffer_bytes: usize,
+    /// Bytes a WebSocket relay moves in one direction, while its source keeps data ready,
+    /// before it lets the other connections on its worker thread run. A bulk transfer then
+    /// holds back a small message of another visitor by one chunk at most, not by up to 8 MiB
+    /// (Tokio's cooperative budget of 128 reads). Smaller favours latency under load, larger
+    /// throughput; 0 never yields.
+    #[arg(long, default_value_t = Limits::default().relay_yield_bytes)]
+    relay_yield_bytes: usize,
     /// Bytes the edge keeps reading from the agent for a visitor that reads nothing (per
     /// WebSocket and per response body). When they are full and came in small frames (under
     /// 1 KiB on average), the edge ends that WebSocket (1008) or response rather than leave
@@ -387,6 +394,7 @@ fn limits(args: &Args) -> Limits {
         h2_max_frame_size: args.h2_max_frame_size,
         agent_max_header_list_bytes: args.agent_max_header_list_bytes,
         relay_buffer_bytes: args.relay_buffer_bytes,
+        relay_yield_bytes: args.relay_yield_bytes,
         stall_buffer_bytes: args.stall_buffer_bytes,
         stopped_reader_grace: Duration::from_millis(args.stopped_reader_grace_ms),
         ws_close_timeout: Duration::from_secs(args.ws_close_timeout),
@@ -499,6 +507,7 @@ mod tests {
             "--admin-header-timeout=18",
             "--stall-buffer-bytes=19",
             "--stopped-reader-grace-ms=20",
+            "--relay-yield-bytes=21",
         ]);
         let secs = Duration::from_secs;
         assert_eq!(l.max_agent_connections, 7);
@@ -509,6 +518,7 @@ mod tests {
         assert_eq!(l.h2_max_frame_size, 32_768);
         assert_eq!(l.agent_max_header_list_bytes, 65_536);
         assert_eq!(l.relay_buffer_bytes, 11);
+        assert_eq!(l.relay_yield_bytes, 21);
         assert_eq!(l.ws_close_timeout, secs(12));
         assert_eq!(l.authorization_cache_ttl, secs(13));
         assert_eq!(l.authorization_cache_entries, 14);

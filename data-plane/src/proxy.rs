@@ -402,6 +402,7 @@ async fn handle(
             link_source: Some(crate::relay::Direction::ToVisitor),
             stall_buffer: state.config.limits.stall_buffer_bytes,
             link_budget: Some(Arc::clone(&lane.small_frames)),
+            yield_after: state.config.limits.relay_yield_bytes,
         };
         let route = Arc::clone(&route);
         let stop = route.agent.cancel.clone();

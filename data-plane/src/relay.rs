@@ -34,6 +34,9 @@ const INITIAL_BUFFER: usize = 4096;
 /// sent nothing for this long, so a connection that once carried a large message does not
 /// hold the large buffer for the rest of its life.
 const SHRINK_AFTER: Duration = Duration::from_secs(1);
+
+/// Default [`RelayOptions::yield_after`]: about one large read (relay buffers grow to 64 KiB).
+pub const DEFAULT_YIELD_AFTER: usize = 32 * 1024;
 /// Average read size, in bytes, below which a stalled destination's backlog counts as small
 /// frames (see [`RelayOptions::stall_buffer`]). Each read of an agent-link stream returns at
 /// most one HTTP/2 DATA frame; h2 charges every buffered frame under 256 bytes against one
@@ -203,6 +206,13 @@ pub struct RelayOptions {
     /// The agent link's [`LinkBudget`], shared by its relays; without one a slow reader of
     /// small frames is paused without limit.
     pub link_budget: Option<Arc<LinkBudget>>,
+    /// Bytes one direction moves without its source ever making it wait before it yields to
+    /// the scheduler (`tokio::task::yield_now`, which lets the worker look for I/O events
+    /// first). A bulk transfer whose source always has data ready would otherwise keep its
+    /// worker thread for Tokio's whole cooperative budget of 128 reads (up to 8 MiB at 64 KiB
+    /// a read) while a small message of another connection waits on the same thread.
+    /// `0` never yields.
+    pub yield_after: usize,
 }
 
 /// Relays `visitor` ↔ `agent` until both directions end (or one ended and the other
@@ -754,6 +764,8 @@ async fn pump<R, W>(
     };
     let started = tokio::time::Instant::now();
     let mut total: u64 = 0;
+    // Bytes moved since this direction last waited for its source or yielded.
+    let mut since_yield = 0usize;
     let rate = opts.max_bytes_per_second.filter(|r| *r > 0);
     // With a backlog, the byte rate holds back the writes and the reads go on.
     let mut pace = rate
@@ -795,7 +807,13 @@ async fn pump<R, W>(
             reserved = 0;
         }
         let read = tokio::select! {
-            step = poll_fn(|cx| poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_deref_mut(), stopped: stopped.as_mut() }, cx)) => {
+            step = poll_fn(|cx| {
+                let r = poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_deref_mut(), stopped: stopped.as_mut() }, cx);
+                if r.is_pending() {
+                    since_yield = 0;
+                }
+                r
+            }) => {
                 match step {
                     Step::Read(r) => r,
                     Step::CaughtUp => continue,
@@ -936,6 +954,11 @@ async fn pump<R, W>(
                     break End::WriteError;
                 }
                 total += n as u64;
+                since_yield += n;
+                if opts.yield_after > 0 && since_yield >= opts.yield_after {
+                    since_yield = 0;
+                    tokio::task::yield_now().await;
+                }
                 if next_len > buf.len() {
                     buf.resize(next_len, 0);
                     shrink
@@ -1188,7 +1211,7 @@ mod stall_tests {
         }
     }
 
-    fn opts() -> RelayOptions {
+    pub(super) fn opts() -> RelayOptions {
         RelayOptions {
             buffer: 64 * 1024,
             ping_interval: None,
@@ -1200,6 +1223,7 @@ mod stall_tests {
             link_source: Some(Direction::ToVisitor),
             stall_buffer: 16 * 1024,
             link_budget: None,
+            yield_after: super::DEFAULT_YIELD_AFTER,
         }
     }
 
@@ -1577,5 +1601,123 @@ mod stall_tests {
         let (p, _budget) = stopped_on_large_frames(65_535).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), p.run).await;
         assert_masked_1008(&p.written.lock().unwrap(), b"the visitor stopped reading");
+    }
+}
+
+#[cfg(test)]
+mod yield_tests {
+    use super::{relay, RelayOptions};
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio_util::sync::CancellationToken;
+
+    /// A visitor sending one endless masked binary frame that is always ready (a bulk upload
+    /// that never makes the relay wait); counts the bytes it handed out. Writes are dropped.
+    struct Endless {
+        given: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Endless {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.given.load(Ordering::SeqCst) == 0 {
+                // FIN + binary, masked, 64-bit length of 2^40, mask key.
+                buf.put_slice(&[0x82, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 1, 2, 3, 4]);
+            } else {
+                buf.put_slice(&vec![0x5a; buf.remaining()]);
+            }
+            self.given.fetch_add(buf.filled().len(), Ordering::SeqCst);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A local server that sends nothing and takes every byte.
+    struct Quiet;
+
+    impl AsyncRead for Quiet {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Endless {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Quiet {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// On one thread, a relay whose source never makes it wait still lets another task run
+    /// every `yield_after` bytes (plus at most one read), and keeps moving bytes between.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_bulk_direction_lets_the_other_tasks_of_its_thread_run() {
+        let yield_after = 32 * 1024;
+        let given = Arc::new(AtomicUsize::new(0));
+        let visitor = Endless {
+            given: Arc::clone(&given),
+        };
+        let opts = RelayOptions {
+            link_source: None,
+            yield_after,
+            ..super::stall_tests::opts()
+        };
+        let stop = CancellationToken::new();
+        let run = tokio::spawn(relay(visitor, Quiet, opts.clone(), stop.clone()));
+        let mut seen = 0;
+        for turn in 0..20 {
+            // This task gets the thread back only when the relay yields.
+            tokio::task::yield_now().await;
+            let now = given.load(Ordering::SeqCst);
+            let moved = now - seen;
+            assert!(
+                moved <= yield_after + opts.buffer,
+                "turn {turn}: the relay moved {moved} bytes before it let this task run"
+            );
+            if turn > 0 {
+                assert!(moved > 0, "turn {turn}: the relay moved nothing");
+            }
+            seen = now;
+        }
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the relay ends once stopped")
+            .expect("the relay task did not panic");
     }
 }

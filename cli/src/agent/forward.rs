@@ -71,6 +71,9 @@ pub(crate) struct Forwarder {
     /// full and came in small frames, the agent closes that WebSocket (1008) rather than let
     /// h2's budget for small frames end the whole connection to the edge.
     pub(crate) stall_buffer: usize,
+    /// Bytes a relay direction moves with data always ready before it yields
+    /// (`RelayOptions::yield_after`, `--relay-yield-bytes`).
+    pub(crate) relay_yield: usize,
     /// Cancelled when the agent shuts down: open WebSockets get a 1001 close.
     pub(crate) stop: tokio_util::sync::CancellationToken,
     /// Called once when the edge says the tunnels are routable.
@@ -399,6 +402,7 @@ impl Forwarder {
 
         let stop = self.stop.clone();
         let stall_buffer = self.stall_buffer;
+        let yield_after = self.relay_yield;
         let link_budget = Some(small_frames);
         tokio::spawn(async move {
             let (edge, local) = match tokio::join!(edge_upgrade, local_upgrade) {
@@ -419,6 +423,7 @@ impl Forwarder {
                 link_source: Some(burrow_edge::relay::Direction::ToLocal),
                 stall_buffer,
                 link_budget,
+                yield_after,
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.

@@ -116,6 +116,12 @@ pub(crate) struct EdgeArgs {
     /// every tunnel on the connection. 0 turns this off.
     #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_STALL_BUFFER)]
     stall_buffer_bytes: usize,
+    /// Bytes a WebSocket relay moves in one direction, while its source keeps data ready,
+    /// before it lets the other connections on its worker thread run, so a bulk transfer holds
+    /// back a small message of another visitor by one chunk at most. Smaller favours latency
+    /// under load, larger throughput; 0 never yields.
+    #[arg(long, default_value_t = burrow_edge::relay::DEFAULT_YIELD_AFTER)]
+    relay_yield_bytes: usize,
     /// Milliseconds a local server may take nothing while its backlog (--stall-buffer-bytes)
     /// is full before it counts as stopped. Stopped local servers may hold at most half of
     /// the connection's HTTP/2 window, one stream window each; the agent ends the WebSocket
@@ -357,6 +363,7 @@ async fn run_tunnels(
         stream_window: args.h2_stream_window,
         connection_window: args.h2_connection_window,
         stall_buffer: args.stall_buffer_bytes,
+        relay_yield: args.relay_yield_bytes,
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
         lanes: args.lanes,
         lane_retry: std::time::Duration::from_secs(args.lane_retry_secs),

@@ -70,6 +70,9 @@ pub(crate) struct EdgeSpec {
     pub(crate) connection_window: u32,
     /// Backlog of a WebSocket whose local server stopped reading (`--stall-buffer-bytes`).
     pub(crate) stall_buffer: usize,
+    /// Bytes a relay direction moves with data always ready before it yields
+    /// (`--relay-yield-bytes`).
+    pub(crate) relay_yield: usize,
     /// How long a local server may take nothing with its backlog full before it counts as
     /// stopped (`--stopped-reader-grace-ms`).
     pub(crate) stopped_reader_grace: std::time::Duration,
@@ -361,6 +364,7 @@ async fn connect_once(
         client: local_client(Arc::clone(&dialer)),
         dialer,
         stall_buffer: edge.stall_buffer,
+        relay_yield: edge.relay_yield,
         stop: shutdown.clone(),
         on_ready: Box::new(move || {
             if printed2.swap(true, std::sync::atomic::Ordering::SeqCst) {

@@ -1615,59 +1615,35 @@ mod yield_tests {
     use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
     use tokio_util::sync::CancellationToken;
 
-    /// A visitor sending one endless masked binary frame that is always ready (a bulk upload
-    /// that never makes the relay wait); counts the bytes it handed out. Writes are dropped.
-    struct Endless {
-        given: Arc<AtomicUsize>,
+    /// One end of the relay; every write is taken. With `given`, a visitor sending one
+    /// endless masked binary frame that is always ready (a bulk upload that never makes the
+    /// relay wait), counting the bytes it handed out; without, a local server that sends
+    /// nothing.
+    struct End {
+        given: Option<Arc<AtomicUsize>>,
     }
 
-    impl AsyncRead for Endless {
+    impl AsyncRead for End {
         fn poll_read(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
             buf: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
-            if self.given.load(Ordering::SeqCst) == 0 {
+            let Some(given) = &self.given else {
+                return Poll::Pending;
+            };
+            if given.load(Ordering::SeqCst) == 0 {
                 // FIN + binary, masked, 64-bit length of 2^40, mask key.
                 buf.put_slice(&[0x82, 0xff, 0, 0, 1, 0, 0, 0, 0, 0, 1, 2, 3, 4]);
             } else {
                 buf.put_slice(&vec![0x5a; buf.remaining()]);
             }
-            self.given.fetch_add(buf.filled().len(), Ordering::SeqCst);
+            given.fetch_add(buf.filled().len(), Ordering::SeqCst);
             Poll::Ready(Ok(()))
         }
     }
 
-    /// A local server that sends nothing and takes every byte.
-    struct Quiet;
-
-    impl AsyncRead for Quiet {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Pending
-        }
-    }
-
-    impl AsyncWrite for Endless {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for Quiet {
+    impl AsyncWrite for End {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut Context<'_>,
@@ -1689,8 +1665,8 @@ mod yield_tests {
     async fn a_bulk_direction_lets_the_other_tasks_of_its_thread_run() {
         let yield_after = 32 * 1024;
         let given = Arc::new(AtomicUsize::new(0));
-        let visitor = Endless {
-            given: Arc::clone(&given),
+        let visitor = End {
+            given: Some(Arc::clone(&given)),
         };
         let opts = RelayOptions {
             link_source: None,
@@ -1698,7 +1674,12 @@ mod yield_tests {
             ..super::stall_tests::opts()
         };
         let stop = CancellationToken::new();
-        let run = tokio::spawn(relay(visitor, Quiet, opts.clone(), stop.clone()));
+        let run = tokio::spawn(relay(
+            visitor,
+            End { given: None },
+            opts.clone(),
+            stop.clone(),
+        ));
         let mut seen = 0;
         for turn in 0..20 {
             // This task gets the thread back only when the relay yields.

@@ -190,6 +190,126 @@ async fn a_refused_local_server_gets_a_502_page_saying_so() {
     assert!(text.contains(&target), "{text}");
 }
 
+/// A local server that reads each connection's request head and then answers with `reply`
+/// (empty: closes at once), once per connection.
+async fn misbehaving_local_server(reply: &'static [u8]) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(reply).await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn a_local_server_that_hangs_up_or_answers_garbage_gets_a_502_page_saying_which() {
+    let edge = standalone_edge().await;
+    let cases: [(&str, &'static [u8], &str); 3] = [
+        (
+            "hangup",
+            b"",
+            "closed the connection without a complete response",
+        ),
+        (
+            "cutoff",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            "",
+        ),
+        (
+            "garbage",
+            b"SSH-2.0-OpenSSH_9.6\r\n\r\n",
+            "did not answer with valid HTTP/1.1",
+        ),
+    ];
+    let mut agents = Vec::new();
+    for (name, reply, _) in cases {
+        let port = misbehaving_local_server(reply).await.to_string();
+        agents.push(
+            start_agent(
+                &edge,
+                STANDALONE_TOKEN,
+                &["http", &port, "--subdomain", name],
+            )
+            .await,
+        );
+    }
+    for (name, _, words) in cases {
+        if words.is_empty() {
+            // The head arrives, so the visitor gets the 200 and then a cut connection, within
+            // the test's time and with less than the promised body: never a hang, never a
+            // body that looks complete.
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+            let req = format!(
+                "GET / HTTP/1.1\r\nHost: {name}.localhost:{}\r\n\r\n",
+                edge.http.port()
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut got = Vec::new();
+            tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut got))
+                .await
+                .expect("the edge ends the visitor's connection")
+                .ok();
+            let text = String::from_utf8_lossy(&got);
+            assert!(text.starts_with("HTTP/1.1 200"), "{name}: {text}");
+            let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+            assert!(
+                body.len() < 10 && !body.ends_with("0\r\n\r\n"),
+                "{name}: {text}"
+            );
+            continue;
+        }
+        let (status, _, body) = visit(&edge, name, "GET", "/", &[], "").await;
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 502, "{name}: {text}");
+        assert!(text.contains(words), "{name}: {text}");
+        assert!(!text.contains("SendRequest"), "{name}: {text}");
+    }
+    // A WebSocket upgrade to a local server that hangs up gets the same page, not a hang.
+    use tokio::io::AsyncWriteExt as _;
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET /socket HTTP/1.1\r\nHost: hangup.localhost:{}\r\nConnection: Upgrade\r\n\
+         Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        edge.http.port()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let head = tokio::time::timeout(std::time::Duration::from_secs(10), read_head(&mut s))
+        .await
+        .expect("the edge answers the upgrade")
+        .expect("an answer head");
+    assert!(head.starts_with("HTTP/1.1 502"), "{head}");
+    let mut page = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !page.windows(7).any(|w| w == b"</html>") {
+        let read = tokio::io::AsyncReadExt::read(&mut s, &mut buf);
+        match tokio::time::timeout(std::time::Duration::from_secs(10), read).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            Ok(Ok(n)) => page.extend_from_slice(&buf[..n]),
+            Err(_) => panic!("the 502 page did not arrive in time"),
+        }
+    }
+    let page = String::from_utf8_lossy(&page);
+    assert!(
+        page.contains("closed the connection without a complete response"),
+        "{page}"
+    );
+}
+
 #[tokio::test]
 async fn a_tunnel_whose_agent_left_shows_a_503_offline_page() {
     let local = local_http_server().await;

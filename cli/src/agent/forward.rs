@@ -136,8 +136,57 @@ fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
     }
 }
 
+/// Why an exchange with the local server failed after the connection was made, in words for
+/// the visitor's 502 page and the agent's log: hyper's own message for such errors ("client
+/// error (SendRequest)") names no cause, so the cause is looked up in the error's sources.
+fn exchange_error_reason(target: &Target, e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_closed() {
+                return format!("{target} closed the connection without a complete response");
+            }
+            if h.is_parse_too_large() {
+                return format!("{target} sent a response head that is too large");
+            }
+            if h.is_parse_version_h2() {
+                return format!(
+                    "{target} answered in HTTP/2 without negotiation; tunnels speak HTTP/1.1 to \
+                     local servers"
+                );
+            }
+            if h.is_parse() || h.is_parse_status() {
+                return format!("{target} did not answer with valid HTTP/1.1 ({h})");
+            }
+            if h.is_timeout() {
+                return format!("{target} timed out");
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::ConnectionReset => {
+                    format!("{target} reset the connection")
+                }
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::UnexpectedEof => {
+                    format!("{target} closed the connection without a complete response")
+                }
+                _ => format!("{target} failed: {io}"),
+            };
+        }
+        cur = err.source();
+    }
+    // No known cause: every message of the chain, outermost first.
+    let mut words = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        words.push_str(": ");
+        words.push_str(&s.to_string());
+        src = s.source();
+    }
+    format!("{target} failed: {words}")
+}
+
 impl Forwarder {
-    /// Handles one stream from the edge.
     /// Handles one stream from the edge; `small_frames` is the budget of the connection
     /// (lane) it came on.
     pub(crate) async fn handle(
@@ -257,7 +306,7 @@ impl Forwarder {
                         .map(|io| connect_error_reason(&spec.target, io));
                     io.unwrap_or_else(|| format!("cannot connect to {}", spec.target))
                 } else {
-                    format!("{} failed: {e}", spec.target)
+                    exchange_error_reason(&spec.target, &e)
                 };
                 log_request(&method, &path, 502, started, 0, Some(&reason));
                 tap.failed(502, &reason);
@@ -323,7 +372,11 @@ impl Forwarder {
         let (mut sender, conn) =
             match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
                 Ok(x) => x,
-                Err(e) => return agent_error(&format!("{} failed: {e}", spec.target)),
+                Err(e) => {
+                    let r = exchange_error_reason(&spec.target, &e);
+                    log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
+                    return agent_error(&r);
+                }
             };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -366,7 +419,11 @@ impl Forwarder {
                     LOCAL_RESPONSE_TIMEOUT.as_secs()
                 ))
             }
-            Ok(Err(e)) => return agent_error(&format!("{} failed: {e}", spec.target)),
+            Ok(Err(e)) => {
+                let r = exchange_error_reason(&spec.target, &e);
+                log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
+                return agent_error(&r);
+            }
             Ok(Ok(r)) => r,
         };
         ws.response(resp.status(), resp.headers());

@@ -37,6 +37,7 @@ const SHRINK_AFTER: Duration = Duration::from_secs(1);
 
 /// Default [`RelayOptions::yield_after`]: about one large read (relay buffers grow to 64 KiB).
 pub const DEFAULT_YIELD_AFTER: usize = 32 * 1024;
+
 /// Average read size, in bytes, below which a stalled destination's backlog counts as small
 /// frames (see [`RelayOptions::stall_buffer`]). Each read of an agent-link stream returns at
 /// most one HTTP/2 DATA frame; h2 charges every buffered frame under 256 bytes against one
@@ -1612,11 +1613,11 @@ mod yield_tests {
     use std::sync::Arc;
     use std::task::{Context, Poll};
     use std::time::Duration;
-    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    use tokio::io::{AsyncRead, ReadBuf};
     use tokio_util::sync::CancellationToken;
 
-    /// One end of the relay; every write is taken. With `given`, a visitor sending one
-    /// endless masked binary frame that is always ready (a bulk upload that never makes the
+    /// The reading side of one end of the relay (writes go to `tokio::io::sink`). With
+    /// `given`, a visitor sending one endless masked binary frame that is always ready (a bulk upload that never makes the
     /// relay wait), counting the bytes it handed out; without, a local server that sends
     /// nothing.
     struct End {
@@ -1643,31 +1644,18 @@ mod yield_tests {
         }
     }
 
-    impl AsyncWrite for End {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
     /// On one thread, a relay whose source never makes it wait still lets another task run
     /// every `yield_after` bytes (plus at most one read), and keeps moving bytes between.
     #[tokio::test(flavor = "current_thread")]
     async fn a_bulk_direction_lets_the_other_tasks_of_its_thread_run() {
         let yield_after = 32 * 1024;
         let given = Arc::new(AtomicUsize::new(0));
-        let visitor = End {
-            given: Some(Arc::clone(&given)),
-        };
+        let visitor = tokio::io::join(
+            End {
+                given: Some(Arc::clone(&given)),
+            },
+            tokio::io::sink(),
+        );
         let opts = RelayOptions {
             link_source: None,
             yield_after,
@@ -1676,7 +1664,7 @@ mod yield_tests {
         let stop = CancellationToken::new();
         let run = tokio::spawn(relay(
             visitor,
-            End { given: None },
+            tokio::io::join(End { given: None }, tokio::io::sink()),
             opts.clone(),
             stop.clone(),
         ));

@@ -572,10 +572,19 @@ async fn forward(
         // Only this stream failed (the connection is fine): the answer was refused or cut.
         Ok(Err(e)) if stream_reset(&e) => {
             tracing::info!(subdomain = %route.subdomain, err = %e, "the agent's answer failed");
-            let reason = format!(
-                "its answer could not be relayed (a response head over {} bytes is refused)",
-                state.config.limits.agent_max_header_list_bytes
-            );
+            // The edge resets a stream itself only for a head over its limit; a reset from the
+            // agent means the local server's answer broke off so soon that the head had not
+            // left the agent yet (h2 drops a stream's queued frames when it is reset).
+            let reason = if h2_error(&e).is_some_and(h2::Error::is_remote) {
+                "its answer could not be relayed (the local server's response broke off before \
+                 its head reached the edge)"
+                    .to_owned()
+            } else {
+                format!(
+                    "its answer could not be relayed (a response head over {} bytes is refused)",
+                    state.config.limits.agent_max_header_list_bytes
+                )
+            };
             Err(Box::new(pages::local_failure(&route.subdomain, &reason)))
         }
         Ok(Err(e)) => {

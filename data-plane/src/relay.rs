@@ -425,7 +425,16 @@ struct Held {
     taken: u64,
     /// Bytes the destination took since the backlog last emptied.
     progress: u64,
+    /// The sizes of the last [`RECENT_READS`] reads, oldest overwritten first: a source that
+    /// switches from large frames to small ones shows it here long before in the average of
+    /// every read since the destination fell behind.
+    recent: [u32; RECENT_READS],
+    /// Reads pushed into `recent`, up to [`RECENT_READS`].
+    recent_len: usize,
 }
+
+/// How many of the latest reads [`Held`] averages besides all of them.
+const RECENT_READS: usize = 4;
 
 impl Held {
     /// Whether the destination still has to take (or flush) something.
@@ -435,13 +444,37 @@ impl Held {
 
     fn push(&mut self, data: &[u8]) {
         self.bytes.extend_from_slice(data);
+        self.count_read(data.len());
+    }
+
+    fn count_read(&mut self, len: usize) {
         self.reads += 1;
-        self.read_bytes += data.len() as u64;
+        self.read_bytes += len as u64;
+        self.recent[(self.reads as usize - 1) % RECENT_READS] =
+            u32::try_from(len).unwrap_or(u32::MAX);
+        self.recent_len = (self.recent_len + 1).min(RECENT_READS);
     }
 
     /// Whether the backlog came in small frames (reads) on average.
     fn small_frames(&self) -> bool {
         self.reads > 0 && self.read_bytes / self.reads < SMALL_FRAMES_BELOW
+    }
+
+    /// The smaller of the average read since the destination fell behind and that of the
+    /// last few reads: what pausing must expect the source to send while it waits in h2.
+    fn frame_size_lately(&self) -> u64 {
+        let all = self.read_bytes / self.reads.max(1);
+        let recent = &self.recent[..self.recent_len];
+        if recent.is_empty() {
+            return all;
+        }
+        let lately = recent.iter().map(|&n| u64::from(n)).sum::<u64>() / recent.len() as u64;
+        all.min(lately)
+    }
+
+    /// Whether the backlog's frames are small on average or have been lately.
+    fn small_frames_lately(&self) -> bool {
+        self.reads > 0 && self.frame_size_lately() < SMALL_FRAMES_BELOW
     }
 
     /// Whether the relay should end the connection now that the backlog is full: it came in
@@ -460,7 +493,7 @@ fn pause_within(budget: Option<&LinkBudget>, held: &Held, reserved: &mut i64) ->
     let Some(budget) = budget else {
         return true;
     };
-    let cost = budget.worst_case(held.read_bytes / held.reads.max(1));
+    let cost = budget.worst_case(held.frame_size_lately());
     if cost == 0 || budget.try_take(cost) {
         *reserved = cost;
         true
@@ -722,8 +755,7 @@ where
             Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
             Poll::Pending => {
                 held.bytes.extend_from_slice(&data[off..]);
-                held.reads = 1;
-                held.read_bytes = data.len() as u64;
+                held.count_read(data.len());
                 held.unflushed = true;
                 return Poll::Ready(Ok(()));
             }
@@ -908,7 +940,7 @@ async fn pump<R, W>(
                     }
                     if reserved == 0
                         && held.bytes.len() >= stall_buffer
-                        && held.small_frames()
+                        && held.small_frames_lately()
                         && !pause_within(opts.link_budget.as_deref(), &held, &mut reserved)
                     {
                         if let (true, Some(rate)) = (paced, rate) {
@@ -1552,6 +1584,68 @@ mod stall_tests {
         let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
         let back = written.lock().unwrap().clone();
         assert!(back.len() > 6 && back[0] == 0x88, "{back:?}");
+    }
+
+    #[tokio::test]
+    async fn small_frames_after_large_ones_over_the_rate_are_closed_after_a_few_reads() {
+        let (chunks, tx, _written) = agent();
+        let (visitor, mut peer) = tokio::io::duplex(64 * 1024);
+        // As above, but the backlog fills with large frames first: the switch to small ones
+        // shows in the last few reads, long before in the average of every read (which would
+        // take some 60 small reads, 7 s at this rate, to fall under the small-frame size).
+        let o = RelayOptions {
+            max_bytes_per_second: Some(1000),
+            rate_limit_grace: Duration::from_secs(60),
+            stall_buffer: 64 * 1024,
+            link_budget: Some(super::LinkBudget::new(
+                4,
+                3_000,
+                super::DEFAULT_STOPPED_READER_GRACE,
+            )),
+            ..opts()
+        };
+        let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
+        let mut frames: Vec<Vec<u8>> = (0..16u8)
+            .map(|i| {
+                let mut f = vec![0x82, 126, 0x0f, 0xfc];
+                f.resize(4096, i);
+                f
+            })
+            .collect();
+        let large: usize = frames.iter().map(Vec::len).sum();
+        // 127-byte text messages: a write of the rate's 1,024-byte quantum lets 8 in.
+        frames.extend((0..2_000u32).map(|i| {
+            let mut f = vec![0x81, 125];
+            f.resize(127, b'a' + (i % 26) as u8);
+            f
+        }));
+        let sent = frames.concat();
+        for f in frames {
+            tx.send(f).unwrap();
+        }
+        let mut got = Vec::new();
+        tokio::time::timeout(Duration::from_secs(4), peer.read_to_end(&mut got))
+            .await
+            .expect("the relay closed the connection after a few small reads")
+            .unwrap();
+        let reason = b"over the tunnel's limit of 1000 bytes/s";
+        assert!(got.len() > large + 4 + reason.len(), "{}", got.len());
+        let close_at = got.len() - 4 - reason.len();
+        assert!(got[..close_at] == sent[..close_at], "the bytes differ");
+        assert_eq!(
+            &got[close_at..close_at + 4],
+            &[0x88, 2 + reason.len() as u8, 0x03, 0xf0]
+        );
+        assert_eq!(&got[close_at + 4..], reason);
+        // Every large frame went out, then only the few small ones read before the close.
+        assert!(close_at >= large, "the backlog was lost: {close_at}");
+        assert_eq!((close_at - large) % 127, 0, "{close_at}");
+        let small = (close_at - large) / 127;
+        assert!(
+            small < 16,
+            "{small} small frames were read before the close"
+        );
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
     }
 
     /// Large frames (4,000-byte messages, 1 MiB) toward a visitor that reads nothing, on a

@@ -1042,6 +1042,9 @@ async fn pump<R, W>(
             b.give(reserved);
         }
     }
+    // The destination was given up on while the edge closed the connection: it gets nothing
+    // more, but the connection still ends as the verdict says.
+    let mut cut = false;
     if held.is_pending() && end != End::WriteError && end != End::Stalled {
         // Bytes read but not yet taken by the destination go out before anything else: at
         // the byte rate's next turn when the source ended by itself, at once when the edge
@@ -1055,11 +1058,65 @@ async fn pump<R, W>(
             }
         }
         let bytes = std::mem::take(&mut held.bytes);
-        if dst.write_all(&bytes).await.is_err() || dst.flush().await.is_err() {
-            end = End::WriteError;
+        let closing =
+            matches!(end, End::OverLimit | End::Stopped) && ends.shared.verdict.get().is_some();
+        if !closing {
+            if dst.write_all(&bytes).await.is_err() || dst.flush().await.is_err() {
+                end = End::WriteError;
+            }
+        } else {
+            // The edge is closing: the backlog goes out within `close_timeout` (a destination
+            // that stopped reading meanwhile must not hold the relay for ever), and the source
+            // is read all the while, so what it still sends does not wait in h2 (small frames
+            // there would spend the link's budget). Of what it sends, the rest of the frame
+            // under way is kept, for the close frame to land on a boundary; the rest is dropped,
+            // as it would be after the close.
+            let mut tail = Vec::new();
+            let mut src_done = false;
+            let write = async {
+                dst.write_all(&bytes).await?;
+                dst.flush().await
+            };
+            let mut write = std::pin::pin!(write);
+            let deadline = tokio::time::sleep(opts.close_timeout);
+            let mut deadline = std::pin::pin!(deadline);
+            loop {
+                tokio::select! {
+                    r = &mut write => {
+                        if r.is_err() {
+                            end = End::WriteError;
+                        }
+                        break;
+                    }
+                    r = src.read(&mut buf), if !src_done => match r {
+                        Ok(0) | Err(_) => src_done = true,
+                        Ok(n) => {
+                            let keep = observer.bytes_to_boundary().min(n);
+                            observer.observe(&buf[..keep]);
+                            tail.extend_from_slice(&buf[..keep]);
+                        }
+                    },
+                    () = &mut deadline => {
+                        tracing::debug!(
+                            "the {} took too long to take the rest of its backlog; dropping it",
+                            dir.destination()
+                        );
+                        cut = true;
+                        break;
+                    }
+                }
+            }
+            if end != End::WriteError
+                && !cut
+                && !tail.is_empty()
+                && (dst.write_all(&tail).await.is_err() || dst.flush().await.is_err())
+            {
+                end = End::WriteError;
+            }
         }
     }
     if matches!(end, End::Eof | End::Stopped | End::OverLimit)
+        && !cut
         && ends.shared.verdict.get().is_some()
         && !observer.at_boundary()
     {
@@ -1091,6 +1148,7 @@ async fn pump<R, W>(
     // without cutting a frame in half.
     // A stalled destination gets nothing more: writing to it would wait for ever.
     if !matches!(end, End::WriteError | End::Stalled)
+        && !cut
         && observer.at_boundary()
         && !observer.stats().closed
     {
@@ -1126,7 +1184,7 @@ async fn pump<R, W>(
             }
         };
     }
-    if end != End::Stalled {
+    if end != End::Stalled && !cut {
         let _ = dst.shutdown().await;
     }
     if matches!(end, End::Idle | End::OverLimit | End::Stalled) {
@@ -1646,6 +1704,39 @@ mod stall_tests {
             "{small} small frames were read before the close"
         );
         let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    }
+
+    #[tokio::test]
+    async fn a_close_over_the_rate_toward_a_visitor_that_stopped_reading_ends_within_the_close_timeout(
+    ) {
+        let (chunks, tx, written) = agent();
+        // The visitor's socket holds 1 KiB and is never read: the backlog can never go out.
+        let (visitor, _stalled) = tokio::io::duplex(1024);
+        let o = RelayOptions {
+            max_bytes_per_second: Some(1000),
+            rate_limit_grace: Duration::from_secs(60),
+            link_budget: Some(super::LinkBudget::new(
+                4,
+                3_000,
+                super::DEFAULT_STOPPED_READER_GRACE,
+            )),
+            ..opts()
+        };
+        let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
+        for i in 0..20_000u32 {
+            tx.send(vec![0x81, 0x01, b'a' + (i % 26) as u8]).unwrap();
+        }
+        tokio::time::timeout(Duration::from_secs(3), run)
+            .await
+            .expect("the relay ended within its close timeout")
+            .unwrap();
+        // The source was read to the end meanwhile (nothing of it waits in h2), and the local
+        // server's side was told why.
+        assert!(tx.is_closed());
+        assert_masked_1008(
+            &written.lock().unwrap(),
+            b"over the tunnel's limit of 1000 bytes/s",
+        );
     }
 
     /// Large frames (4,000-byte messages, 1 MiB) toward a visitor that reads nothing, on a

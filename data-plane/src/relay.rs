@@ -1072,6 +1072,7 @@ async fn pump<R, W>(
             // under way is kept, for the close frame to land on a boundary; the rest is dropped,
             // as it would be after the close.
             let mut tail = Vec::new();
+            let tail_cap = stall_buffer.max(buf.len());
             let mut src_done = false;
             let write = async {
                 dst.write_all(&bytes).await?;
@@ -1088,7 +1089,8 @@ async fn pump<R, W>(
                         }
                         break;
                     }
-                    r = src.read(&mut buf), if !src_done => match r {
+                    // The rest of a large frame waits in the source beyond the tail's cap.
+                    r = src.read(&mut buf), if !src_done && tail.len() < tail_cap => match r {
                         Ok(0) | Err(_) => src_done = true,
                         Ok(n) => {
                             let keep = observer.bytes_to_boundary().min(n);

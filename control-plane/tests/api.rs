@@ -1671,6 +1671,7 @@ async fn tunnels_are_listed_watched_and_killed_for_their_team(pool: PgPool) {
                     bytes_in: 100,
                     bytes_out: 200,
                     websocket_messages: 3,
+                    lanes: 4,
                 }],
             },
         ))
@@ -1686,6 +1687,7 @@ async fn tunnels_are_listed_watched_and_killed_for_their_team(pool: PgPool) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].connections_total, 7);
     assert_eq!(listed[0].bytes_out, 200);
+    assert_eq!(listed[0].lanes, 4);
     assert_eq!(listed[0].edge_name, "edge-1");
 
     app.tunnels()
@@ -2703,6 +2705,7 @@ fn stats(session: &str, conns: u64, bytes_in: u64, bytes_out: u64, ws: u64) -> v
         bytes_in,
         bytes_out,
         websocket_messages: ws,
+        lanes: 1,
     }
 }
 

@@ -319,6 +319,7 @@ impl Route {
             bytes_in: c.bytes_in.load(Ordering::Relaxed),
             bytes_out: c.bytes_out.load(Ordering::Relaxed),
             websocket_messages: c.websocket_messages.load(Ordering::Relaxed),
+            lanes: u32::try_from(self.agent.lanes()).unwrap_or(u32::MAX),
         }
     }
 

@@ -71,6 +71,8 @@ pub(crate) struct TunnelView {
     pub(crate) connections_open: u64,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
+    /// Connections between the agent and its edge (0 once ended).
+    pub(crate) lanes: u32,
 }
 
 impl From<&TunnelSession> for TunnelView {
@@ -93,6 +95,7 @@ impl From<&TunnelSession> for TunnelView {
             connections_open: t.connections_open,
             bytes_in: t.bytes_in,
             bytes_out: t.bytes_out,
+            lanes: t.lanes,
         }
     }
 }
@@ -112,6 +115,7 @@ fn table(tunnels: &[TunnelSession]) -> Table {
         "URL",
         "LOCAL",
         "EDGE",
+        "LANES",
         "OPEN",
         "TOTAL",
         "IN",
@@ -129,6 +133,7 @@ fn table(tunnels: &[TunnelSession]) -> Table {
             } else {
                 &s.edge_name
             }),
+            s.lanes.to_string(),
             s.connections_open.to_string(),
             s.connections_total.to_string(),
             bytes(s.bytes_in),

@@ -537,12 +537,17 @@ impl EdgeApi {
         let edge_id = parse_uuid("edge_id", &req.edge_id)?;
         self.own_edge(&caller, edge_id).await?;
         // The last entry wins when a session appears twice in one report.
-        let mut reported: BTreeMap<Uuid, (Counters, i64)> = BTreeMap::new();
+        // Per session: counters, connections open and lanes now.
+        let mut reported: BTreeMap<Uuid, (Counters, i64, i32)> = BTreeMap::new();
         for s in &req.stats {
             let id = parse_uuid("stats.session_id", &s.session_id)?;
             reported.insert(
                 id,
-                (Counters::from_report(s), clamp_i64(s.connections_open)),
+                (
+                    Counters::from_report(s),
+                    clamp_i64(s.connections_open),
+                    i32::try_from(s.lanes).unwrap_or(i32::MAX),
+                ),
             );
         }
         if reported.is_empty() {
@@ -562,13 +567,13 @@ impl EdgeApi {
         .fetch_all(&mut *tx)
         .await?;
         let mut growth: BTreeMap<Uuid, Counters> = BTreeMap::new();
-        // Sessions of this edge that exist: (id, counters now, connections open now).
+        // Sessions of this edge that exist: (id, counters now, connections open and lanes now).
         let mut known = Vec::with_capacity(previous.len());
         for (id, team, connections, bytes_in, bytes_out, ws) in previous {
-            let Some(&(now, open)) = reported.get(&id) else {
+            let Some(&(now, open, lanes)) = reported.get(&id) else {
                 continue;
             };
-            known.push((id, now, open));
+            known.push((id, now, open, lanes));
             let before = Counters {
                 connections,
                 bytes_in,
@@ -581,22 +586,26 @@ impl EdgeApi {
                 .add(now.growth_since(&before));
         }
         let column =
-            |f: fn(&Counters) -> i64| known.iter().map(|(_, c, _)| f(c)).collect::<Vec<_>>();
-        let open: Vec<i64> = known.iter().map(|(_, _, open)| *open).collect();
+            |f: fn(&Counters) -> i64| known.iter().map(|(_, c, _, _)| f(c)).collect::<Vec<_>>();
+        let open: Vec<i64> = known.iter().map(|(_, _, open, _)| *open).collect();
+        // An edge older than the lanes field reports 0: keep what the row holds then.
+        let lanes: Vec<i32> = known.iter().map(|(_, _, _, lanes)| *lanes).collect();
         sqlx::query(
             "UPDATE tunnel_sessions s SET connections_total = u.total,
                  connections_open = u.open, bytes_in = u.bin, bytes_out = u.bout,
-                 websocket_messages = u.ws
+                 websocket_messages = u.ws,
+                 lanes = CASE WHEN u.lanes > 0 THEN u.lanes ELSE s.lanes END
              FROM UNNEST($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[],
-                         $6::bigint[]) AS u(id, total, open, bin, bout, ws)
+                         $6::bigint[], $7::integer[]) AS u(id, total, open, bin, bout, ws, lanes)
              WHERE s.id = u.id",
         )
-        .bind(known.iter().map(|(id, _, _)| *id).collect::<Vec<_>>())
+        .bind(known.iter().map(|(id, _, _, _)| *id).collect::<Vec<_>>())
         .bind(column(|c| c.connections))
         .bind(&open)
         .bind(column(|c| c.bytes_in))
         .bind(column(|c| c.bytes_out))
         .bind(column(|c| c.websocket_messages))
+        .bind(&lanes)
         .execute(&mut *tx)
         .await?;
         growth.retain(|_, g| !g.is_zero());

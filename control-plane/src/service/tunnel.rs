@@ -50,13 +50,14 @@ pub(crate) struct SessionRow {
     pub(crate) connections_open: i64,
     pub(crate) bytes_in: i64,
     pub(crate) bytes_out: i64,
+    pub(crate) lanes: i32,
 }
 
 /// Selects [`SessionRow`]s; append a `WHERE` clause on `s.`.
 pub(crate) const SESSION_SELECT: &str = "SELECT s.id, s.subdomain, s.team_id, t.name AS team,
         s.edge_id, e.name AS edge_name, s.token_id, s.agent_instance, s.agent_version,
         s.agent_addr, s.local_addr, s.public_url, s.started_at, s.ended_at,
-        s.connections_total, s.connections_open, s.bytes_in, s.bytes_out
+        s.connections_total, s.connections_open, s.bytes_in, s.bytes_out, s.lanes
      FROM tunnel_sessions s JOIN teams t ON t.id = s.team_id JOIN edges e ON e.id = s.edge_id";
 
 fn unsigned(v: i64) -> u64 {
@@ -84,6 +85,11 @@ impl SessionRow {
             connections_open: unsigned(self.connections_open),
             bytes_in: unsigned(self.bytes_in),
             bytes_out: unsigned(self.bytes_out),
+            lanes: if self.ended_at.is_some() {
+                0
+            } else {
+                u32::try_from(self.lanes).unwrap_or(0)
+            },
         }
     }
 }

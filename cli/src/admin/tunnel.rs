@@ -236,3 +236,30 @@ pub(crate) async fn run(args: TunnelArgs) -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_each_tunnels_lanes_next_to_its_edge() {
+        let live = TunnelSession {
+            subdomain: "chat".into(),
+            team: "web".into(),
+            edge_name: "edge-1".into(),
+            lanes: 4,
+            connections_open: 2,
+            ..Default::default()
+        };
+        let text = table(&[live]).render();
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+        let row: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
+        let at = |name: &str| header.iter().position(|h| *h == name);
+        assert_eq!(at("LANES"), at("EDGE").map(|i| i + 1), "{text}");
+        let lanes = at("LANES").and_then(|i| row.get(i)).copied();
+        assert_eq!(lanes, Some("4"), "{text}");
+        let open = at("OPEN").and_then(|i| row.get(i)).copied();
+        assert_eq!(open, Some("2"), "{text}");
+    }
+}

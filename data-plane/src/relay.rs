@@ -1320,6 +1320,22 @@ mod stall_tests {
         }
     }
 
+    /// [`opts`] with a byte rate of 1,000 bytes/s, a link with no room to pause a stream of
+    /// small frames, and a grace far longer than any test: only the full backlog can end the
+    /// connection.
+    fn over_the_rate() -> RelayOptions {
+        RelayOptions {
+            max_bytes_per_second: Some(1000),
+            rate_limit_grace: Duration::from_secs(60),
+            link_budget: Some(super::LinkBudget::new(
+                4,
+                3_000,
+                super::DEFAULT_STOPPED_READER_GRACE,
+            )),
+            ..opts()
+        }
+    }
+
     /// What the local server side wrote into the stand-in.
     type Written = Arc<Mutex<Vec<u8>>>;
 
@@ -1605,18 +1621,7 @@ mod stall_tests {
     ) {
         let (chunks, tx, written) = agent();
         let (visitor, mut peer) = tokio::io::duplex(64 * 1024);
-        // A link with no room to pause a stream of small frames, and a grace far longer than
-        // the test: only the full backlog can end the connection.
-        let o = RelayOptions {
-            max_bytes_per_second: Some(1000),
-            rate_limit_grace: Duration::from_secs(60),
-            link_budget: Some(super::LinkBudget::new(
-                4,
-                3_000,
-                super::DEFAULT_STOPPED_READER_GRACE,
-            )),
-            ..opts()
-        };
+        let o = over_the_rate();
         let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
         let sent: Vec<u8> = (0..20_000u32)
             .flat_map(|i| [0x81, 0x01, b'a' + (i % 26) as u8])
@@ -1654,15 +1659,8 @@ mod stall_tests {
         // shows in the last few reads, long before in the average of every read (which would
         // take some 60 small reads, 7 s at this rate, to fall under the small-frame size).
         let o = RelayOptions {
-            max_bytes_per_second: Some(1000),
-            rate_limit_grace: Duration::from_secs(60),
             stall_buffer: 64 * 1024,
-            link_budget: Some(super::LinkBudget::new(
-                4,
-                3_000,
-                super::DEFAULT_STOPPED_READER_GRACE,
-            )),
-            ..opts()
+            ..over_the_rate()
         };
         let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
         let mut frames: Vec<Vec<u8>> = (0..16u8)
@@ -1714,16 +1712,7 @@ mod stall_tests {
         let (chunks, tx, written) = agent();
         // The visitor's socket holds 1 KiB and is never read: the backlog can never go out.
         let (visitor, _stalled) = tokio::io::duplex(1024);
-        let o = RelayOptions {
-            max_bytes_per_second: Some(1000),
-            rate_limit_grace: Duration::from_secs(60),
-            link_budget: Some(super::LinkBudget::new(
-                4,
-                3_000,
-                super::DEFAULT_STOPPED_READER_GRACE,
-            )),
-            ..opts()
-        };
+        let o = over_the_rate();
         let run = tokio::spawn(relay(visitor, chunks, o, CancellationToken::new()));
         for i in 0..20_000u32 {
             tx.send(vec![0x81, 0x01, b'a' + (i % 26) as u8]).unwrap();

@@ -369,9 +369,8 @@ impl Recorder {
         replay_of: Option<u64>,
     ) -> u64 {
         let Some(inner) = &self.inner else { return 0 };
-        let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry {
-            id,
+        let mut entry = Entry {
+            id: 0,
             ws,
             target: target.to_owned(),
             started_at: Utc::now(),
@@ -390,17 +389,23 @@ impl Recorder {
             notified: Some(Instant::now()),
             dirty: false,
         };
-        let summary = entry.summary();
-        self.with_state(|s, set| {
+        let taken = self.with_state(|s, set| {
+            // The id is taken under the lock, so the ring stays in id order: updates find
+            // their record by binary search, and one pushed out of order would be lost (its
+            // body and its end never recorded).
+            let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
+            entry.id = id;
+            let summary = entry.summary();
             s.stats.open += 1;
             s.stats.total += 1;
-            if set.ring == 0 {
-                return;
+            if set.ring > 0 {
+                s.held += entry.held();
+                s.ring.push_back(entry);
+                s.evict(set);
             }
-            s.held += entry.held();
-            s.ring.push_back(entry);
-            s.evict(set);
+            (id, summary)
         });
+        let Some((id, summary)) = taken else { return 0 };
         self.send(Event::Exchange {
             summary: Arc::new(summary),
             done: false,
@@ -695,6 +700,43 @@ mod tests {
             body_cap: 1024,
             ..Settings::default()
         }
+    }
+
+    #[test]
+    fn exchanges_begun_on_many_threads_at_once_all_get_their_bodies_and_ends_recorded() {
+        let rec = Recorder::new(settings(100_000));
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let rec = rec.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..2_000 {
+                        let id = rec.begin(
+                            false,
+                            "localhost:3000",
+                            "POST",
+                            "/m",
+                            &HeaderMap::new(),
+                            None,
+                        );
+                        Captured::record(&rec, id, false, b"body");
+                        rec.end(id, |e| e.status = Some(200));
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let lost = rec
+            .with_state(|s, _| {
+                s.ring
+                    .iter()
+                    .filter(|e| e.req_body.size != 4 || e.duration.is_none())
+                    .count()
+            })
+            .unwrap();
+        assert_eq!(lost, 0, "records whose body or end was lost");
+        assert_eq!(rec.status().unwrap().connections_open, 0);
     }
 
     #[test]

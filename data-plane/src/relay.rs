@@ -1336,6 +1336,23 @@ mod stall_tests {
         }
     }
 
+    /// Sends each of `chunks` as one DATA frame of the stand-in, then reads what reaches the
+    /// visitor until the relay ends the connection; `None` when that takes longer than `limit`.
+    async fn send_then_read_to_end(
+        tx: &mpsc::UnboundedSender<Vec<u8>>,
+        chunks: impl IntoIterator<Item = Vec<u8>>,
+        peer: &mut tokio::io::DuplexStream,
+        limit: Duration,
+    ) -> Option<Vec<u8>> {
+        for c in chunks {
+            tx.send(c).unwrap();
+        }
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(limit, peer.read_to_end(&mut got)).await;
+        read.ok()?.unwrap();
+        Some(got)
+    }
+
     /// What the local server side wrote into the stand-in.
     type Written = Arc<Mutex<Vec<u8>>>;
 
@@ -1626,14 +1643,14 @@ mod stall_tests {
         let sent: Vec<u8> = (0..20_000u32)
             .flat_map(|i| [0x81, 0x01, b'a' + (i % 26) as u8])
             .collect();
-        for m in sent.chunks(3) {
-            tx.send(m.to_vec()).unwrap();
-        }
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(5), peer.read_to_end(&mut got))
-            .await
-            .expect("the relay closed the connection long before the grace ran out")
-            .unwrap();
+        let got = send_then_read_to_end(
+            &tx,
+            sent.chunks(3).map(<[u8]>::to_vec),
+            &mut peer,
+            Duration::from_secs(5),
+        )
+        .await
+        .expect("the relay closed the connection long before the grace ran out");
         // What came first is whole messages, as sent (the backlog is not lost), then the close.
         let reason = b"over the tunnel's limit of 1000 bytes/s";
         let close_at = got.len() - 4 - reason.len();
@@ -1678,14 +1695,9 @@ mod stall_tests {
             f
         }));
         let sent = frames.concat();
-        for f in frames {
-            tx.send(f).unwrap();
-        }
-        let mut got = Vec::new();
-        tokio::time::timeout(Duration::from_secs(4), peer.read_to_end(&mut got))
+        let got = send_then_read_to_end(&tx, frames, &mut peer, Duration::from_secs(4))
             .await
-            .expect("the relay closed the connection after a few small reads")
-            .unwrap();
+            .expect("the relay closed the connection after a few small reads");
         let reason = b"over the tunnel's limit of 1000 bytes/s";
         assert!(got.len() > large + 4 + reason.len(), "{}", got.len());
         let close_at = got.len() - 4 - reason.len();

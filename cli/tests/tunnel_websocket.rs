@@ -546,6 +546,35 @@ async fn an_error_answer_to_an_upgrade_reaches_the_visitor_with_its_body() {
 }
 
 #[tokio::test]
+async fn a_plain_200_answer_to_an_upgrade_reaches_the_visitor_with_its_body() {
+    let local = local_http_server().await; // answers 200 "hello from GET /hello"
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "plain"],
+    )
+    .await;
+    let (status, _, body) = visit(
+        &edge,
+        "plain",
+        "GET",
+        "/hello",
+        &[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            ("sec-websocket-version", "13"),
+        ],
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], b"hello from GET /hello");
+}
+
+#[tokio::test]
 async fn two_hundred_concurrent_websockets_share_the_tunnel_without_cross_talk() {
     let (edge, _agent, _seen, sub) = tunnel_to_echo().await;
     let edge = Arc::new(edge);

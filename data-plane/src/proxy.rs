@@ -451,6 +451,17 @@ async fn handle(
 
     counters.connections_open.fetch_sub(1, Ordering::Relaxed);
     let (mut parts, body) = resp.into_parts();
+    if upgrade.is_some() {
+        // A 2xx answer to an upgrade crosses the CONNECT stream as 502 plus its real status.
+        if let Some(status) = parts
+            .headers
+            .get(HEADER_STATUS)
+            .and_then(|v| StatusCode::from_bytes(v.as_bytes()).ok())
+            .filter(StatusCode::is_success)
+        {
+            parts.status = status;
+        }
+    }
     strip_hop_by_hop(&mut parts.headers);
     strip_internal(&mut parts.headers);
     tracing::debug!(

@@ -34,7 +34,9 @@ pub const HEADER_PEER: &str = "burrow-peer";
 /// (RFC 9113 §8.2.2).
 pub const HEADER_UPGRADE: &str = "burrow-upgrade";
 /// Response header (agent → edge) carrying the local server's status when it is one HTTP/2
-/// cannot express (101 Switching Protocols travels as 200 plus this header).
+/// cannot express (101 Switching Protocols travels as 200 plus this header). A 2xx answer to
+/// a WebSocket upgrade travels as 502 plus this header, since a 2xx on the extended CONNECT
+/// stream (RFC 8441 §5) would mean the tunnel opened and could carry no body.
 pub const HEADER_STATUS: &str = "burrow-status";
 /// Response header (agent → edge) set when the agent itself produced the response (e.g. the
 /// local server refused the connection) rather than the local server.

@@ -428,17 +428,20 @@ impl Forwarder {
         };
         ws.response(resp.status(), resp.headers());
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Any other answer, a 2xx from a server that is not a WebSocket server included,
+            // is the local server's to give (RFC 6455 §4.1: the client fails the connection
+            // itself). A 2xx travels as 502 plus `burrow-status` (see `HEADER_STATUS`).
             let status = resp.status();
-            if status.is_success() {
-                return agent_error(&format!(
-                    "{} answered {status} to an upgrade request without switching protocols",
-                    spec.target
-                ));
-            }
             log_request(&http::Method::GET, &path, status.as_u16(), started, 0, None);
             let (mut parts, body) = resp.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             strip_internal(&mut parts.headers);
+            if status.is_success() {
+                parts.status = StatusCode::BAD_GATEWAY;
+                parts
+                    .headers
+                    .insert(HEADER_STATUS, HeaderValue::from(status.as_u16()));
+            }
             return Response::from_parts(parts, body.boxed());
         }
 

@@ -750,3 +750,42 @@ async fn a_plaintext_agent_connection_works_for_benchmarks_on_one_machine() {
     assert_eq!(resp.status(), 200);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn sigint_and_sigterm_stop_the_agent_at_once_with_a_line_saying_so() {
+    let edge = standalone_edge().await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    for (signal, sub) in [("-INT", "stopint"), ("-TERM", "stopterm")] {
+        let mut agent = start_agent(
+            &edge,
+            STANDALONE_TOKEN,
+            &["http", &port, "--subdomain", sub],
+        )
+        .await;
+        let pid = agent.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let exit = tokio::time::timeout(std::time::Duration::from_secs(5), agent.child.wait())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(exit.success(), "{signal}: {exit:?}");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !agent
+            .stderr_text()
+            .await
+            .contains("Stopped: the tunnels are closed")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{signal}: {}",
+                agent.stderr_text().await
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -387,6 +387,10 @@ async fn run_tunnels(
         }
     }
     crate::inspect::start(&args.inspect, &shutdown).await?;
-    session::run(edge, token, specs, shutdown).await?;
+    session::run(edge, token, specs, shutdown.clone()).await?;
+    if shutdown.is_cancelled() {
+        // A signal ended the agent: say so once the tunnels are down.
+        eprintln!("Stopped: the tunnels are closed");
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -789,3 +789,24 @@ async fn sigint_and_sigterm_stop_the_agent_at_once_with_a_line_saying_so() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_request_with_two_hosts_gets_400_and_is_not_forwarded() {
+    let local = local_http_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "ambiguous"],
+    )
+    .await;
+    let host = format!("ambiguous.localhost:{}", edge.http.port());
+    // RFC 9112 §3.2: more than one Host is a 400, whichever would have been routed.
+    let two = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nHost: other.localhost\r\n\r\n");
+    let answer = raw_exchange(&edge, two.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    let (status, _, body) = visit(&edge, "ambiguous", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}

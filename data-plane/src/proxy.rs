@@ -187,6 +187,16 @@ pub(crate) fn subdomain_of(host: &str, domain: &str) -> Option<String> {
     Some(sub.to_owned())
 }
 
+/// Why a request is ambiguous, if it is: more than one Host (RFC 9112 §3.2: a 400, since the
+/// edge and the local server could each route by a different one). Such a request is
+/// refused, never forwarded.
+fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Some("The request has more than one Host header.");
+    }
+    None
+}
+
 /// Whether the request asks for a protocol upgrade (RFC 9110 §7.8).
 fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
     let wants = headers
@@ -215,6 +225,14 @@ async fn handle(
 ) -> Response<UpBody> {
     let started = Instant::now();
     let domain = &state.config.domain;
+    if let Some(sentence) = ambiguous(req.headers()) {
+        tracing::info!(%peer, reason = sentence, "ambiguous request refused");
+        let mut page = pages::bad_request(sentence);
+        // The body's end is unknown, so nothing after it on this connection can be trusted.
+        page.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return page;
+    }
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
     let host = req
         .uri()

@@ -88,6 +88,44 @@ async fn binding_a_name_live_in_another_teams_session_is_refused_at_the_agent_wi
 }
 
 #[sqlx::test(migrator = "burrow_control::MIGRATOR")]
+async fn a_second_agent_of_the_same_team_is_refused_a_reserved_name_its_first_agent_serves(
+    pool: PgPool,
+) {
+    let cp = start_control(pool).await;
+    let ann = cp.owner("ann@example.com", "web").await;
+    cp.reserve(&ann, "busy").await;
+    let (_, first_secret) = cp.agent_token(&ann).await;
+    let (_, second_secret) = cp.agent_token(&ann).await;
+    let edge = edge_for(&cp).await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let _first = start_agent(
+        &edge,
+        &first_secret,
+        &["http", &port, "--subdomain", "busy"],
+    )
+    .await;
+    let err = try_start_agent(
+        &edge,
+        &second_secret,
+        &["http", "127.0.0.1:9", "--subdomain", "busy"],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("busy is in use by a live tunnel of your team"),
+        "{err}"
+    );
+    let (status, _, _) = visit(&edge, "busy", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+    // The control plane still records the first agent's session, and only it.
+    let live = cp.list(&ann).await;
+    assert_eq!(live.len(), 1, "{live:?}");
+    assert_eq!(live[0].subdomain, "busy");
+}
+
+#[sqlx::test(migrator = "burrow_control::MIGRATOR")]
 async fn after_an_unclean_disconnect_the_team_reclaims_its_name_at_once_and_nobody_else_can(
     pool: PgPool,
 ) {

@@ -810,3 +810,89 @@ async fn a_request_with_two_hosts_gets_400_and_is_not_forwarded() {
     let (status, _, body) = visit(&edge, "ambiguous", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
 }
+
+#[tokio::test]
+async fn a_second_agent_asking_for_a_name_live_on_the_edge_is_refused_and_the_first_keeps_it() {
+    let edge = standalone_edge().await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let first = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "taken"],
+    )
+    .await;
+    // Same token, the name in other letter case, a local port nothing listens on.
+    let err = try_start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", "127.0.0.1:9", "--subdomain", "Taken"],
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(
+        err.contains("taken is in use by a live tunnel of your team")
+            && err.contains("stop that agent first"),
+        "{err}"
+    );
+    let (status, _, body) = visit(&edge, "taken", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(&body[..], b"hello from GET /hello");
+    assert!(
+        !first.stderr_text().await.contains("ended by the edge"),
+        "{}",
+        first.stderr_text().await
+    );
+}
+
+#[tokio::test]
+async fn an_agent_that_stops_answering_loses_its_name_to_a_new_one_and_is_told_why() {
+    let edge = standalone_edge_with(|l| {
+        l.takeover_probe_timeout = std::time::Duration::from_millis(500);
+    })
+    .await;
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let mut first = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "frozen"],
+    )
+    .await;
+    let pid = first.child.id().unwrap().to_string();
+    let signal = |s: &str| {
+        let sent = std::process::Command::new("kill")
+            .args([s, &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    };
+    // A stopped process keeps its connection open but answers nothing: to the edge it looks
+    // like an agent whose network vanished without a goodbye.
+    signal("-STOP");
+    let started = std::time::Instant::now();
+    // The newcomer forwards to a port nothing listens on, so its answers are told apart.
+    let _second = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", "127.0.0.1:9", "--subdomain", "frozen"],
+    )
+    .await;
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    signal("-CONT");
+    let (status, _, body) = visit(&edge, "frozen", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    // The old agent hears why once it runs again, and stops rather than fight for the name.
+    let exit = tokio::time::timeout(std::time::Duration::from_secs(20), first.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!exit.success());
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let err = first.stderr_text().await;
+    assert!(
+        err.contains("frozen was taken over by a new agent of your team"),
+        "{err}"
+    );
+}

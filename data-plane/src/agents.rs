@@ -27,7 +27,9 @@ use tracing::Instrument as _;
 
 use crate::control::{AgentInfo, ControlError, Grant};
 use crate::policy::{Policies, Policy, Refusals};
-use crate::registry::{AgentSession, Counters, Lane, RateWindow, Route, RouteLimits, UpBody};
+use crate::registry::{
+    AgentSession, BindingHold, Counters, Lane, RateWindow, Route, RouteLimits, UpBody,
+};
 use crate::State;
 
 /// How often a draining agent connection checks whether visitors are done.
@@ -95,6 +97,18 @@ struct Bound {
     policy: Option<Arc<Policy>>,
     /// The policy pinned on the subdomain's reservation, compiled.
     pinned: Option<Arc<Policy>>,
+    /// Keeps other handshakes off the name until the route is in the table.
+    hold: Option<BindingHold>,
+    /// The route of another connection this tunnel replaces.
+    replaces: Option<Takeover>,
+}
+
+/// A live route a new agent connection takes over.
+struct Takeover {
+    old: Arc<Route>,
+    /// Whether the old route's agent is told it lost the name: not when it is the same agent
+    /// process reconnecting.
+    tell: bool,
 }
 
 async fn handle(
@@ -188,6 +202,9 @@ async fn handle(
         id: agent_id,
         token_id: grant.token_id.clone(),
         team_id: grant.team_id.clone(),
+        instance: hello.agent_instance.clone(),
+        peer,
+        since: bind_started,
         cancel: shutdown.child_token(),
         primary: lane,
         extra: RwLock::new(Vec::new()),
@@ -217,6 +234,25 @@ async fn handle(
     state.registry.add_agent(Arc::clone(&agent));
     state.registry.insert_routes(&routes);
     state.registry.catch_up_pins(&routes, bind_started);
+    let mut bound = bound;
+    for b in &mut bound {
+        b.hold = None;
+        if let Some(t) = b.replaces.take() {
+            let state = Arc::clone(&state);
+            let reason = format!(
+                "{} was taken over by a new agent of your team connected from {peer}, after \
+                 this agent did not answer the edge's liveness probe",
+                b.subdomain
+            );
+            tokio::spawn(async move {
+                state
+                    .registry
+                    .retire(&t.old, t.tell.then_some(reason.as_str()))
+                    .await;
+                state.control.report_final_stats(vec![t.old.stats()]).await;
+            });
+        }
+    }
     for b in &bound {
         tracing::info!(
             %peer,
@@ -322,6 +358,8 @@ async fn handle(
             session_id: r.session_id.clone(),
             policy: None,
             pinned: None,
+            hold: None,
+            replaces: None,
         })
         .collect();
     release(&state, &removed, clean).await;
@@ -605,6 +643,7 @@ async fn bind(
             addr: peer.to_string(),
             local_addr: t.local_addr.clone(),
         };
+        let mut replaces = None;
         let result = if t.subdomain.is_empty() {
             claim_random(state, &grant, &info).await
         } else {
@@ -614,27 +653,23 @@ async fn bind(
                         "the policy pinned on the reservation of {name} cannot be applied by this edge; ask a team admin to fix it"
                     )))
                 }
-                Some((name, _))
-                    if state
-                        .registry
-                        .holder_team(name)
-                        .is_some_and(|t| t != grant.team_id) =>
-                {
-                    Err(ControlError::AlreadyExists(format!(
-                        "subdomain {name:?} is in use by another team's tunnel"
-                    )))
-                }
-                Some((name, _)) => state
-                    .control
-                    .open_session(&grant, name, &info)
-                    .await
-                    .map(|id| (name.clone(), id))
-                    .map_err(|e| explain_claim(e, name)),
+                Some((name, _)) => match claim_named(state, &grant, hello, name).await {
+                    Ok((hold, takeover)) => {
+                        replaces = takeover;
+                        state
+                            .control
+                            .open_session(&grant, name, &info)
+                            .await
+                            .map(|id| (name.clone(), id, hold))
+                            .map_err(|e| explain_claim(e, name))
+                    }
+                    Err(e) => Err(e),
+                },
                 None => Err(ControlError::Internal),
             }
         };
         match result {
-            Ok((subdomain, session_id)) => {
+            Ok((subdomain, session_id, hold)) => {
                 if bound.iter().any(|b| b.subdomain == subdomain) {
                     release(state, &bound, true).await;
                     return Err(ControlError::InvalidArgument(format!(
@@ -647,6 +682,8 @@ async fn bind(
                     session_id,
                     policy,
                     pinned,
+                    hold: Some(hold),
+                    replaces,
                 });
             }
             Err(e) => {
@@ -688,11 +725,56 @@ fn explain_claim(e: ControlError, name: &str) -> ControlError {
     }
 }
 
+/// Decides whether the agent of `hello` may bind `name`, which this edge may route to
+/// another agent connection already: never one of another team; at once one of the same agent
+/// process (it reconnected before the edge noticed its old connection died); otherwise only
+/// when the holder does not answer a liveness probe (`Limits::takeover_probe_timeout`). A
+/// holder that answers keeps the name, so a second `burrow` started by mistake cannot quietly
+/// steal a tunnel that is serving visitors.
+async fn claim_named(
+    state: &State,
+    grant: &Grant,
+    hello: &pb::AgentHello,
+    name: &str,
+) -> Result<(BindingHold, Option<Takeover>), ControlError> {
+    let hold = state.registry.hold_binding(name).ok_or_else(|| {
+        ControlError::AlreadyExists(format!(
+            "{name} is being bound by another agent at this moment; choose another --subdomain"
+        ))
+    })?;
+    let Some(old) = state.registry.route(name) else {
+        return Ok((hold, None));
+    };
+    if old.agent.team_id != grant.team_id {
+        return Err(ControlError::AlreadyExists(format!(
+            "subdomain {name:?} is in use by another team's tunnel"
+        )));
+    }
+    if old.agent.instance == hello.agent_instance && old.agent.token_id == grant.token_id {
+        return Ok((hold, Some(Takeover { old, tell: false })));
+    }
+    let timeout = state.config.limits.takeover_probe_timeout;
+    if old.agent.is_alive(timeout).await {
+        return Err(ControlError::AlreadyExists(format!(
+            "{name} is in use by a live tunnel of your team (an agent connected from {} for \
+             {} s); stop that agent first, or choose another --subdomain",
+            old.agent.peer,
+            old.agent.since.elapsed().as_secs()
+        )));
+    }
+    tracing::info!(
+        subdomain = %name,
+        holder = %old.agent.peer,
+        "the agent holding this name did not answer the liveness probe; taking it over"
+    );
+    Ok((hold, Some(Takeover { old, tell: true })))
+}
+
 async fn claim_random(
     state: &State,
     grant: &Grant,
     info: &AgentInfo,
-) -> Result<(String, String), ControlError> {
+) -> Result<(String, String, BindingHold), ControlError> {
     // A scope like `demo-*` confines names to that prefix.
     let prefix = grant
         .scopes
@@ -706,8 +788,11 @@ async fn claim_random(
         if state.registry.is_bound(&name) {
             continue;
         }
+        let Some(hold) = state.registry.hold_binding(&name) else {
+            continue;
+        };
         match state.control.open_session(grant, &name, info).await {
-            Ok(id) => return Ok((name, id)),
+            Ok(id) => return Ok((name, id, hold)),
             Err(e @ (ControlError::AlreadyExists(_) | ControlError::PermissionDenied(_))) => {
                 last = Some(e);
             }

@@ -84,6 +84,10 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// How long the TLS handshake plus the agent's hello may take.
     pub agent_handshake_timeout: Duration,
+    /// When an agent asks for a name another agent connection of the same team holds on this
+    /// edge, how long that holder has to answer a liveness probe: one that answers keeps the
+    /// name (the newcomer is refused), one that does not is taken to be dead and loses it.
+    pub takeover_probe_timeout: Duration,
     /// How long the edge waits for the agent's response head to a visitor request.
     pub upstream_response_timeout: Duration,
     /// HTTP/2 per-stream flow-control window toward the agent, in bytes. Every byte a bulk
@@ -190,6 +194,7 @@ impl Default for Limits {
             max_headers: 100,
             header_read_timeout: Duration::from_secs(10),
             agent_handshake_timeout: Duration::from_secs(10),
+            takeover_probe_timeout: Duration::from_secs(2),
             upstream_response_timeout: Duration::from_secs(120),
             h2_stream_window: 512 * 1024,
             h2_connection_window: 16 * 1024 * 1024,
@@ -312,6 +317,7 @@ impl Config {
         let durations = [
             (l.header_read_timeout, "header_read_timeout"),
             (l.agent_handshake_timeout, "agent_handshake_timeout"),
+            (l.takeover_probe_timeout, "takeover_probe_timeout"),
             (l.upstream_response_timeout, "upstream_response_timeout"),
             (l.agent_keepalive_interval, "agent_keepalive_interval"),
             (l.ws_close_timeout, "ws_close_timeout"),

@@ -169,6 +169,13 @@ struct Args {
     /// Seconds the TLS handshake plus the agent's hello may take.
     #[arg(long, default_value_t = Limits::default().agent_handshake_timeout.as_secs())]
     agent_handshake_timeout: u64,
+    /// Milliseconds an agent holding a name has to answer a liveness probe when another agent
+    /// of the same team asks for that name: if it answers, the newcomer is refused ("in use by
+    /// a live tunnel of your team"); if not, it is taken to be dead and the newcomer gets the
+    /// name at once.
+    #[arg(long, default_value_t = Limits::default().takeover_probe_timeout.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    takeover_probe_timeout_ms: u64,
     /// Seconds the edge waits for the agent's response head to a visitor request (504 after).
     #[arg(long, default_value_t = Limits::default().upstream_response_timeout.as_secs())]
     upstream_response_timeout: u64,
@@ -390,6 +397,7 @@ fn limits(args: &Args) -> Limits {
         max_agent_lanes: args.max_agent_lanes,
         max_tunnels_per_agent: args.max_tunnels_per_agent,
         agent_handshake_timeout: Duration::from_secs(args.agent_handshake_timeout),
+        takeover_probe_timeout: Duration::from_millis(args.takeover_probe_timeout_ms),
         upstream_response_timeout: Duration::from_secs(args.upstream_response_timeout),
         h2_max_frame_size: args.h2_max_frame_size,
         agent_max_header_list_bytes: args.agent_max_header_list_bytes,
@@ -508,6 +516,7 @@ mod tests {
             "--stall-buffer-bytes=19",
             "--stopped-reader-grace-ms=20",
             "--relay-yield-bytes=21",
+            "--takeover-probe-timeout-ms=22",
         ]);
         let secs = Duration::from_secs;
         assert_eq!(l.max_agent_connections, 7);
@@ -528,5 +537,6 @@ mod tests {
         assert_eq!(l.admin_header_timeout, secs(18));
         assert_eq!(l.stall_buffer_bytes, 19);
         assert_eq!(l.stopped_reader_grace, Duration::from_millis(20));
+        assert_eq!(l.takeover_probe_timeout, Duration::from_millis(22));
     }
 }

@@ -3,12 +3,15 @@
 //! Teardown is by ownership: an agent session owns a child [`CancellationToken`]; cancelling it
 //! ends the agent's connection task, which removes the session's routes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use burrow_proto::tunnel::{CONTROL_CLOSED, HEADER_CONTROL, HEADER_REASON, HEADER_TUNNEL};
+use burrow_proto::tunnel::{
+    CONTROL_CLOSED, CONTROL_PROBE, HEADER_CONTROL, HEADER_REASON, HEADER_TUNNEL,
+};
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -134,6 +137,12 @@ pub(crate) struct AgentSession {
     pub(crate) token_id: String,
     /// Team the agent's token belongs to.
     pub(crate) team_id: String,
+    /// The agent process's instance id: random per run, the same across its reconnects.
+    pub(crate) instance: String,
+    /// Where the agent connected from.
+    pub(crate) peer: SocketAddr,
+    /// When the agent's first connection was accepted.
+    pub(crate) since: Instant,
     /// Cancelled to end the agent connection.
     pub(crate) cancel: CancellationToken,
     /// The first connection (the one that bound the names).
@@ -282,6 +291,21 @@ impl AgentSession {
         Arc::clone(lane(least_loaded(n, start, |i| lane(i).load(now))))
     }
 
+    /// Whether the agent answers a liveness probe on its first connection within `timeout`.
+    pub(crate) async fn is_alive(&self, timeout: Duration) -> bool {
+        let req = http::Request::builder()
+            .method(http::Method::POST)
+            .uri("http://burrow.control/")
+            .header(HEADER_CONTROL, CONTROL_PROBE)
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed());
+        let Ok(req) = req else { return false };
+        let mut sender = self.primary.sender.clone();
+        matches!(
+            tokio::time::timeout(timeout, sender.send_request(req)).await,
+            Ok(Ok(resp)) if resp.status().is_success()
+        )
+    }
+
     /// How many connections the session uses now.
     pub(crate) fn lanes(&self) -> usize {
         1 + self.extra.read().map(|e| e.len()).unwrap_or(0)
@@ -357,6 +381,8 @@ pub(crate) struct Registry {
     routes: RwLock<HashMap<String, Arc<Route>>>,
     /// Names whose tunnel vanished recently, with when to forget them.
     offline: Mutex<HashMap<String, Instant>>,
+    /// Names an agent handshake is binding right now (claimed, not routed yet).
+    binding: Mutex<HashSet<String>>,
     agents: Mutex<HashMap<u64, Arc<AgentSession>>>,
     next_agent_id: AtomicU64,
     /// Open visitor connections.
@@ -378,6 +404,7 @@ impl Registry {
         Self {
             routes: RwLock::default(),
             offline: Mutex::default(),
+            binding: Mutex::default(),
             agents: Mutex::default(),
             next_agent_id: AtomicU64::new(0),
             visitor_connections: AtomicU64::new(0),
@@ -404,14 +431,19 @@ impl Registry {
             .is_some_and(|until| until > Instant::now())
     }
 
-    /// The team whose live tunnel holds `subdomain` on this edge, if any.
-    pub(crate) fn holder_team(&self, subdomain: &str) -> Option<String> {
-        self.route(subdomain).map(|r| r.agent.team_id.clone())
-    }
-
     /// Whether a name is bound on this edge right now.
     pub(crate) fn is_bound(&self, subdomain: &str) -> bool {
         self.route(subdomain).is_some()
+    }
+
+    /// Claims `subdomain` for one agent handshake until the returned hold is dropped; `None`
+    /// when another handshake is binding it right now.
+    pub(crate) fn hold_binding(self: &Arc<Self>, subdomain: &str) -> Option<BindingHold> {
+        let mut b = self.binding.lock().ok()?;
+        b.insert(subdomain.to_owned()).then(|| BindingHold {
+            registry: Arc::clone(self),
+            subdomain: subdomain.to_owned(),
+        })
     }
 
     pub(crate) fn add_agent(&self, agent: Arc<AgentSession>) {
@@ -496,13 +528,29 @@ impl Registry {
         }
         tell_closed(&route, reason).await;
         tracing::info!(subdomain = %route.subdomain, reason, "tunnel ended");
+        self.end_agent_if_idle(&route.agent);
+    }
+
+    /// Deals with `old`, a route a newer agent connection just replaced: tells its agent
+    /// why (unless `reason` is `None`: the same agent reconnected, and its old connection
+    /// must not hear that the name is gone), then ends that connection if it routes nothing
+    /// else.
+    pub(crate) async fn retire(&self, old: &Route, reason: Option<&str>) {
+        if let Some(reason) = reason {
+            tell_closed(old, reason).await;
+        }
+        self.end_agent_if_idle(&old.agent);
+    }
+
+    /// Ends `agent`'s connection when no route leads to it any more.
+    fn end_agent_if_idle(&self, agent: &AgentSession) {
         let agent_has_more = self
             .routes
             .read()
-            .map(|t| t.values().any(|r| r.agent.id == route.agent.id))
+            .map(|t| t.values().any(|r| r.agent.id == agent.id))
             .unwrap_or(false);
         if !agent_has_more {
-            route.agent.cancel.cancel();
+            agent.cancel.cancel();
         }
     }
 
@@ -637,6 +685,21 @@ impl Registry {
 }
 
 /// Sends the agent a `closed` control message for `route` (best effort, bounded in time).
+/// A name held for one agent handshake (see [`Registry::hold_binding`]); dropping it frees
+/// the name for other handshakes.
+pub(crate) struct BindingHold {
+    registry: Arc<Registry>,
+    subdomain: String,
+}
+
+impl Drop for BindingHold {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.registry.binding.lock() {
+            b.remove(&self.subdomain);
+        }
+    }
+}
+
 async fn tell_closed(route: &Route, reason: &str) {
     let req = http::Request::builder()
         .method(http::Method::POST)

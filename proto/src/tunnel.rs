@@ -54,6 +54,10 @@ pub const CONTROL_READY: &str = "ready";
 /// [`HEADER_CONTROL`] value telling the agent that the tunnel named by [`HEADER_TUNNEL`] was
 /// ended by the platform (killed, token revoked) and must not be bound again.
 pub const CONTROL_CLOSED: &str = "closed";
+/// [`HEADER_CONTROL`] value asking whether the agent is alive: it answers 204 and does
+/// nothing else. The edge sends it before letting another agent of the same team take over a
+/// name this agent holds. (Agents answer 204 to every control kind, so older ones pass too.)
+pub const CONTROL_PROBE: &str = "probe";
 
 /// Why a handshake message could not be read.
 #[derive(Debug)]

@@ -74,15 +74,17 @@ struct Args {
     /// Private key (PEM) for the agent listener.
     #[arg(long, requires = "agent_cert")]
     agent_key: Option<PathBuf>,
-    /// Generate a self-signed certificate for localhost, 127.0.0.1, ::1, <domain> and
-    /// *.<domain> (local use only).
+    /// Generate a certificate authority that lives only in this process, and certificates it
+    /// signs for localhost, 127.0.0.1, ::1, <domain> and each NAME.<domain> a client asks for
+    /// (local use only).
     #[arg(long)]
     self_signed: bool,
     /// Serve agents over plain TCP, no TLS (benchmarks on one machine only; agents need
     /// `burrow http --edge-plaintext`).
     #[arg(long)]
     agent_plaintext: bool,
-    /// Write the generated certificate here, for `burrow http --edge-ca FILE`.
+    /// Write the generated authority's certificate here: give it to agents (`burrow http
+    /// --edge-ca FILE`) and to clients (`curl --cacert FILE`, Python `ssl` cafile, Node `ca`).
     #[arg(long, requires = "self_signed")]
     self_signed_out: Option<PathBuf>,
     /// Keepalive ping interval toward idle visitor WebSockets, in seconds (0 disables).
@@ -323,15 +325,7 @@ fn build_config(args: &Args) -> anyhow::Result<Config> {
         _ => anyhow::bail!("give either --control URL or --standalone-token-file FILE"),
     };
     let generated = if args.self_signed {
-        // Loopback IPs too, so agents may dial `127.0.0.1:PORT` with `--edge-ca`.
-        let names = vec![
-            "localhost".to_owned(),
-            "127.0.0.1".to_owned(),
-            "::1".to_owned(),
-            args.domain.clone(),
-            format!("*.{}", args.domain),
-        ];
-        let id = TlsIdentity::self_signed(&names)?;
+        let id = TlsIdentity::self_signed(&burrow_edge::tls::self_signed_names(&args.domain))?;
         if let Some(out) = &args.self_signed_out {
             std::fs::write(out, &id.cert_pem)
                 .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", out.display()))?;

@@ -896,3 +896,40 @@ async fn an_agent_that_stops_answering_loses_its_name_to_a_new_one_and_is_told_w
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_empty_or_malformed_subdomain_is_refused_at_once_with_what_to_give_instead() {
+    let edge = standalone_edge().await;
+    for (name, expected) in [
+        ("", "--subdomain is empty"),
+        ("  ", "--subdomain is empty"),
+        ("chat.example.com", "not a valid subdomain"),
+        ("chat-", "not a valid subdomain"),
+        ("ch@t", "not a valid subdomain"),
+    ] {
+        let started = std::time::Instant::now();
+        let err = try_start_agent(
+            &edge,
+            STANDALONE_TOKEN,
+            &["http", "3000", "--subdomain", name],
+        )
+        .await
+        .err()
+        .unwrap();
+        assert!(err.contains(expected), "{name:?}: {err}");
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{name:?}"
+        );
+    }
+    // Upper case is the same name, as in a browser's address bar.
+    let local = local_http_server().await;
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "MiXed"],
+    )
+    .await;
+    assert_eq!(agent.subdomain(), "mixed");
+}

@@ -146,6 +146,31 @@ pub(crate) struct EdgeArgs {
     inspect: crate::inspect::InspectArgs,
 }
 
+/// The subdomain asked for (`""`: a random one), checked here so a typo gets a clear answer
+/// before any connection; `what` names the flag or key.
+fn subdomain_arg(name: Option<&str>, what: &str) -> anyhow::Result<String> {
+    let Some(name) = name else {
+        return Ok(String::new());
+    };
+    let label = name.trim();
+    anyhow::ensure!(
+        !label.is_empty(),
+        "{what} is empty: give a name such as `chat`, or leave it out for a random one"
+    );
+    let ok = label.len() <= 63
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        && !label.starts_with('-')
+        && !label.ends_with('-');
+    anyhow::ensure!(
+        ok,
+        "{what} {label:?} is not a valid subdomain: use 1-63 letters, digits or hyphens, not \
+         starting or ending with a hyphen (just the name: `chat`, not `chat.example.com`)"
+    );
+    Ok(label.to_ascii_lowercase())
+}
+
 #[derive(Debug, Args)]
 pub(crate) struct HttpArgs {
     /// Local server: a port (3000), host:port, or http://host:port.
@@ -274,7 +299,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
         AgentCommand::Http(a) => {
             let spec = TunnelSpec {
                 key: "0".to_owned(),
-                subdomain: a.subdomain.clone().unwrap_or_default(),
+                subdomain: subdomain_arg(a.subdomain.as_deref(), "--subdomain")?,
                 target: Target::parse(&a.target)?,
                 host_header: HostHeader::parse(&a.host_header)?,
                 policy: tunnel_policy(&a.policy)?,
@@ -296,7 +321,8 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             for (i, t) in file.tunnel.iter().enumerate() {
                 specs.push(TunnelSpec {
                     key: i.to_string(),
-                    subdomain: t.subdomain.clone().unwrap_or_default(),
+                    subdomain: subdomain_arg(t.subdomain.as_deref(), "subdomain")
+                        .with_context(|| format!("tunnel {}", i + 1))?,
                     target: Target::parse(&t.target)
                         .with_context(|| format!("tunnel {}", i + 1))?,
                     host_header: HostHeader::parse(t.host_header.as_deref().unwrap_or("rewrite"))

@@ -1599,7 +1599,7 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
                     return;
                 }
                 // Read nothing until the visitor has its answer; then check that the agent
-                // closed this connection (everything left reads to its end).
+                // ended this connection: a reset, not a socket left open behind the unsent body.
                 drain_now.notified().await;
                 let mut buf = vec![0u8; 65536];
                 while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
@@ -1607,7 +1607,7 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
             });
         }
     });
-    let _agent = agent_with_small_backlog(&edge, &port, "upload").await;
+    let agent = agent_with_small_backlog(&edge, &port, "upload").await;
     let mut visitor = std::net::TcpStream::connect(edge.http).unwrap();
     let head = format!(
         "POST /upload HTTP/1.1\r\nHost: upload.localhost:{}\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -1644,11 +1644,18 @@ async fn a_local_server_that_stops_reading_an_upload_of_small_pieces_has_it_cut_
         .await
         .expect("an answer in time")
         .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 502"), "{answer:?}");
+    assert!(
+        answer.starts_with("HTTP/1.1 502"),
+        "{answer:?}; agent log:\n{}",
+        agent.stderr_text().await
+    );
     drain_now.notify_waiters();
-    tokio::time::timeout(Duration::from_secs(10), closed_rx.recv())
-        .await
-        .expect("the agent closed the local connection");
+    let closed = tokio::time::timeout(Duration::from_secs(10), closed_rx.recv()).await;
+    assert!(
+        closed.is_ok(),
+        "the agent did not end the local connection; answer {answer:?}; agent log:\n{}",
+        agent.stderr_text().await
+    );
 }
 
 /// Waits until the edge's `burrow_edge_agent_lanes` gauge reads `n`.

@@ -163,8 +163,103 @@ fn is_localhost(host: &str) -> bool {
 #[derive(Clone)]
 pub(crate) struct LocalConnector(pub(crate) Arc<Dialer>);
 
+/// A pooled HTTP connection to a local server, which the agent can reset from outside the
+/// pool ([`Reset`], found through the request's captured connection).
+pub(crate) struct LocalStream {
+    tcp: TcpStream,
+    /// A second handle on the same socket, for [`Reset`]; it lives as long as this stream.
+    handle: Arc<socket2::Socket>,
+}
+
+impl LocalStream {
+    fn new(tcp: TcpStream) -> io::Result<Self> {
+        use std::os::fd::AsFd as _;
+        let handle = socket2::Socket::from(tcp.as_fd().try_clone_to_owned()?);
+        Ok(Self {
+            tcp,
+            handle: Arc::new(handle),
+        })
+    }
+}
+
+/// Resets one local connection. hyper only shuts a connection down after flushing what it
+/// holds, so when the agent gives up on a request whose local server stopped reading,
+/// dropping the request would leave the connection (and the unsent body) open for as long as
+/// the server reads nothing; this ends it at once, and the server sees the reset.
+#[derive(Clone)]
+pub(crate) struct Reset(std::sync::Weak<socket2::Socket>);
+
+impl Reset {
+    /// The reset of the connection a request was sent on, if it has one yet.
+    pub(crate) fn of(
+        captured: &hyper_util::client::legacy::connect::CaptureConnection,
+    ) -> Option<Self> {
+        let meta = captured.connection_metadata();
+        let mut ext = http::Extensions::new();
+        meta.as_ref()?.get_extras(&mut ext);
+        ext.remove::<Reset>()
+    }
+
+    pub(crate) fn reset(&self) {
+        if let Some(s) = self.0.upgrade() {
+            // Closing with a zero linger sends RST and drops what is queued; the shutdown
+            // wakes hyper's task on the connection, which then fails and closes it.
+            let _ = s.set_linger(Some(Duration::ZERO));
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl hyper_util::client::legacy::connect::Connection for LocalStream {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        self.tcp
+            .connected()
+            .extra(Reset(Arc::downgrade(&self.handle)))
+    }
+}
+
+impl tokio::io::AsyncRead for LocalStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LocalStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tcp.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tcp).poll_shutdown(cx)
+    }
+}
+
 impl tower_service::Service<Uri> for LocalConnector {
-    type Response = TokioIo<TcpStream>;
+    type Response = TokioIo<LocalStream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -179,7 +274,8 @@ impl tower_service::Service<Uri> for LocalConnector {
                 .host()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?;
             let port = uri.port_u16().unwrap_or(80);
-            dialer.connect(host, port).await.map(TokioIo::new)
+            let tcp = dialer.connect(host, port).await?;
+            LocalStream::new(tcp).map(TokioIo::new)
         })
     }
 }

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::dial::{Dialer, LocalConnector};
+use super::dial::{Dialer, LocalConnector, Reset};
 use super::target::{HostHeader, Target};
 
 /// Body type of requests the agent sends to the local server: read ahead from the edge
@@ -274,11 +274,15 @@ impl Forwarder {
             "local server",
             Some(small_frames),
         );
-        let req = Request::from_parts(parts, tap.request_body(body));
+        let mut req = Request::from_parts(parts, tap.request_body(body));
+        let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
         let resp = tokio::select! {
             r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)) => r,
             // Dropping the request ends the local connection.
             () = stalled.cancelled() => {
+                if let Some(r) = Reset::of(&captured) {
+                    r.reset();
+                }
                 let reason = format!(
                     "{} stopped reading the request body (it kept coming in small pieces)",
                     spec.target
@@ -290,6 +294,9 @@ impl Forwarder {
         };
         let resp = match resp {
             Err(_) => {
+                if let Some(r) = Reset::of(&captured) {
+                    r.reset();
+                }
                 let reason = format!(
                     "{} did not answer within {} s",
                     spec.target,

@@ -234,7 +234,11 @@ pub fn spawn_agent(edge: &Edge, token: &str, args: &[&str]) -> (Child, tempfile:
     let child = cmd
         .env("BURROW_TOKEN", token)
         .env("BURROW_CONFIG", home.path().join("config.toml"))
-        .env("BURROW_LOG", "info")
+        // BURROW_TEST_AGENT_LOG sets the agents' log filter, e.g. `info,hyper_util=trace`.
+        .env(
+            "BURROW_LOG",
+            std::env::var("BURROW_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

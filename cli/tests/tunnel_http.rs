@@ -409,6 +409,23 @@ async fn raw_exchange(edge: &Edge, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Sends `request` to the edge's HTTP listener and reads the whole answer, until the edge
+/// closes the connection (or 10 s pass without a byte).
+async fn raw_exchange_to_end(edge: &Edge, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[tokio::test]
 async fn oversized_or_too_many_request_headers_get_431() {
     let edge = standalone_edge_with(|l| {
@@ -932,4 +949,59 @@ async fn an_empty_or_malformed_subdomain_is_refused_at_once_with_what_to_give_in
     )
     .await;
     assert_eq!(agent.subdomain(), "mixed");
+}
+
+/// A local server that answers every request `200 ok` and notes each as `METHOD TARGET`, the
+/// target as hyper read it from the request line.
+async fn recording_local_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                    log.lock()
+                        .unwrap()
+                        .push(format!("{} {}", req.method(), req.uri()));
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from_static(b"ok")),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_connect_request_gets_501_and_never_reaches_the_local_server() {
+    let (port, seen) = recording_local_server().await;
+    let edge = standalone_edge().await;
+    let port = port.to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "connect"],
+    )
+    .await;
+    let host = format!("connect.localhost:{}", edge.http.port());
+    // RFC 9110 §9.3.6: a forward-proxy tunnel, whether to the tunnel's own name or elsewhere.
+    for target in [host.as_str(), "example.com:443"] {
+        let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
+        let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 501"), "{answer}");
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("does not proxy CONNECT"), "{answer}");
+    }
+    let (status, _, body) = visit(&edge, "connect", "GET", "/after", &[], "").await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(*seen.lock().unwrap(), ["GET /after"]);
 }

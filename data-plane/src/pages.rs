@@ -87,6 +87,10 @@ pub(crate) fn bad_request(sentence: &str) -> Response<UpBody> {
     page(StatusCode::BAD_REQUEST, "Bad request", sentence)
 }
 
+pub(crate) fn not_implemented(sentence: &str) -> Response<UpBody> {
+    page(StatusCode::NOT_IMPLEMENTED, "Not implemented", sentence)
+}
+
 pub(crate) fn too_many(sentence: &str) -> Response<UpBody> {
     let mut r = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", sentence);
     r.headers_mut()

@@ -148,7 +148,10 @@ async fn serve_connection<I>(
             let inner =
                 |req| async move { handle(req, peer, scheme, state, tracker, &early).await };
             let timer = gate.metrics.request(&gate, &req);
-            let resp = crate::policy::guard(req, peer, &gate, &visitor, inner).await;
+            let resp = match refused(&req, peer) {
+                Some(page) => page,
+                None => crate::policy::guard(req, peer, &gate, &visitor, inner).await,
+            };
             timer.finish(&resp);
             Ok::<_, Infallible>(resp)
         }
@@ -185,6 +188,31 @@ pub(crate) fn subdomain_of(host: &str, domain: &str) -> Option<String> {
         return None;
     }
     Some(sub.to_owned())
+}
+
+/// The page for a request the edge refuses before routing it anywhere, if it is one. Each
+/// such page closes the connection: where the request's body ends is unknown or untrusted, so
+/// nothing after it on this connection can be read as a request.
+fn refused(req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<UpBody>> {
+    let page = if req.method() == http::Method::CONNECT {
+        // RFC 9110 §9.3.6: CONNECT asks for a tunnel to the host it names. The edge is a
+        // gateway for its own names, not a forward proxy. (Visitors speak HTTP/1.1, so this
+        // is never an extended CONNECT, RFC 8441.)
+        tracing::info!(%peer, target = %req.uri(), "CONNECT request refused");
+        pages::not_implemented(
+            "This edge does not proxy CONNECT requests: it forwards requests to its tunnels, \
+             not tunnels to other hosts.",
+        )
+    } else if let Some(sentence) = ambiguous(req.headers()) {
+        tracing::info!(%peer, reason = sentence, "ambiguous request refused");
+        pages::bad_request(sentence)
+    } else {
+        return None;
+    };
+    let mut page = page;
+    page.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    Some(page)
 }
 
 /// Why a request is ambiguous, if it is: more than one Host (RFC 9112 §3.2: a 400, since the
@@ -225,14 +253,6 @@ async fn handle(
 ) -> Response<UpBody> {
     let started = Instant::now();
     let domain = &state.config.domain;
-    if let Some(sentence) = ambiguous(req.headers()) {
-        tracing::info!(%peer, reason = sentence, "ambiguous request refused");
-        let mut page = pages::bad_request(sentence);
-        // The body's end is unknown, so nothing after it on this connection can be trusted.
-        page.headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-        return page;
-    }
     // RFC 9112 §3.2.2: an absolute-form target's authority wins over `Host`.
     let host = req
         .uri()

@@ -1005,3 +1005,51 @@ async fn a_connect_request_gets_501_and_never_reaches_the_local_server() {
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(*seen.lock().unwrap(), ["GET /after"]);
 }
+
+#[tokio::test]
+async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_forwarded() {
+    let (port, seen) = recording_local_server().await;
+    let edge = standalone_edge().await;
+    let port = port.to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "codings"],
+    )
+    .await;
+    let host = format!("codings.localhost:{}", edge.http.port());
+    let body = "5\r\nhello\r\n0\r\n\r\n";
+    // RFC 9112 §6.1: a coding the edge does not decode is a 501; `chunked` must be last and
+    // only once, else the request is malformed (400).
+    let cases = [
+        ("gzip, chunked", "501", "gzip"),
+        ("gzip\r\nTransfer-Encoding: chunked", "501", "gzip"),
+        ("chunked, chunked", "400", "more than once"),
+        (
+            "chunked\r\nTransfer-Encoding: chunked",
+            "400",
+            "more than once",
+        ),
+        // hyper refuses a body whose last coding is not chunked itself, with a bare 400.
+        ("gzip", "400", ""),
+        ("chunked, gzip", "400", ""),
+    ];
+    for (coding, status, words) in cases {
+        let req = format!(
+            "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: {coding}\r\n\r\n{body}"
+        );
+        let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{coding}: {answer}"
+        );
+        assert!(answer.contains("connection: close"), "{coding}: {answer}");
+        assert!(answer.contains(words), "{coding}: {answer}");
+    }
+    let chunked = format!(
+        "POST /upload HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+    );
+    let answer = raw_exchange_to_end(&edge, chunked.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(*seen.lock().unwrap(), ["POST /upload"]);
+}

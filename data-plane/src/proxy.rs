@@ -206,6 +206,13 @@ fn refused(req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<UpBody>
     } else if let Some(sentence) = ambiguous(req.headers()) {
         tracing::info!(%peer, reason = sentence, "ambiguous request refused");
         pages::bad_request(sentence)
+    } else if let Some((status, sentence)) = transfer_codings(req.headers()) {
+        tracing::info!(%peer, reason = %sentence, "request body's transfer coding refused");
+        if status == StatusCode::NOT_IMPLEMENTED {
+            pages::not_implemented(&sentence)
+        } else {
+            pages::bad_request(&sentence)
+        }
     } else {
         return None;
     };
@@ -223,6 +230,50 @@ fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
         return Some("The request has more than one Host header.");
     }
     None
+}
+
+/// What is wrong with a request body's transfer codings, if anything (RFC 9112 §6.1), as the
+/// status and sentence of the page. hyper itself refuses (400) a body whose last coding is
+/// not `chunked`, and decodes only `chunked`: a coding listed before it (`gzip, chunked`)
+/// would reach the local server still applied, with the header that says so removed
+/// (`Transfer-Encoding` is hop-by-hop), so it is refused here, as a coding the edge does not
+/// implement (501). `chunked` twice is malformed (400): a sender applies it only once.
+fn transfer_codings(headers: &HeaderMap) -> Option<(StatusCode, String)> {
+    let mut chunked = 0usize;
+    let mut other = None;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let Ok(value) = value.to_str() else {
+            return Some((
+                StatusCode::BAD_REQUEST,
+                "The request's Transfer-Encoding header is not ASCII text.".to_owned(),
+            ));
+        };
+        for coding in value.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            if coding.eq_ignore_ascii_case("chunked") {
+                chunked += 1;
+            } else if other.is_none() {
+                other = Some(coding.to_owned());
+            }
+        }
+    }
+    if chunked > 1 {
+        return Some((
+            StatusCode::BAD_REQUEST,
+            "The request's Transfer-Encoding lists chunked more than once; a body is chunked \
+             only once (RFC 9112 §6.1)."
+                .to_owned(),
+        ));
+    }
+    other.map(|coding| {
+        (
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "The request body is sent in the transfer coding {coding:?}, which this edge \
+                 does not decode; send it with Transfer-Encoding: chunked alone, or with a \
+                 Content-Length (RFC 9112 §6.1)."
+            ),
+        )
+    })
 }
 
 /// Whether the request asks for a protocol upgrade (RFC 9110 §7.8).

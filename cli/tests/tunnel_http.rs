@@ -1053,3 +1053,44 @@ async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_f
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(*seen.lock().unwrap(), ["POST /upload"]);
 }
+
+#[tokio::test]
+async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting() {
+    let (port, seen) = recording_local_server().await;
+    let edge = standalone_edge_with(|l| l.max_header_bytes = 8192).await;
+    let port = port.to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "limits"],
+    )
+    .await;
+    let host = format!("limits.localhost:{}", edge.http.port());
+    let long_url = format!("GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n", "u".repeat(9000));
+    let big_head = format!(
+        "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+        "h".repeat(9000)
+    );
+    for (req, status) in [(long_url, "414"), (big_head, "431")] {
+        let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status}")),
+            "{answer}"
+        );
+        assert!(answer.contains("connection: close"), "{answer}");
+        assert!(answer.contains("--max-header-bytes"), "{answer}");
+        assert!(answer.contains("8192 bytes"), "{answer}");
+    }
+    // Far beyond the limit hyper stops reading at its own cap, still with a 431.
+    let huge = format!(
+        "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+        "h".repeat(40_000)
+    );
+    let answer = raw_exchange(&edge, huge.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // A head just under the limit is forwarded.
+    let fits = "f".repeat(7000);
+    let (status, _, _) = visit(&edge, "limits", "GET", "/fits", &[("x-fits", &fits)], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(*seen.lock().unwrap(), ["GET /fits"]);
+}

@@ -76,7 +76,9 @@ pub struct Limits {
     /// spreads new visitor streams over them so one bulk transfer does not hold up every
     /// other visitor's frames in a single TCP stream. 1 turns extra lanes off.
     pub max_agent_lanes: usize,
-    /// Largest visitor request head (request line + headers), in bytes; larger gets 431.
+    /// Largest visitor request head (request line + headers), in bytes. A larger one gets a
+    /// page naming `--max-header-bytes`: 414 when the request line alone is larger, else 431.
+    /// hyper stops reading a head at four times this and answers a bare 431.
     pub max_header_bytes: usize,
     /// Most headers in one visitor request; more gets 431.
     pub max_headers: usize,

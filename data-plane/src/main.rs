@@ -112,7 +112,8 @@ struct Args {
     /// Seconds a visitor may take to send its request headers.
     #[arg(long, default_value_t = 10)]
     header_read_timeout: u64,
-    /// Largest visitor request head in bytes.
+    /// Largest visitor request head (request line and headers) in bytes. A larger one gets a
+    /// page naming this setting: 414 when the request line alone is larger, else 431.
     #[arg(long, default_value_t = 16 * 1024)]
     max_header_bytes: usize,
     /// Most headers in one visitor request.

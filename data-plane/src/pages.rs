@@ -91,6 +91,32 @@ pub(crate) fn not_implemented(sentence: &str) -> Response<UpBody> {
     page(StatusCode::NOT_IMPLEMENTED, "Not implemented", sentence)
 }
 
+/// The page for a request head over `--max-header-bytes`: 414 when its request line alone is
+/// over it (RFC 9112 §3: the URL is what to shorten), else 431 (RFC 6585 §5).
+pub(crate) fn head_too_large(line: usize, head: usize, limit: usize) -> Response<UpBody> {
+    if line > limit {
+        page(
+            StatusCode::URI_TOO_LONG,
+            "URL too long",
+            &format!(
+                "The request's URL is too long: its request line is {line} bytes, and this \
+                 edge accepts request heads of at most {limit} bytes (its --max-header-bytes \
+                 setting). Shorten the URL, or send the data in a request body."
+            ),
+        )
+    } else {
+        page(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "Request headers too large",
+            &format!(
+                "The request's head (request line and headers) is {head} bytes, and this edge \
+                 accepts at most {limit} bytes (its --max-header-bytes setting). Send fewer or \
+                 smaller headers, such as cookies."
+            ),
+        )
+    }
+}
+
 pub(crate) fn too_many(sentence: &str) -> Response<UpBody> {
     let mut r = page(StatusCode::TOO_MANY_REQUESTS, "Too many requests", sentence);
     r.headers_mut()

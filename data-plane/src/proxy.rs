@@ -30,6 +30,12 @@ use crate::registry::{LaneStream, Route, UpBody};
 use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
 
+/// How many times `--max-header-bytes` hyper itself reads of a request head before it gives
+/// up with a bare 431. Heads between the limit and this backstop reach [`refused`], which
+/// answers them with a page saying which limit they broke (hyper's own answer names none);
+/// the read buffer was already this large (`max_buf_size`), so no connection holds more.
+const HEAD_BACKSTOP: usize = 4;
+
 /// How long a WebSocket upgrade waits for the agent's HTTP/2 settings on a brand-new agent
 /// connection.
 const READY_WAIT: Duration = Duration::from_secs(5);
@@ -122,8 +128,13 @@ async fn serve_connection<I>(
     builder
         .timer(TokioTimer::new())
         .max_headers(limits.max_headers)
-        .max_header_size(limits.max_header_bytes)
-        .max_buf_size(limits.max_header_bytes.max(8192) * 4)
+        .max_header_size(limits.max_header_bytes.saturating_mul(HEAD_BACKSTOP))
+        .max_buf_size(
+            limits
+                .max_header_bytes
+                .max(8192)
+                .saturating_mul(HEAD_BACKSTOP),
+        )
         .header_read_timeout(limits.header_read_timeout);
     let svc_state = Arc::clone(&state);
     let early = Early::new(limits.max_header_bytes.saturating_add(1024));
@@ -148,7 +159,7 @@ async fn serve_connection<I>(
             let inner =
                 |req| async move { handle(req, peer, scheme, state, tracker, &early).await };
             let timer = gate.metrics.request(&gate, &req);
-            let resp = match refused(&req, peer) {
+            let resp = match refused(&req, peer, gate.config.limits.max_header_bytes) {
                 Some(page) => page,
                 None => crate::policy::guard(req, peer, &gate, &visitor, inner).await,
             };
@@ -193,8 +204,16 @@ pub(crate) fn subdomain_of(host: &str, domain: &str) -> Option<String> {
 /// The page for a request the edge refuses before routing it anywhere, if it is one. Each
 /// such page closes the connection: where the request's body ends is unknown or untrusted, so
 /// nothing after it on this connection can be read as a request.
-fn refused(req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<UpBody>> {
-    let page = if req.method() == http::Method::CONNECT {
+fn refused(
+    req: &Request<Incoming>,
+    peer: SocketAddr,
+    max_header_bytes: usize,
+) -> Option<Response<UpBody>> {
+    let (line, head) = head_size(req);
+    let page = if head > max_header_bytes {
+        tracing::info!(%peer, line, head, "request head over --max-header-bytes refused");
+        pages::head_too_large(line, head, max_header_bytes)
+    } else if req.method() == http::Method::CONNECT {
         // RFC 9110 §9.3.6: CONNECT asks for a tunnel to the host it names. The edge is a
         // gateway for its own names, not a forward proxy. (Visitors speak HTTP/1.1, so this
         // is never an extended CONNECT, RFC 8441.)
@@ -220,6 +239,24 @@ fn refused(req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<UpBody>
     page.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     Some(page)
+}
+
+/// The size in bytes of a request's line and of its whole head (line and headers), counted
+/// as `METHOD TARGET HTTP/1.1`, each header as `name: value`, each line with its CRLF, and the
+/// blank line that ends the head. Spaces around values are not counted, so this can be a few
+/// bytes under what the visitor sent, never over.
+fn head_size(req: &Request<Incoming>) -> (usize, usize) {
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len());
+    let line = req.method().as_str().len() + 1 + target + 1 + "HTTP/1.1\r\n".len();
+    let headers: usize = req
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + 2 + value.len() + 2)
+        .sum();
+    (line, line + headers + 2)
 }
 
 /// Why a request is ambiguous, if it is: more than one Host (RFC 9112 §3.2: a 400, since the

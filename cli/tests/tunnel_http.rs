@@ -1094,3 +1094,28 @@ async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting(
     assert_eq!(status, 200);
     assert_eq!(*seen.lock().unwrap(), ["GET /fits"]);
 }
+
+#[tokio::test]
+async fn an_asterisk_form_options_request_reaches_the_local_server_as_sent() {
+    let (port, seen) = recording_local_server().await;
+    let edge = standalone_edge().await;
+    let port = port.to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "star"],
+    )
+    .await;
+    let host = format!("star.localhost:{}", edge.http.port());
+    // RFC 9112 §3.2.4: the server as a whole is asked, not one of its resources.
+    let star = format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange_to_end(&edge, star.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("ok"), "{answer}");
+    // The asterisk-form is for OPTIONS only.
+    let get = format!("GET * HTTP/1.1\r\nHost: {host}\r\n\r\n");
+    let answer = raw_exchange_to_end(&edge, get.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("only for OPTIONS"), "{answer}");
+    assert_eq!(*seen.lock().unwrap(), ["OPTIONS *"]);
+}

@@ -222,6 +222,12 @@ fn refused(
             "This edge does not proxy CONNECT requests: it forwards requests to its tunnels, \
              not tunnels to other hosts.",
         )
+    } else if is_asterisk_form(req.uri()) && req.method() != http::Method::OPTIONS {
+        // RFC 9112 §3.2.4: `*` names the server as a whole, which only OPTIONS can ask about.
+        pages::bad_request(&format!(
+            "The request target * (the server as a whole) is only for OPTIONS, not {}.",
+            req.method()
+        ))
     } else if let Some(sentence) = ambiguous(req.headers()) {
         tracing::info!(%peer, reason = sentence, "ambiguous request refused");
         pages::bad_request(sentence)
@@ -239,6 +245,12 @@ fn refused(
     page.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     Some(page)
+}
+
+/// Whether `uri` is the asterisk-form target `*` (RFC 9112 §3.2.4). It crosses the agent
+/// link as the HTTP/2 `:path` `*` (RFC 9113 §8.3.1), and reaches the local server as sent.
+fn is_asterisk_form(uri: &Uri) -> bool {
+    uri.authority().is_none() && uri.path_and_query().is_some_and(|p| p.as_str() == "*")
 }
 
 /// The size in bytes of a request's line and of its whole head (line and headers), counted

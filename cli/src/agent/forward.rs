@@ -136,6 +136,18 @@ fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
     }
 }
 
+/// Why the pooled client's exchange with the local server failed, in words for the 502 page.
+fn client_error_reason(target: &Target, e: &hyper_util::client::legacy::Error) -> String {
+    if e.is_connect() {
+        let io = std::error::Error::source(e)
+            .and_then(find_io_error)
+            .map(|io| connect_error_reason(target, io));
+        io.unwrap_or_else(|| format!("cannot connect to {target}"))
+    } else {
+        exchange_error_reason(target, e)
+    }
+}
+
 /// Why an exchange with the local server failed after the connection was made, in words for
 /// the visitor's 502 page and the agent's log: hyper's own message for such errors ("client
 /// error (SendRequest)") names no cause, so the cause is looked up in the error's sources.
@@ -250,8 +262,15 @@ impl Forwarder {
             .path_and_query()
             .map(|p| p.as_str().to_owned())
             .unwrap_or_else(|| "/".to_owned());
-        let uri = format!("http://{}{}", spec.target.authority(), path);
-        let Ok(uri) = uri.parse() else {
+        // `OPTIONS *` (RFC 9112 §3.2.4) goes out as sent, on a connection of its own: the
+        // pooled client takes only absolute URLs, and `http://host*` is none.
+        let asterisk = path == "*";
+        let uri = if asterisk {
+            Ok(http::Uri::from_static("*"))
+        } else {
+            format!("http://{}{}", spec.target.authority(), path).parse()
+        };
+        let Ok(uri) = uri else {
             return agent_error("the request target is not valid");
         };
         parts.uri = uri;
@@ -276,8 +295,18 @@ impl Forwarder {
         );
         let mut req = Request::from_parts(parts, tap.request_body(body));
         let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
+        let exchange = async {
+            if asterisk {
+                self.asterisk(req, &spec.target).await
+            } else {
+                self.client
+                    .request(req)
+                    .await
+                    .map_err(|e| client_error_reason(&spec.target, &e))
+            }
+        };
         let resp = tokio::select! {
-            r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, self.client.request(req)) => r,
+            r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, exchange) => r,
             // Dropping the request ends the local connection.
             () = stalled.cancelled() => {
                 if let Some(r) = Reset::of(&captured) {
@@ -306,15 +335,7 @@ impl Forwarder {
                 tap.failed(502, &reason);
                 return agent_error(&reason);
             }
-            Ok(Err(e)) => {
-                let reason = if e.is_connect() {
-                    let io = std::error::Error::source(&e)
-                        .and_then(find_io_error)
-                        .map(|io| connect_error_reason(&spec.target, io));
-                    io.unwrap_or_else(|| format!("cannot connect to {}", spec.target))
-                } else {
-                    exchange_error_reason(&spec.target, &e)
-                };
+            Ok(Err(reason)) => {
                 log_request(&method, &path, 502, started, 0, Some(&reason));
                 tap.failed(502, &reason);
                 return agent_error(&reason);
@@ -337,6 +358,32 @@ impl Forwarder {
             }),
         };
         Response::from_parts(parts, tap.response_body(body).boxed())
+    }
+
+    /// Sends an asterisk-form request to the local server on a new connection, closed after
+    /// the answer; an `Err` is the reason for the 502 page.
+    async fn asterisk(
+        &self,
+        req: Request<crate::inspect::TapBody<UpBody>>,
+        target: &Target,
+    ) -> Result<Response<Incoming>, String> {
+        let tcp = self
+            .dialer
+            .connect(&target.host, target.port)
+            .await
+            .map_err(|e| connect_error_reason(target, &e))?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| exchange_error_reason(target, &e))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(err = %e, "local connection for OPTIONS * ended with an error");
+            }
+        });
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| exchange_error_reason(target, &e))
     }
 
     async fn upgrade(

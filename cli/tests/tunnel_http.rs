@@ -1119,3 +1119,32 @@ async fn an_asterisk_form_options_request_reaches_the_local_server_as_sent() {
     assert!(answer.contains("only for OPTIONS"), "{answer}");
     assert_eq!(*seen.lock().unwrap(), ["OPTIONS *"]);
 }
+
+#[tokio::test]
+async fn a_response_with_both_content_length_and_chunked_reaches_the_visitor_framed_by_chunked() {
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length, which is to be removed.
+    let port = misbehaving_local_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .to_string();
+    let edge = standalone_edge().await;
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "both"],
+    )
+    .await;
+    let host = format!("both.localhost:{}", edge.http.port());
+    let req = format!("GET /both HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(
+        header_value(head, "transfer-encoding").as_deref(),
+        Some("chunked"),
+        "{answer}"
+    );
+    assert_eq!(header_value(head, "content-length"), None, "{answer}");
+    assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{answer}");
+}

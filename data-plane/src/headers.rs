@@ -4,7 +4,14 @@ use http::header::{self, HeaderMap, HeaderName};
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1): those the `Connection` header names, plus
 /// `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`, `Transfer-Encoding` and `Upgrade`.
+///
+/// A `Content-Length` beside a `Transfer-Encoding` goes too: the transfer coding framed the
+/// message, and the length is to be ignored and removed (RFC 9112 §6.3). Left behind, it
+/// would frame the next hop by a length the body does not have.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

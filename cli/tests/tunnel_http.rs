@@ -1148,3 +1148,30 @@ async fn a_response_with_both_content_length_and_chunked_reaches_the_visitor_fra
     assert_eq!(header_value(head, "content-length"), None, "{answer}");
     assert_eq!(body, "5\r\nhello\r\n0\r\n\r\n", "{answer}");
 }
+
+#[tokio::test]
+async fn a_host_header_that_is_not_ascii_gets_a_400_page_saying_so_not_that_it_is_missing() {
+    let edge = standalone_edge().await;
+    let hosts: [&[u8]; 4] = [
+        "ch\u{e4}t.localhost".as_bytes(),
+        b"chat\xff.localhost",
+        b"chat localhost",
+        b"someone@chat.localhost",
+    ];
+    for host in hosts {
+        let mut req = b"GET / HTTP/1.1\r\nHost: ".to_vec();
+        req.extend_from_slice(host);
+        req.extend_from_slice(b"\r\n\r\n");
+        let answer = raw_exchange_to_end(&edge, &req).await;
+        let shown = String::from_utf8_lossy(host);
+        assert!(answer.starts_with("HTTP/1.1 400"), "{shown}: {answer}");
+        assert!(
+            answer.contains("not a valid host name"),
+            "{shown}: {answer}"
+        );
+        assert!(!answer.contains("no Host"), "{shown}: {answer}");
+    }
+    let none = raw_exchange_to_end(&edge, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await;
+    assert!(none.starts_with("HTTP/1.1 400"), "{none}");
+    assert!(none.contains("no Host header"), "{none}");
+}

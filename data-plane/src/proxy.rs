@@ -231,6 +231,9 @@ fn refused(
     } else if let Some(sentence) = ambiguous(req.headers()) {
         tracing::info!(%peer, reason = sentence, "ambiguous request refused");
         pages::bad_request(sentence)
+    } else if let Some(sentence) = invalid_host(req.headers()) {
+        tracing::info!(%peer, reason = sentence, "request with an invalid Host refused");
+        pages::bad_request(sentence)
     } else if let Some((status, sentence)) = transfer_codings(req.headers()) {
         tracing::info!(%peer, reason = %sentence, "request body's transfer coding refused");
         if status == StatusCode::NOT_IMPLEMENTED {
@@ -323,6 +326,30 @@ fn transfer_codings(headers: &HeaderMap) -> Option<(StatusCode, String)> {
             ),
         )
     })
+}
+
+/// Why the request's `Host` header is not a host, if it is not (RFC 9110 §7.2: `uri-host
+/// [ ":" port ]`, no user info). A value that is not ASCII, or holds spaces or an `@`, would
+/// otherwise be taken for a missing Host (`to_str` fails) or looked up as a tunnel name. An
+/// empty value is left to routing, which answers that it names no tunnel.
+fn invalid_host(headers: &HeaderMap) -> Option<&'static str> {
+    let value = headers.get(header::HOST)?;
+    if value.is_empty() {
+        return None;
+    }
+    let valid = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse::<http::uri::Authority>().ok())
+        .is_some_and(|a| !a.as_str().contains('@'));
+    if valid {
+        return None;
+    }
+    Some(
+        "The request's Host header is not a valid host name: a host is ASCII letters, digits, \
+         dots and hyphens with an optional :port (an international name goes in its xn-- \
+         form).",
+    )
 }
 
 /// Whether the request asks for a protocol upgrade (RFC 9110 §7.8).

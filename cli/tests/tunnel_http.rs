@@ -1175,3 +1175,115 @@ async fn a_host_header_that_is_not_ascii_gets_a_400_page_saying_so_not_that_it_i
     assert!(none.starts_with("HTTP/1.1 400"), "{none}");
     assert!(none.contains("no Host header"), "{none}");
 }
+
+/// A local server that answers a `Content-Length: 1000000` response with only `abc`, then
+/// holds the connection open until the agent closes it, or closes it itself when `cut` is
+/// notified.
+async fn stalling_local_server() -> (u16, std::sync::Arc<tokio::sync::Notify>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let notify = std::sync::Arc::clone(&cut);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let cut = std::sync::Arc::clone(&notify);
+            tokio::spawn(async move {
+                let _ = read_head(&mut s).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nabc")
+                    .await;
+                let mut buf = [0u8; 1024];
+                loop {
+                    tokio::select! {
+                        () = cut.notified() => return,
+                        r = s.read(&mut buf) => if !matches!(r, Ok(n) if n > 0) { return },
+                    }
+                }
+            });
+        }
+    });
+    (port, cut)
+}
+
+/// Waits until the agent's log has a line holding every one of `words`; that line.
+async fn agent_log_line(agent: &Agent, words: &[&str]) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let log = agent.stderr_text().await;
+        if let Some(line) = log.lines().find(|l| words.iter().all(|w| l.contains(w))) {
+            return line.to_owned();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no line with {words:?} in:\n{log}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_response_body_the_local_server_cuts_off_is_logged_by_the_agent_as_broken_off() {
+    let edge = standalone_edge().await;
+    let (port, cut) = stalling_local_server().await;
+    let port = port.to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "cut"],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET /cut HTTP/1.1\r\nHost: cut.localhost:{}\r\n\r\n",
+        edge.http.port()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // The head is out; now the local server hangs up with 999997 bytes still owed.
+    cut.notify_one();
+    let line = agent_log_line(&agent, &["GET /cut 200"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("3 B"), "{line}");
+    assert!(line.contains("broke off"), "{line}");
+
+    // A visitor that leaves mid-body.
+    let slow = stalling_local_server().await.0.to_string();
+    let slow_agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &slow, "--subdomain", "slow"],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET /slow HTTP/1.1\r\nHost: slow.localhost:{}\r\n\r\n",
+        edge.http.port()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    drop(s);
+    let line = agent_log_line(&slow_agent, &["GET /slow 200"]).await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("the visitor"), "{line}");
+
+    // A body that ends as announced is still a normal line.
+    let (port, _) = recording_local_server().await;
+    let port = port.to_string();
+    let ok_agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "fine"],
+    )
+    .await;
+    let (status, _, _) = visit(&edge, "fine", "GET", "/fine", &[], "").await;
+    assert_eq!(status, 200);
+    let line = agent_log_line(&ok_agent, &["GET /fine 200"]).await;
+    assert!(line.contains("INFO") && line.ends_with(" 2 B"), "{line}");
+}

@@ -350,6 +350,7 @@ impl Forwarder {
         let body = Logged {
             inner: body,
             bytes: 0,
+            target: spec.target.clone(),
             line: Some(LogLine {
                 method,
                 path,
@@ -605,24 +606,40 @@ fn log_request(
     }
 }
 
-/// A response body that counts its bytes and logs the request's line when it ends.
+/// A response body that counts its bytes and logs the request's line when it ends: as a
+/// warning naming what happened when the local server broke it off or the visitor left
+/// before its end, so a cut download is not logged as a served one.
 struct Logged {
     inner: Incoming,
     bytes: u64,
+    /// The local server, named in the line of a body it broke off.
+    target: Target,
     line: Option<LogLine>,
 }
 
 impl Logged {
-    fn finish(&mut self) {
+    /// Logs the line, once; `broken` is why the body did not end as announced.
+    fn finish(&mut self, broken: Option<&str>) {
         if let Some(l) = self.line.take() {
-            log_request(&l.method, &l.path, l.status, l.started, self.bytes, None);
+            log_request(&l.method, &l.path, l.status, l.started, self.bytes, broken);
         }
     }
 }
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        self.finish();
+        if self.line.is_none() {
+            return;
+        }
+        // hyper stops polling a body that says it is at its end, without asking for the
+        // `None`; any other body dropped here was given up by the edge's stream.
+        if self.inner.is_end_stream() {
+            self.finish(None);
+        } else {
+            self.finish(Some(
+                "the response body was cut short: the visitor went away before its end",
+            ));
+        }
     }
 }
 
@@ -641,7 +658,14 @@ impl Body for Logged {
                     self.bytes += d.len() as u64;
                 }
             }
-            Poll::Ready(None) => self.finish(),
+            Poll::Ready(None) => self.finish(None),
+            Poll::Ready(Some(Err(e))) => {
+                let why = format!(
+                    "the response body broke off: {}",
+                    exchange_error_reason(&self.target, e)
+                );
+                self.finish(Some(&why));
+            }
             _ => {}
         }
         r

@@ -1287,3 +1287,91 @@ async fn a_response_body_the_local_server_cuts_off_is_logged_by_the_agent_as_bro
     let line = agent_log_line(&ok_agent, &["GET /fine 200"]).await;
     assert!(line.contains("INFO") && line.ends_with(" 2 B"), "{line}");
 }
+
+/// A local server that answers the first request of each connection `200 ok` and keeps the
+/// connection alive, then reads the next request and closes the connection without an
+/// answer, as a server whose keep-alive timeout ran out just as that request came. Notes each
+/// request as `CONNECTION-NUMBER REQUEST-LINE`.
+async fn closing_kept_alive_local_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = l.local_addr().unwrap().port();
+    let log = std::sync::Arc::clone(&seen);
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut s, _)) = l.accept().await {
+            let log = std::sync::Arc::clone(&log);
+            tokio::spawn(async move {
+                for served in 0.. {
+                    let Some(head) = read_head(&mut s).await else {
+                        return;
+                    };
+                    let line = head.lines().next().unwrap_or("").to_owned();
+                    log.lock().unwrap().push(format!("{n} {line}"));
+                    if served == 1 {
+                        return;
+                    }
+                    let len =
+                        header_value(&head, "content-length").map_or(0, |v| v.parse().unwrap());
+                    let mut body = vec![0u8; len];
+                    if s.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+            n += 1;
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_get_on_a_kept_alive_connection_the_local_server_just_closed_is_sent_again_on_a_new_one()
+{
+    let (port, seen) = closing_kept_alive_local_server().await;
+    let edge = standalone_edge().await;
+    let port = port.to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "again"],
+    )
+    .await;
+    // Every second request lands on a kept-alive connection that the local server closes.
+    for i in 0..4 {
+        let (status, _, body) = visit(&edge, "again", "GET", &format!("/get/{i}"), &[], "").await;
+        assert_eq!(status, 200, "{i}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(&body[..], b"ok");
+    }
+    let log = seen.lock().unwrap().clone();
+    let sent_twice = (0..4).filter(|i| {
+        let line = format!(" GET /get/{i} HTTP/1.1");
+        log.iter().filter(|l| l.ends_with(&line)).count() == 2
+    });
+    assert!(sent_twice.count() >= 1, "{log:?}");
+
+    // A request with a body is never sent twice: it gets the 502 page.
+    let mut refused = false;
+    for i in 0..4 {
+        let path = format!("/post/{i}");
+        let (status, _, _) = visit(&edge, "again", "POST", &path, &[], "data").await;
+        let line = format!(" POST {path} HTTP/1.1");
+        let times = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.ends_with(&line))
+            .count();
+        assert_eq!(times, 1, "{:?}", seen.lock().unwrap());
+        if status == 502 {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    assert!(refused, "{:?}", seen.lock().unwrap());
+}

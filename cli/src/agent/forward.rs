@@ -136,6 +136,55 @@ fn connect_error_reason(target: &Target, e: &std::io::Error) -> String {
     }
 }
 
+/// The head of `parts` again, to send once more should its first connection fail before any
+/// answer came, if the request may be sent twice: an idempotent method (RFC 9110 §9.2.2) and
+/// no body (a body has been read by then, and is gone). Its target is origin-form, for a
+/// connection of its own.
+fn replayable(parts: &http::request::Parts, body: &Incoming) -> Option<Request<()>> {
+    let idempotent = [
+        http::Method::GET,
+        http::Method::HEAD,
+        http::Method::OPTIONS,
+        http::Method::DELETE,
+    ]
+    .contains(&parts.method);
+    if !idempotent || !body.is_end_stream() {
+        return None;
+    }
+    let mut again = Request::new(());
+    *again.method_mut() = parts.method.clone();
+    *again.uri_mut() = parts.uri.path_and_query()?.as_str().parse().ok()?;
+    *again.version_mut() = parts.version;
+    *again.headers_mut() = parts.headers.clone();
+    Some(again)
+}
+
+/// Whether the pooled client's request failed because the local server closed the connection
+/// before answering (hyper: "connection closed before message completed", or the request
+/// could not be written). A local server closes a kept-alive connection it finds idle when it
+/// likes (its keep-alive timeout); a request sent at that moment meets the close.
+fn closed_unanswered(e: &hyper_util::client::legacy::Error) -> bool {
+    if e.is_connect() {
+        return false;
+    }
+    let mut cur = std::error::Error::source(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() {
+                return true;
+            }
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// Why the pooled client's exchange with the local server failed, in words for the 502 page.
 fn client_error_reason(target: &Target, e: &hyper_util::client::legacy::Error) -> String {
     if e.is_connect() {
@@ -278,6 +327,7 @@ impl Forwarder {
         strip_hop_by_hop(&mut parts.headers);
         strip_internal(&mut parts.headers);
         set_host(&mut parts.headers, &spec);
+        let replay = replayable(&parts, &body);
         let tap = crate::inspect::recorder().http_started(
             &spec.target.authority(),
             &method,
@@ -297,12 +347,21 @@ impl Forwarder {
         let captured = hyper_util::client::legacy::connect::capture_connection(&mut req);
         let exchange = async {
             if asterisk {
-                self.asterisk(req, &spec.target).await
-            } else {
-                self.client
-                    .request(req)
-                    .await
-                    .map_err(|e| client_error_reason(&spec.target, &e))
+                return self.send_alone(req, &spec.target).await;
+            }
+            match (self.client.request(req).await, replay) {
+                (Ok(r), _) => Ok(r),
+                (Err(e), Some(again)) if closed_unanswered(&e) => {
+                    tracing::debug!(
+                        %method, path, err = %e,
+                        "the local server closed the connection without answering; sending the \
+                         request again on a new connection"
+                    );
+                    let empty = Empty::<Bytes>::new().map_err(|n| match n {}).boxed();
+                    let again = again.map(|()| tap.request_body(empty));
+                    self.send_alone(again, &spec.target).await
+                }
+                (Err(e), _) => Err(client_error_reason(&spec.target, &e)),
             }
         };
         let resp = tokio::select! {
@@ -361,9 +420,10 @@ impl Forwarder {
         Response::from_parts(parts, tap.response_body(body).boxed())
     }
 
-    /// Sends an asterisk-form request to the local server on a new connection, closed after
-    /// the answer; an `Err` is the reason for the 502 page.
-    async fn asterisk(
+    /// Sends `req` (its target in origin- or asterisk-form) to the local server on a new
+    /// connection of its own, outside the pool and closed after the answer; an `Err` is the
+    /// reason for the 502 page.
+    async fn send_alone(
         &self,
         req: Request<crate::inspect::TapBody<UpBody>>,
         target: &Target,
@@ -378,7 +438,7 @@ impl Forwarder {
             .map_err(|e| exchange_error_reason(target, &e))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                tracing::debug!(err = %e, "local connection for OPTIONS * ended with an error");
+                tracing::debug!(err = %e, "local connection of one request ended with an error");
             }
         });
         sender

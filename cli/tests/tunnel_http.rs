@@ -444,8 +444,12 @@ async fn oversized_or_too_many_request_headers_get_431() {
         many.push_str(&format!("X-H{i}: v\r\n"));
     }
     many.push_str("\r\n");
-    let answer = raw_exchange(&edge, many.as_bytes()).await;
+    let answer = raw_exchange_to_end(&edge, many.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(
+        answer.contains("at most 10 headers (its --max-headers setting)"),
+        "{answer}"
+    );
 }
 
 #[tokio::test]
@@ -1030,9 +1034,17 @@ async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_f
             "400",
             "more than once",
         ),
-        // hyper refuses a body whose last coding is not chunked itself, with a bare 400.
-        ("gzip", "400", ""),
-        ("chunked, gzip", "400", ""),
+        // hyper refuses these before the edge is asked; the edge's page replaces its bare 400.
+        (
+            "gzip",
+            "501",
+            "chunked must be its last and only transfer coding",
+        ),
+        (
+            "chunked, gzip",
+            "501",
+            "chunked must be its last and only transfer coding",
+        ),
     ];
     for (coding, status, words) in cases {
         let req = format!(
@@ -1081,13 +1093,15 @@ async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting(
         assert!(answer.contains("--max-header-bytes"), "{answer}");
         assert!(answer.contains("8192 bytes"), "{answer}");
     }
-    // Far beyond the limit hyper stops reading at its own cap, still with a 431.
+    // Far beyond the limit hyper stops reading at its own cap; the page still names it.
     let huge = format!(
         "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
         "h".repeat(40_000)
     );
-    let answer = raw_exchange(&edge, huge.as_bytes()).await;
+    let answer = raw_exchange_to_end(&edge, huge.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    assert!(answer.contains("--max-header-bytes"), "{answer}");
+    assert!(answer.contains("8192 bytes"), "{answer}");
     // A head just under the limit is forwarded.
     let fits = "f".repeat(7000);
     let (status, _, _) = visit(&edge, "limits", "GET", "/fits", &[("x-fits", &fits)], "").await;
@@ -1374,4 +1388,39 @@ async fn a_get_on_a_kept_alive_connection_the_local_server_just_closed_is_sent_a
         assert_eq!(status, 200);
     }
     assert!(refused, "{:?}", seen.lock().unwrap());
+}
+
+#[tokio::test]
+async fn a_request_hyper_cannot_parse_gets_a_page_and_an_empty_local_answer_still_reaches_the_visitor(
+) {
+    let edge = standalone_edge().await;
+    let answer = raw_exchange_to_end(
+        &edge,
+        b"GET / HTTP/1.1\r\nHost: x.localhost\r\nBad Header: v\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(
+        answer.contains("could not read the request as HTTP/1.1"),
+        "{answer}"
+    );
+    // A local server's own empty 4xx on a closing connection looks like hyper's bare answer,
+    // and is sent as it is.
+    let port = misbehaving_local_server(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "empty"],
+    )
+    .await;
+    let req = format!(
+        "GET /gone HTTP/1.1\r\nHost: empty.localhost:{}\r\nConnection: close\r\n\r\n",
+        edge.http.port()
+    );
+    let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
+    assert!(answer.ends_with("\r\n\r\n"), "{answer}");
+    assert!(answer.contains("content-length: 0\r\n"), "{answer}");
 }

@@ -78,7 +78,7 @@ pub struct Limits {
     pub max_agent_lanes: usize,
     /// Largest visitor request head (request line + headers), in bytes. A larger one gets a
     /// page naming `--max-header-bytes`: 414 when the request line alone is larger, else 431.
-    /// hyper stops reading a head at four times this and answers a bare 431.
+    /// hyper stops reading a head at four times this; its 431 is then replaced by a page too.
     pub max_header_bytes: usize,
     /// Most headers in one visitor request; more gets 431.
     pub max_headers: usize,

@@ -13,6 +13,7 @@
 //! - `agents`: the agent listener and handshake.
 //! - `proxy`: the visitor listener, routing by `Host`, header handling.
 //! - `early`: refusing bytes a visitor sends before the 101 of an upgrade.
+//! - `bare`: pages instead of hyper's bare answers to requests it cannot parse.
 //! - [`exec`]: the executor of the agent link's HTTP/2 tasks (also used by the agent).
 //! - [`backlog`]: reading a response body ahead of a visitor that stopped reading.
 //! - [`relay`]: byte-exact relaying of upgraded connections (also used by the agent).
@@ -34,6 +35,7 @@ use tokio_util::task::TaskTracker;
 
 mod agents;
 pub mod backlog;
+mod bare;
 pub mod config;
 mod control;
 mod early;

@@ -20,14 +20,35 @@ fn escape(s: &str) -> String {
         .collect()
 }
 
-/// A small HTML page with `status`, a title and one explaining sentence.
-pub(crate) fn page(status: StatusCode, title: &str, sentence: &str) -> Response<UpBody> {
-    let body = format!(
+/// The HTML of a page with `status`, a title and one explaining sentence.
+fn html(status: StatusCode, title: &str, sentence: &str) -> String {
+    format!(
         "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{status} {t}</title></head>\n<body><h1>{t}</h1>\n<p>{s}</p>\n<hr><p><small>burrow edge</small></p></body></html>\n",
         status = status.as_u16(),
         t = escape(title),
         s = escape(sentence),
-    );
+    )
+}
+
+/// The same page as [`page`], as the bytes of a whole HTTP/1.1 response that closes its
+/// connection: for answers written past hyper (see [`crate::bare`]).
+pub(crate) fn raw(status: StatusCode, title: &str, sentence: &str) -> Vec<u8> {
+    let body = html(status, title, sentence);
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/html; charset=utf-8\r\ncache-control: no-store\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body.as_bytes());
+    out
+}
+
+/// A small HTML page with `status`, a title and one explaining sentence.
+pub(crate) fn page(status: StatusCode, title: &str, sentence: &str) -> Response<UpBody> {
+    let body = html(status, title, sentence);
     let mut resp = Response::new(Full::new(Bytes::from(body)).map_err(|n| match n {}).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(

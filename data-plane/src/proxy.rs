@@ -31,9 +31,10 @@ use crate::relay::{relay_observed, RelayOptions};
 use crate::{pages, State};
 
 /// How many times `--max-header-bytes` hyper itself reads of a request head before it gives
-/// up with a bare 431. Heads between the limit and this backstop reach [`refused`], which
-/// answers them with a page saying which limit they broke (hyper's own answer names none);
-/// the read buffer was already this large (`max_buf_size`), so no connection holds more.
+/// up with a 431 of its own (replaced by a page, see [`crate::bare`]). Heads between the limit
+/// and this backstop reach [`refused`], whose page also tells a URL too long (414) from a head
+/// too large (431); the read buffer was already this large (`max_buf_size`), so no connection
+/// holds more.
 const HEAD_BACKSTOP: usize = 4;
 
 /// How long a WebSocket upgrade waits for the agent's HTTP/2 settings on a brand-new agent
@@ -139,6 +140,8 @@ async fn serve_connection<I>(
     let svc_state = Arc::clone(&state);
     let early = Early::new(limits.max_header_bytes.saturating_add(1024));
     let io = Recorder::new(io, Arc::clone(&early));
+    let handed_back: crate::bare::Slot<_> = Arc::default();
+    let io = crate::bare::Held::new(io, Arc::clone(&handed_back));
     // Credentials this visitor connection has proven (tunnel policies' basic auth).
     let visitor = Arc::new(crate::policy::Visitor::default());
     let svc = service_fn(move |req| {
@@ -170,17 +173,27 @@ async fn serve_connection<I>(
     let conn = builder
         .serve_connection(TokioIo::new(io), svc)
         .with_upgrades();
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(%peer, err = %e, "visitor connection ended with an error");
+    // In a block of its own, so hyper's hold on the stream ends with it.
+    let ended = {
+        tokio::pin!(conn);
+        tokio::select! {
+            r = conn.as_mut() => r.err(),
+            () = shutdown.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                let _ = tokio::time::timeout(state.config.limits.drain_timeout, conn).await;
+                None
             }
         }
-        () = shutdown.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(state.config.limits.drain_timeout, conn).await;
-        }
+    };
+    if let Some(e) = &ended {
+        tracing::debug!(%peer, err = %e, "visitor connection ended with an error");
+    }
+    let held = match handed_back.lock() {
+        Ok(mut s) => s.take(),
+        Err(p) => p.into_inner().take(),
+    };
+    if let Some((io, held)) = held {
+        crate::bare::answer(io, held, ended.as_ref(), &state.config.limits).await;
     }
 }
 

@@ -1,0 +1,272 @@
+//! hyper's own answers to visitor requests it cannot parse, replaced by the edge's pages.
+//!
+//! hyper answers a request head it cannot parse, or one over its limits, by itself: a bare
+//! status line with `connection: close`, `content-length: 0` and no word on what was wrong
+//! (`Transfer-Encoding: gzip` gets a 400 that does not say it is the coding, a head over
+//! hyper's cap a 431 that names no setting). No hook lets the service answer instead, so
+//! [`Held`] wraps the visitor's stream and holds back a write that looks like such an answer:
+//! one lone head of a 4xx with `connection: close` and `content-length: 0`. hyper closes the
+//! connection after it either way. Once `serve_connection` has returned, its error says
+//! whether the write was hyper's answer to a parse error ([`answer`] sends the page for that
+//! error) or a real response that looks like one (sent unchanged).
+//!
+//! A bare answer hyper writes together with earlier bytes (a pipelined request behind a
+//! response still waiting in the socket) is not recognised, and goes out as hyper wrote it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
+
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+
+use crate::config::Limits;
+use crate::pages;
+
+/// Longest write hyper's bare answers take (a status line and three short headers).
+const BARE_MAX: usize = 256;
+
+/// Where [`Held`] leaves the stream and the held write when hyper drops it.
+pub(crate) type Slot<I> = Arc<Mutex<Option<(I, Vec<u8>)>>>;
+
+/// The visitor's stream, holding back what looks like hyper's own answer to a parse error.
+#[derive(Debug)]
+pub(crate) struct Held<I> {
+    /// `None` only while being dropped.
+    inner: Option<I>,
+    held: Vec<u8>,
+    slot: Slot<I>,
+}
+
+impl<I> Held<I> {
+    pub(crate) fn new(inner: I, slot: Slot<I>) -> Self {
+        Self {
+            inner: Some(inner),
+            held: Vec::new(),
+            slot,
+        }
+    }
+}
+
+impl<I> Drop for Held<I> {
+    fn drop(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        if let Some(io) = self.inner.take() {
+            let held = std::mem::take(&mut self.held);
+            match self.slot.lock() {
+                Ok(mut s) => *s = Some((io, held)),
+                Err(p) => *p.into_inner() = Some((io, held)),
+            }
+        }
+    }
+}
+
+/// Whether `buf` is a whole response head as hyper writes its own answer to a request it
+/// cannot read: `HTTP/1.1 4xx`, `connection: close`, `content-length: 0`, nothing after.
+fn looks_bare(buf: &[u8]) -> bool {
+    buf.len() <= BARE_MAX
+        && buf.starts_with(b"HTTP/1.1 4")
+        && buf.ends_with(b"\r\n\r\n")
+        && buf.windows(4).filter(|w| w == b"\r\n\r\n").count() == 1
+        && contains(buf, b"\r\nconnection: close\r\n")
+        && contains(buf, b"\r\ncontent-length: 0\r\n")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+fn gone() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "visitor stream already handed back",
+    )
+}
+
+impl<I: AsyncWrite + Unpin> Held<I> {
+    /// Writes what was held back: hyper wrote on after it, so it was not its last answer.
+    fn poll_release(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        while !self.held.is_empty() {
+            let n = ready!(Pin::new(&mut *inner).poll_write(cx, &self.held))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.held.drain(..n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Held<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_read(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        ready!(this.poll_release(cx))?;
+        if looks_bare(buf) {
+            this.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        match this.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write(cx, buf),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        ready!(this.poll_release(cx))?;
+        let mut filled = bufs.iter().filter(|b| !b.is_empty());
+        if let (Some(only), None) = (filled.next(), filled.next()) {
+            if looks_bare(only) {
+                this.held.extend_from_slice(only);
+                return Poll::Ready(Ok(only.len()));
+            }
+        }
+        match this.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.as_ref().is_some_and(|i| i.is_write_vectored())
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // What is held waits for `answer`; the rest is flushed.
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_flush(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.held.is_empty() {
+            // `answer` writes the held answer (or the page for it) and shuts down then.
+            return Poll::Ready(Ok(()));
+        }
+        match self.inner.as_mut() {
+            Some(inner) => Pin::new(inner).poll_shutdown(cx),
+            None => Poll::Ready(Err(gone())),
+        }
+    }
+}
+
+/// Sends what [`Held`] held back once the connection is over: the page for hyper's parse
+/// error `err`, or the held bytes unchanged when the connection ended without one. At most
+/// `limits.header_read_timeout`, as the visitor may take no longer to send a head either.
+pub(crate) async fn answer<I: AsyncWrite + Unpin>(
+    mut io: I,
+    held: Vec<u8>,
+    err: Option<&hyper::Error>,
+    limits: &Limits,
+) {
+    let bytes = err.and_then(|e| page_for(e, &held, limits)).unwrap_or(held);
+    let send = async {
+        io.write_all(&bytes).await?;
+        io.shutdown().await
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(limits.header_read_timeout, send).await {
+        tracing::debug!(err = %e, "cannot send the answer to an unreadable request");
+    }
+}
+
+/// The page (whole HTTP/1.1 response bytes) for hyper's parse error `err`, whose bare answer
+/// was `held`; `None` when `err` is no parse error.
+fn page_for(err: &hyper::Error, held: &[u8], limits: &Limits) -> Option<Vec<u8>> {
+    let max = limits.max_header_bytes;
+    let (status, title, sentence) = if err.is_parse_too_large() {
+        if held.starts_with(b"HTTP/1.1 414") {
+            (
+                StatusCode::URI_TOO_LONG,
+                "URL too long",
+                format!(
+                    "The request's URL is too long: this edge accepts request heads of at most \
+                     {max} bytes (its --max-header-bytes setting). Shorten the URL, or send \
+                     the data in a request body."
+                ),
+            )
+        } else {
+            (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "Request headers too large",
+                format!(
+                    "The request's head (request line and headers) is larger than this edge \
+                     accepts: at most {max} bytes (its --max-header-bytes setting) in at most \
+                     {} headers (its --max-headers setting). Send fewer or smaller headers, \
+                     such as cookies.",
+                    limits.max_headers
+                ),
+            )
+        }
+    } else if err.is_parse() {
+        // hyper's kinds of header error are not public; its message names the one that
+        // matters here (the RFC 9112 §6.1 case the edge's own check cannot see, since hyper
+        // refuses such a request before the edge is asked).
+        let message = err.to_string();
+        if message.contains("invalid transfer-encoding") {
+            (
+                StatusCode::NOT_IMPLEMENTED,
+                "Not implemented",
+                "The request body is sent in a transfer coding this edge does not decode: \
+                 chunked must be its last and only transfer coding; send the body with \
+                 Transfer-Encoding: chunked alone, or with a Content-Length (RFC 9112 §6.1)."
+                    .to_owned(),
+            )
+        } else {
+            (
+                StatusCode::BAD_REQUEST,
+                "Bad request",
+                format!("The edge could not read the request as HTTP/1.1: {message}."),
+            )
+        }
+    } else {
+        return None;
+    };
+    Some(pages::raw(status, title, &sentence))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_lone_empty_closing_4xx_head_looks_bare() {
+        let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\n\
+                     content-length: 0\r\ndate: Fri, 04 Dec 2026 18:00:00 GMT\r\n\r\n";
+        assert!(looks_bare(bare));
+        let with_body = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+                          content-length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n";
+        assert!(!looks_bare(with_body));
+        let kept_alive = b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n";
+        assert!(!looks_bare(kept_alive));
+        let ok = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        assert!(!looks_bare(ok));
+    }
+}

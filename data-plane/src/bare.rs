@@ -12,6 +12,8 @@
 //!
 //! A bare answer hyper writes together with earlier bytes (a pipelined request behind a
 //! response still waiting in the socket) is not recognised, and goes out as hyper wrote it.
+//! Once a 101 has gone out the stream carries WebSocket frames, not HTTP, and nothing more is
+//! held back.
 
 use std::io;
 use std::pin::Pin;
@@ -37,6 +39,8 @@ pub(crate) struct Held<I> {
     inner: Option<I>,
     held: Vec<u8>,
     slot: Slot<I>,
+    /// Whether the stream still carries HTTP/1.1: cleared by a 101 (an upgrade).
+    http: bool,
 }
 
 impl<I> Held<I> {
@@ -45,7 +49,20 @@ impl<I> Held<I> {
             inner: Some(inner),
             held: Vec::new(),
             slot,
+            http: true,
         }
+    }
+
+    /// Whether to hold back `buf`, the start of a write.
+    fn holds(&mut self, buf: &[u8]) -> bool {
+        if !self.http {
+            return false;
+        }
+        if buf.starts_with(b"HTTP/1.1 101 ") {
+            self.http = false;
+            return false;
+        }
+        looks_bare(buf)
     }
 }
 
@@ -124,7 +141,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
     ) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         ready!(this.poll_release(cx))?;
-        if looks_bare(buf) {
+        if this.holds(buf) {
             this.held.extend_from_slice(buf);
             return Poll::Ready(Ok(buf.len()));
         }
@@ -142,11 +159,16 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
         let this = &mut *self;
         ready!(this.poll_release(cx))?;
         let mut filled = bufs.iter().filter(|b| !b.is_empty());
-        if let (Some(only), None) = (filled.next(), filled.next()) {
-            if looks_bare(only) {
+        match (filled.next(), filled.next()) {
+            (Some(only), None) if this.holds(only) => {
                 this.held.extend_from_slice(only);
                 return Poll::Ready(Ok(only.len()));
             }
+            (Some(first), Some(_)) => {
+                // A head with its body: never held, but a 101 still ends HTTP.
+                this.holds(first);
+            }
+            _ => {}
         }
         match this.inner.as_mut() {
             Some(inner) => Pin::new(inner).poll_write_vectored(cx, bufs),
@@ -268,5 +290,15 @@ mod tests {
         assert!(!looks_bare(kept_alive));
         let ok = b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
         assert!(!looks_bare(ok));
+    }
+
+    #[test]
+    fn after_a_101_nothing_is_held_back() {
+        let bare = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let mut held = Held::new(tokio::io::sink(), Slot::default());
+        assert!(held.holds(bare));
+        assert!(!held.holds(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"));
+        // A WebSocket message that happens to read like hyper's answer is relayed.
+        assert!(!held.holds(bare));
     }
 }

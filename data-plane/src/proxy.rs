@@ -298,8 +298,9 @@ fn ambiguous(headers: &HeaderMap) -> Option<&'static str> {
 }
 
 /// What is wrong with a request body's transfer codings, if anything (RFC 9112 §6.1), as the
-/// status and sentence of the page. hyper itself refuses (400) a body whose last coding is
-/// not `chunked`, and decodes only `chunked`: a coding listed before it (`gzip, chunked`)
+/// status and sentence of the page. hyper itself refuses a body whose last coding is not
+/// `chunked` before the edge is asked (its 400 becomes a 501 page in [`crate::bare`]), and
+/// decodes only `chunked`: a coding listed before it (`gzip, chunked`)
 /// would reach the local server still applied, with the header that says so removed
 /// (`Transfer-Encoding` is hop-by-hop), so it is refused here, as a coding the edge does not
 /// implement (501). `chunked` twice is malformed (400): a sender applies it only once.

@@ -366,7 +366,7 @@ impl Forwarder {
         };
         let resp = tokio::select! {
             r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, exchange) => r,
-            // Dropping the request ends the local connection.
+            // The request's pooled connection is reset: dropping it would leave it open.
             () = stalled.cancelled() => {
                 if let Some(r) = Reset::of(&captured) {
                     r.reset();

@@ -327,6 +327,218 @@ impl Drop for Drained {
     }
 }
 
+/// A body passed on with the data frames that are ready at once merged, up to `max` bytes
+/// per frame. A visitor's upload in many small chunks (hyper yields one frame per chunk, even
+/// when one socket read brought hundreds) then crosses the agent link as a few large HTTP/2
+/// DATA frames instead of one per chunk: less framing work on both ends, and the agent's h2
+/// budget for small frames (`too_many_data_frames`, which ends the whole connection) stays out
+/// of reach even while the agent is too busy to read for a moment. Nothing waits to be merged:
+/// what is not ready yet goes in a later frame.
+pub(crate) struct Coalesce<B: Body> {
+    inner: B,
+    max: usize,
+    /// What came after the merged data: the next frame, or the inner body's error.
+    stash: Option<Result<Frame<Bytes>, B::Error>>,
+    /// The inner body has ended.
+    ended: bool,
+}
+
+impl<B: Body> Coalesce<B> {
+    pub(crate) fn new(inner: B, max: usize) -> Self {
+        Self {
+            inner,
+            max,
+            stash: None,
+            ended: false,
+        }
+    }
+}
+
+impl<B> Body for Coalesce<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = &mut *self;
+        let first = match this.stash.take() {
+            Some(Ok(f)) => f,
+            Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            None if this.ended => return Poll::Ready(None),
+            None => match std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx)) {
+                None => {
+                    this.ended = true;
+                    return Poll::Ready(None);
+                }
+                Some(Ok(f)) => f,
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+            },
+        };
+        let first = match first.into_data() {
+            Ok(d) if d.len() < this.max => d,
+            Ok(d) => return Poll::Ready(Some(Ok(Frame::data(d)))),
+            Err(other) => return Poll::Ready(Some(Ok(other))),
+        };
+        let mut merged: Option<BytesMut> = None;
+        loop {
+            let len = merged.as_ref().map_or(first.len(), BytesMut::len);
+            if len >= this.max || this.ended {
+                break;
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => break,
+                Poll::Ready(None) => {
+                    this.ended = true;
+                    break;
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.stash = Some(Err(e));
+                    break;
+                }
+                Poll::Ready(Some(Ok(f))) => match f.into_data() {
+                    Ok(d) if len + d.len() <= this.max => {
+                        merged
+                            .get_or_insert_with(|| {
+                                let mut m = BytesMut::with_capacity(this.max);
+                                m.extend_from_slice(&first);
+                                m
+                            })
+                            .extend_from_slice(&d);
+                    }
+                    Ok(d) => {
+                        this.stash = Some(Ok(Frame::data(d)));
+                        break;
+                    }
+                    Err(other) => {
+                        this.stash = Some(Ok(other));
+                        break;
+                    }
+                },
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(
+            merged.map_or(first, BytesMut::freeze),
+        ))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.stash.is_none() && (self.ended || self.inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.ended {
+            let n = match &self.stash {
+                Some(Ok(f)) => f.data_ref().map_or(0, |d| d.len() as u64),
+                _ => 0,
+            };
+            return SizeHint::with_exact(n);
+        }
+        let mut hint = self.inner.size_hint();
+        if let Some(Ok(f)) = &self.stash {
+            let n = f.data_ref().map_or(0, |d| d.len() as u64);
+            hint.set_lower(hint.lower().saturating_add(n));
+            if let Some(u) = hint.upper() {
+                hint.set_upper(u.saturating_add(n));
+            }
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod coalesce_tests {
+    use super::Coalesce;
+    use bytes::Bytes;
+    use futures::StreamExt as _;
+    use http_body::{Body as _, Frame};
+    use http_body_util::{BodyExt as _, StreamBody};
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    type Item = Result<Frame<Bytes>, std::io::Error>;
+
+    fn chunks(n: usize, size: usize) -> Vec<Item> {
+        (0..n)
+            .map(|i| Ok(Frame::data(Bytes::from(vec![b'a' + (i % 26) as u8; size]))))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn ready_small_chunks_leave_as_few_frames_no_larger_than_the_cap_in_order() {
+        let input = chunks(100, 60);
+        let expected: Vec<u8> = input
+            .iter()
+            .flat_map(|f| f.as_ref().unwrap().data_ref().unwrap().to_vec())
+            .collect();
+        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
+        let (mut got, mut frames) = (Vec::new(), 0);
+        while let Some(f) = body.frame().await {
+            let d = f.unwrap().into_data().unwrap();
+            assert!(d.len() <= 1000, "{}", d.len());
+            got.extend_from_slice(&d);
+            frames += 1;
+        }
+        assert_eq!(got, expected);
+        assert!(frames <= 7, "{frames} frames for 6000 bytes");
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn trailers_and_errors_after_merged_data_still_arrive_after_it() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-sum", http::HeaderValue::from_static("1"));
+        let mut input = chunks(3, 10);
+        input.push(Ok(Frame::trailers(trailers)));
+        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            30
+        );
+        assert!(body.frame().await.unwrap().unwrap().is_trailers());
+        assert!(body.frame().await.is_none());
+
+        let mut input = chunks(2, 10);
+        input.push(Err(std::io::Error::other("cut")));
+        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
+        assert_eq!(
+            body.frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .unwrap()
+                .len(),
+            20
+        );
+        assert!(body.frame().await.unwrap().is_err());
+    }
+
+    #[test]
+    fn what_is_ready_goes_at_once_without_waiting_for_more() {
+        let stream = futures::stream::iter(chunks(3, 10)).chain(futures::stream::pending());
+        let mut body = Coalesce::new(StreamBody::new(stream), 1000);
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        match Pin::new(&mut body).poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap().len(), 30),
+            other => panic!("{other:?}"),
+        }
+        assert!(Pin::new(&mut body).poll_frame(&mut cx).is_pending());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{drain, StalledReader};

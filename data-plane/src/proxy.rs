@@ -492,12 +492,15 @@ async fn handle(
     };
     let mut up = Request::new(match upgrade {
         Some(_) => Empty::<Bytes>::new().map_err(|n| match n {}).boxed(),
-        None => Counted {
-            inner: body,
-            route: Arc::clone(&route),
-            inbound: true,
-            _lane: None,
-        }
+        None => crate::backlog::Coalesce::new(
+            Counted {
+                inner: body,
+                route: Arc::clone(&route),
+                inbound: true,
+                _lane: None,
+            },
+            state.config.limits.h2_max_frame_size as usize,
+        )
         .map_err(Into::into)
         .boxed(),
     });

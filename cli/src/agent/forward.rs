@@ -372,7 +372,7 @@ impl Forwarder {
                     r.reset();
                 }
                 let reason = format!(
-                    "{} stopped reading the request body (it kept coming in small pieces)",
+                    "{} stopped reading the request body",
                     spec.target
                 );
                 log_request(&method, &path, 502, started, 0, Some(&reason));

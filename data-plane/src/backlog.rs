@@ -334,7 +334,7 @@ impl Drop for Drained {
 /// budget for small frames (`too_many_data_frames`, which ends the whole connection) stays out
 /// of reach even while the agent is too busy to read for a moment. Nothing waits to be merged:
 /// what is not ready yet goes in a later frame.
-pub(crate) struct Coalesce<B: Body> {
+pub struct Coalesce<B: Body> {
     inner: B,
     max: usize,
     /// What came after the merged data: the next frame, or the inner body's error.
@@ -344,7 +344,7 @@ pub(crate) struct Coalesce<B: Body> {
 }
 
 impl<B: Body> Coalesce<B> {
-    pub(crate) fn new(inner: B, max: usize) -> Self {
+    pub fn new(inner: B, max: usize) -> Self {
         Self {
             inner,
             max,

@@ -417,6 +417,9 @@ impl Forwarder {
                 started,
             }),
         };
+        // Merged as the edge merges request bodies (`Coalesce`): a local server writing in
+        // tiny pieces costs the link a few large frames, not one per write.
+        let body = burrow_edge::backlog::Coalesce::new(body, super::session::MAX_FRAME as usize);
         Response::from_parts(parts, tap.response_body(body).boxed())
     }
 

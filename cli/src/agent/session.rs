@@ -36,7 +36,7 @@ pub(crate) const DEFAULT_STREAM_WINDOW: u32 = 512 * 1024;
 /// Default HTTP/2 connection window (`--h2-connection-window`), in bytes.
 pub(crate) const DEFAULT_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// HTTP/2 largest frame payload, in bytes.
-const MAX_FRAME: u32 = 65_536;
+pub(crate) const MAX_FRAME: u32 = 65_536;
 /// Largest request head the edge may send (HTTP/2 header list size), in bytes. The edge
 /// itself caps visitors' request heads far lower (16 KiB by default).
 const MAX_HEADER_LIST: u32 = 1024 * 1024;

@@ -1424,3 +1424,30 @@ async fn a_request_hyper_cannot_parse_gets_a_page_and_an_empty_local_answer_stil
     assert!(answer.ends_with("\r\n\r\n"), "{answer}");
     assert!(answer.contains("content-length: 0\r\n"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_get_that_a_new_local_connection_closes_unanswered_is_not_sent_twice() {
+    // A local server that reads each request head, notes it and hangs up without answering.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&heads);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            if read_head(&mut s).await.is_some() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    let edge = standalone_edge().await;
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "hangup"],
+    )
+    .await;
+    let (status, _, body) = visit(&edge, "hangup", "GET", "/once", &[], "").await;
+    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&body));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(heads.load(std::sync::atomic::Ordering::SeqCst), 1);
+}

@@ -163,12 +163,14 @@ fn is_localhost(host: &str) -> bool {
 #[derive(Clone)]
 pub(crate) struct LocalConnector(pub(crate) Arc<Dialer>);
 
-/// A pooled HTTP connection to a local server, which the agent can reset from outside the
-/// pool ([`Reset`], found through the request's captured connection).
+/// A pooled HTTP connection to a local server, which the agent can reach from outside the
+/// pool ([`LocalConn`]).
 pub(crate) struct LocalStream {
     tcp: TcpStream,
-    /// A second handle on the same socket, for [`Reset`]; it lives as long as this stream.
+    /// A second handle on the same socket, for [`LocalConn::reset`]; it lives as long as this
+    /// stream.
     handle: Arc<socket2::Socket>,
+    answered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl LocalStream {
@@ -178,43 +180,64 @@ impl LocalStream {
         Ok(Self {
             tcp,
             handle: Arc::new(handle),
+            answered: Arc::default(),
         })
     }
 }
 
-/// Resets one local connection. hyper only shuts a connection down after flushing what it
-/// holds, so when the agent gives up on a request whose local server stopped reading,
-/// dropping the request would leave the connection (and the unsent body) open for as long as
-/// the server reads nothing; this ends it at once, and the server sees the reset.
+/// A handle on one pooled local connection, found through the request's captured connection
+/// ([`Self::of`]): it can reset the connection, and tell whether it is a reused one.
+///
+/// hyper only shuts a connection down after flushing what it holds, so when the agent gives up
+/// on a request whose local server stopped reading, dropping the request would leave the
+/// connection (and the unsent body) open for as long as the server reads nothing;
+/// [`Self::reset`] ends it at once, and the server sees the reset.
 #[derive(Clone)]
-pub(crate) struct Reset(std::sync::Weak<socket2::Socket>);
+pub(crate) struct LocalConn {
+    socket: std::sync::Weak<socket2::Socket>,
+    /// Whether a response has come back on the connection.
+    answered: Arc<std::sync::atomic::AtomicBool>,
+}
 
-impl Reset {
-    /// The reset of the connection a request was sent on, if it has one yet.
+impl LocalConn {
+    /// The connection a request was sent on, if it has one yet.
     pub(crate) fn of(
         captured: &hyper_util::client::legacy::connect::CaptureConnection,
     ) -> Option<Self> {
         let meta = captured.connection_metadata();
         let mut ext = http::Extensions::new();
         meta.as_ref()?.get_extras(&mut ext);
-        ext.remove::<Reset>()
+        ext.remove::<LocalConn>()
     }
 
     pub(crate) fn reset(&self) {
-        if let Some(s) = self.0.upgrade() {
+        if let Some(s) = self.socket.upgrade() {
             // Closing with a zero linger sends RST and drops what is queued; the shutdown
             // wakes hyper's task on the connection, which then fails and closes it.
             let _ = s.set_linger(Some(Duration::ZERO));
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
     }
+
+    /// Notes that a response came back on the connection.
+    pub(crate) fn note_answered(&self) {
+        self.answered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the connection had answered a request before: a kept-alive one, which the local
+    /// server may close when it likes.
+    pub(crate) fn was_reused(&self) -> bool {
+        self.answered.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 impl hyper_util::client::legacy::connect::Connection for LocalStream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.tcp
-            .connected()
-            .extra(Reset(Arc::downgrade(&self.handle)))
+        self.tcp.connected().extra(LocalConn {
+            socket: Arc::downgrade(&self.handle),
+            answered: Arc::clone(&self.answered),
+        })
     }
 }
 

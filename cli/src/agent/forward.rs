@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::dial::{Dialer, LocalConnector, Reset};
+use super::dial::{Dialer, LocalConn, LocalConnector};
 use super::target::{HostHeader, Target};
 
 /// Body type of requests the agent sends to the local server: read ahead from the edge
@@ -350,8 +350,18 @@ impl Forwarder {
                 return self.send_alone(req, &spec.target).await;
             }
             match (self.client.request(req).await, replay) {
-                (Ok(r), _) => Ok(r),
-                (Err(e), Some(again)) if closed_unanswered(&e) => {
+                (Ok(r), _) => {
+                    if let Some(c) = LocalConn::of(&captured) {
+                        c.note_answered();
+                    }
+                    Ok(r)
+                }
+                // Only a kept-alive connection: one the local server closed at once when new
+                // would close on the request again.
+                (Err(e), Some(again))
+                    if closed_unanswered(&e)
+                        && LocalConn::of(&captured).is_some_and(|c| c.was_reused()) =>
+                {
                     tracing::debug!(
                         %method, path, err = %e,
                         "the local server closed the connection without answering; sending the \
@@ -368,7 +378,7 @@ impl Forwarder {
             r = tokio::time::timeout(LOCAL_RESPONSE_TIMEOUT, exchange) => r,
             // The request's pooled connection is reset: dropping it would leave it open.
             () = stalled.cancelled() => {
-                if let Some(r) = Reset::of(&captured) {
+                if let Some(r) = LocalConn::of(&captured) {
                     r.reset();
                 }
                 let reason = format!(
@@ -382,7 +392,7 @@ impl Forwarder {
         };
         let resp = match resp {
             Err(_) => {
-                if let Some(r) = Reset::of(&captured) {
+                if let Some(r) = LocalConn::of(&captured) {
                     r.reset();
                 }
                 let reason = format!(

@@ -1236,6 +1236,22 @@ async fn agent_log_line(agent: &Agent, words: &[&str]) -> String {
     }
 }
 
+/// Sends `GET path` for `sub` on a raw connection and reads until the response head is in
+/// (checked to be a 200); returns the connection, with the body still to come.
+async fn get_until_head(edge: &Edge, sub: &str, path: &str) -> tokio::net::TcpStream {
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {sub}.localhost:{}\r\n\r\n",
+        edge.http.port()
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+        .await
+        .unwrap();
+    let head = read_head(&mut s).await.unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
 #[tokio::test]
 async fn a_response_body_the_local_server_cuts_off_is_logged_by_the_agent_as_broken_off() {
     let edge = standalone_edge().await;
@@ -1247,16 +1263,7 @@ async fn a_response_body_the_local_server_cuts_off_is_logged_by_the_agent_as_bro
         &["http", &port, "--subdomain", "cut"],
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let req = format!(
-        "GET /cut HTTP/1.1\r\nHost: cut.localhost:{}\r\n\r\n",
-        edge.http.port()
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await.unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let _s = get_until_head(&edge, "cut", "/cut").await;
     // The head is out; now the local server hangs up with 999997 bytes still owed.
     cut.notify_one();
     let line = agent_log_line(&agent, &["GET /cut 200"]).await;
@@ -1272,17 +1279,7 @@ async fn a_response_body_the_local_server_cuts_off_is_logged_by_the_agent_as_bro
         &["http", &slow, "--subdomain", "slow"],
     )
     .await;
-    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
-    let req = format!(
-        "GET /slow HTTP/1.1\r\nHost: slow.localhost:{}\r\n\r\n",
-        edge.http.port()
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
-        .await
-        .unwrap();
-    let head = read_head(&mut s).await.unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    drop(s);
+    drop(get_until_head(&edge, "slow", "/slow").await);
     let line = agent_log_line(&slow_agent, &["GET /slow 200"]).await;
     assert!(line.contains("WARN"), "{line}");
     assert!(line.contains("the visitor"), "{line}");

@@ -955,6 +955,30 @@ async fn an_empty_or_malformed_subdomain_is_refused_at_once_with_what_to_give_in
     assert_eq!(agent.subdomain(), "mixed");
 }
 
+/// An edge (its limits changed by `tweak`) and an agent that forwards `sub` to a
+/// [`recording_local_server`]; also the requests it saw and the tunnel's `Host` value.
+async fn recorded_tunnel(
+    sub: &str,
+    tweak: impl FnOnce(&mut burrow_edge::Limits),
+) -> (
+    Edge,
+    Agent,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    String,
+) {
+    let (port, seen) = recording_local_server().await;
+    let edge = standalone_edge_with(tweak).await;
+    let port = port.to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", sub],
+    )
+    .await;
+    let host = format!("{sub}.localhost:{}", edge.http.port());
+    (edge, agent, seen, host)
+}
+
 /// A local server that answers every request `200 ok` and notes each as `METHOD TARGET`, the
 /// target as hyper read it from the request line.
 async fn recording_local_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
@@ -987,16 +1011,7 @@ async fn recording_local_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<S
 
 #[tokio::test]
 async fn a_connect_request_gets_501_and_never_reaches_the_local_server() {
-    let (port, seen) = recording_local_server().await;
-    let edge = standalone_edge().await;
-    let port = port.to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "connect"],
-    )
-    .await;
-    let host = format!("connect.localhost:{}", edge.http.port());
+    let (edge, _agent, seen, host) = recorded_tunnel("connect", |_| {}).await;
     // RFC 9110 §9.3.6: a forward-proxy tunnel, whether to the tunnel's own name or elsewhere.
     for target in [host.as_str(), "example.com:443"] {
         let req = format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n");
@@ -1012,16 +1027,7 @@ async fn a_connect_request_gets_501_and_never_reaches_the_local_server() {
 
 #[tokio::test]
 async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_forwarded() {
-    let (port, seen) = recording_local_server().await;
-    let edge = standalone_edge().await;
-    let port = port.to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "codings"],
-    )
-    .await;
-    let host = format!("codings.localhost:{}", edge.http.port());
+    let (edge, _agent, seen, host) = recorded_tunnel("codings", |_| {}).await;
     let body = "5\r\nhello\r\n0\r\n\r\n";
     // RFC 9112 §6.1: a coding the edge does not decode is a 501; `chunked` must be last and
     // only once, else the request is malformed (400).
@@ -1068,16 +1074,7 @@ async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_f
 
 #[tokio::test]
 async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting() {
-    let (port, seen) = recording_local_server().await;
-    let edge = standalone_edge_with(|l| l.max_header_bytes = 8192).await;
-    let port = port.to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "limits"],
-    )
-    .await;
-    let host = format!("limits.localhost:{}", edge.http.port());
+    let (edge, _agent, seen, host) = recorded_tunnel("limits", |l| l.max_header_bytes = 8192).await;
     let long_url = format!("GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n", "u".repeat(9000));
     let big_head = format!(
         "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
@@ -1111,16 +1108,7 @@ async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting(
 
 #[tokio::test]
 async fn an_asterisk_form_options_request_reaches_the_local_server_as_sent() {
-    let (port, seen) = recording_local_server().await;
-    let edge = standalone_edge().await;
-    let port = port.to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "star"],
-    )
-    .await;
-    let host = format!("star.localhost:{}", edge.http.port());
+    let (edge, _agent, seen, host) = recorded_tunnel("star", |_| {}).await;
     // RFC 9112 §3.2.4: the server as a whole is asked, not one of its resources.
     let star = format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
     let answer = raw_exchange_to_end(&edge, star.as_bytes()).await;

@@ -469,6 +469,22 @@ mod coalesce_tests {
             .collect()
     }
 
+    /// `input` behind a [`Coalesce`] of 1000 bytes, every frame ready at once.
+    fn coalesced(
+        input: Vec<Item>,
+    ) -> Coalesce<StreamBody<futures::stream::Iter<std::vec::IntoIter<Item>>>> {
+        Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000)
+    }
+
+    /// The length of `body`'s next frame, which must be data.
+    async fn next_data_len<B: http_body::Body<Data = Bytes> + Unpin>(body: &mut B) -> usize
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let frame = body.frame().await.unwrap().unwrap();
+        frame.into_data().unwrap().len()
+    }
+
     #[tokio::test]
     async fn ready_small_chunks_leave_as_few_frames_no_larger_than_the_cap_in_order() {
         let input = chunks(100, 60);
@@ -476,7 +492,7 @@ mod coalesce_tests {
             .iter()
             .flat_map(|f| f.as_ref().unwrap().data_ref().unwrap().to_vec())
             .collect();
-        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
+        let mut body = coalesced(input);
         let (mut got, mut frames) = (Vec::new(), 0);
         while let Some(f) = body.frame().await {
             let d = f.unwrap().into_data().unwrap();
@@ -495,33 +511,15 @@ mod coalesce_tests {
         trailers.insert("x-sum", http::HeaderValue::from_static("1"));
         let mut input = chunks(3, 10);
         input.push(Ok(Frame::trailers(trailers)));
-        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
-        assert_eq!(
-            body.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            30
-        );
+        let mut body = coalesced(input);
+        assert_eq!(next_data_len(&mut body).await, 30);
         assert!(body.frame().await.unwrap().unwrap().is_trailers());
         assert!(body.frame().await.is_none());
 
         let mut input = chunks(2, 10);
         input.push(Err(std::io::Error::other("cut")));
-        let mut body = Coalesce::new(StreamBody::new(futures::stream::iter(input)), 1000);
-        assert_eq!(
-            body.frame()
-                .await
-                .unwrap()
-                .unwrap()
-                .into_data()
-                .unwrap()
-                .len(),
-            20
-        );
+        let mut body = coalesced(input);
+        assert_eq!(next_data_len(&mut body).await, 20);
         assert!(body.frame().await.unwrap().is_err());
     }
 

@@ -195,7 +195,7 @@ impl LocalStream {
 #[derive(Clone)]
 pub(crate) struct LocalConn {
     socket: std::sync::Weak<socket2::Socket>,
-    /// Whether a response has come back on the connection.
+    /// Whether the local server has sent anything on the connection (set by its reads).
     answered: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -219,14 +219,8 @@ impl LocalConn {
         }
     }
 
-    /// Notes that a response came back on the connection.
-    pub(crate) fn note_answered(&self) {
-        self.answered
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether the connection had answered a request before: a kept-alive one, which the local
-    /// server may close when it likes.
+    /// Whether the local server had sent anything on the connection before: then it is a
+    /// kept-alive one that answered a request, which the server may close when it likes.
     pub(crate) fn was_reused(&self) -> bool {
         self.answered.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -247,7 +241,14 @@ impl tokio::io::AsyncRead for LocalStream {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        if buf.filled().len() > before && !self.answered.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            self.answered
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
     }
 }
 

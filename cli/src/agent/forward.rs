@@ -350,12 +350,7 @@ impl Forwarder {
                 return self.send_alone(req, &spec.target).await;
             }
             match (self.client.request(req).await, replay) {
-                (Ok(r), _) => {
-                    if let Some(c) = LocalConn::of(&captured) {
-                        c.note_answered();
-                    }
-                    Ok(r)
-                }
+                (Ok(r), _) => Ok(r),
                 // Only a kept-alive connection: one the local server closed at once when new
                 // would close on the request again.
                 (Err(e), Some(again))

@@ -11,6 +11,7 @@
 #   connection keeps after a burst); BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the
 #   other knobs;
 #   BENCH_TARGETS="burrow-tls burrow-plain bore" picks targets (direct always runs);
+#   burrow-pool (not run by default) is burrow-plain with --worker-threads 0 on both ends;
 #   BENCH_TOOLS=DIR keeps the bore install between runs;
 #   BENCH_BASE_BIN=DIR also measures the burrow-edge and burrow binaries in DIR (another build,
 #   e.g. the last release) as targets base-tls and base-plain, for a before/after in one run.
@@ -68,8 +69,9 @@ bench --url "ws://127.0.0.1:$ECHO_PORT/" --label direct --pids "$ECHO_PID"
 # control plane's per-tunnel plan limits would refuse 10,000 WebSockets) and one agent, once
 # with a TLS agent connection and once with plain TCP.
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SCRATCH/agent.token"
-burrow_target() { # LABEL TLS|PLAIN [BINDIR]
+burrow_target() { # LABEL TLS|PLAIN [BINDIR [FLAG...]] (flags given to both edge and agent)
   local label=$1 mode=$2 bin=${3:-$BIN} http agent edge_flags agent_flags
+  local both=("${@:4}")
   http=$(free_port); agent=$(free_port)
   if [ "$mode" = TLS ]; then
     edge_flags=(--self-signed --self-signed-out "$SCRATCH/edge-ca-$label.pem")
@@ -81,11 +83,11 @@ burrow_target() { # LABEL TLS|PLAIN [BINDIR]
   RUST_LOG=warn "$bin/burrow-edge" --name "bench-$label" --domain localhost \
     --standalone-token-file "$SCRATCH/agent.token" \
     --http "127.0.0.1:$http" --agent-listen "127.0.0.1:$agent" "${edge_flags[@]}" \
-    --max-visitor-connections $((IDLE + 1000)) >"$SCRATCH/edge-$label.log" 2>&1 &
+    --max-visitor-connections $((IDLE + 1000)) "${both[@]}" >"$SCRATCH/edge-$label.log" 2>&1 &
   pids+=($!); local edge_pid=$!
   wait_port "$agent"
   RUST_LOG=warn "$bin/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$agent" \
-    "${agent_flags[@]}" --token-file "$SCRATCH/agent.token" --no-inspect \
+    "${agent_flags[@]}" --token-file "$SCRATCH/agent.token" --no-inspect "${both[@]}" \
     >"$SCRATCH/agent-$label.log" 2>&1 </dev/null &
   pids+=($!); local agent_pid=$!
   for _ in $(seq 1 100); do
@@ -101,6 +103,8 @@ burrow_target() { # LABEL TLS|PLAIN [BINDIR]
 }
 if wants burrow-tls; then burrow_target burrow-tls TLS; fi
 if wants burrow-plain; then burrow_target burrow-plain PLAIN; fi
+# Plain, with one shared pool of Tokio workers per process instead of threads of their own.
+if wants burrow-pool; then burrow_target burrow-pool PLAIN "$BIN" --worker-threads 0; fi
 if [ -n "${BENCH_BASE_BIN:-}" ]; then
   burrow_target base-tls TLS "$BENCH_BASE_BIN"
   burrow_target base-plain PLAIN "$BENCH_BASE_BIN"

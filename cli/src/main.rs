@@ -40,10 +40,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The agent serves its extra lanes on worker threads of its own (`--worker-threads`); the
+    // runtime here drives the first connection, so one thread is enough for it.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if matches!(&cli.command, Command::Agent(a) if a.own_threads()) {
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

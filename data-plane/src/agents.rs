@@ -55,6 +55,7 @@ pub(crate) async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(state.config.limits.max_agent_connections));
+    let mut turn = 0usize;
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
@@ -76,15 +77,28 @@ pub(crate) async fn serve(
         let shutdown = shutdown.clone();
         let permits = Arc::clone(&permits);
         let span = tracing::info_span!("agent", %peer, instance = tracing::field::Empty);
-        tracker.spawn(
+        let shards = Arc::clone(&state);
+        let serve = move |stream: TcpStream| {
             async move {
                 let _permit = permit;
                 if let Err(e) = handle(stream, peer, acceptor, state, shutdown, &permits).await {
                     tracing::info!(err = %format!("{e:#}"), "agent connection ended");
                 }
             }
-            .instrument(span),
-        );
+            .instrument(span)
+        };
+        match &shards.shards {
+            Some(shards) => {
+                // Agent connections take turns apart from visitors. An agent opens its lanes
+                // one after another and serves lane I on its thread I mod its thread count,
+                // so the lanes one edge thread serves tend to share an agent thread too.
+                turn = turn.wrapping_add(1);
+                shards.spawn_connection(turn, &tracker, stream, serve);
+            }
+            None => {
+                tracker.spawn(serve(stream));
+            }
+        }
     }
 }
 

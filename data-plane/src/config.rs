@@ -59,6 +59,9 @@ pub enum ControlConfig {
     },
 }
 
+/// Most `Limits::worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 1024;
+
 /// Default of `Limits::max_agent_lanes`.
 pub const DEFAULT_MAX_AGENT_LANES: usize = 8;
 
@@ -183,6 +186,10 @@ pub struct Limits {
     pub basic_auth_max_hash_passes: u32,
     /// Most entries in each list of a tunnel policy (users, addresses, origins, header rules).
     pub policy_max_rules: usize,
+    /// Worker threads with an event loop each; every connection stays on the one it was
+    /// handed to when accepted (see `shards`). Default: one per CPU. 0 runs connections on
+    /// the caller's Tokio runtime instead.
+    pub worker_threads: usize,
 }
 
 impl Default for Limits {
@@ -227,6 +234,8 @@ impl Default for Limits {
             basic_auth_max_hash_memory_kib: 64 * 1024,
             basic_auth_max_hash_passes: 8,
             policy_max_rules: 256,
+            worker_threads: std::thread::available_parallelism()
+                .map_or(1, std::num::NonZeroUsize::get),
         }
     }
 }
@@ -281,6 +290,12 @@ impl Config {
             }
         }
         let l = &self.limits;
+        if l.worker_threads > MAX_WORKER_THREADS {
+            return bad(&format!(
+                "worker_threads is {}; at most {MAX_WORKER_THREADS} (0 shares one pool of workers)",
+                l.worker_threads
+            ));
+        }
         let positive = [
             (l.max_visitor_connections, "max_visitor_connections"),
             (l.max_agent_connections, "max_agent_connections"),
@@ -414,6 +429,10 @@ mod tests {
                 "{sub}",
             ),
             (Box::new(|c| c.limits.max_headers = 0), "max_headers"),
+            (
+                Box::new(|c| c.limits.worker_threads = MAX_WORKER_THREADS + 1),
+                "worker_threads",
+            ),
             (
                 Box::new(|c| c.limits.max_header_bytes = 100),
                 "max_header_bytes",

@@ -48,6 +48,7 @@ mod policy;
 mod proxy;
 mod registry;
 pub mod relay;
+pub mod shards;
 pub mod tls;
 
 pub use config::{Config, ConfigError, ControlConfig, Limits};
@@ -79,6 +80,9 @@ pub(crate) struct State {
     pub(crate) metrics: metrics::EdgeMetrics,
     /// True once the listeners accept, false again when shutdown starts (`/readyz`).
     pub(crate) accepting: std::sync::atomic::AtomicBool,
+    /// Worker threads connections are handed to (`Limits::worker_threads`); `None` runs them
+    /// on the caller's runtime.
+    pub(crate) shards: Option<shards::Shards>,
 }
 
 impl State {
@@ -152,6 +156,7 @@ pub async fn run(
         internal_addr: String::new(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     };
+    let config_threads = config.limits.worker_threads;
     let state = Arc::new(State {
         config,
         registry: Arc::clone(&registry),
@@ -159,6 +164,13 @@ pub async fn run(
         url_templates,
         metrics: metrics::EdgeMetrics::new(Arc::clone(&registry)),
         accepting: std::sync::atomic::AtomicBool::new(false),
+        shards: match config_threads {
+            0 => None,
+            n => Some(
+                shards::Shards::start(n, "burrow-edge")
+                    .context("cannot start the worker threads")?,
+            ),
+        },
     });
     // The admin listener outlives the drain, so `/readyz` says "shutting down" meanwhile.
     let admin_stop = CancellationToken::new();
@@ -233,6 +245,9 @@ pub async fn run(
         .is_err()
     {
         tracing::warn!("drain timeout reached; dropping remaining connections");
+    }
+    if let Some(shards) = &state.shards {
+        shards.stop();
     }
     admin_stop.cancel();
     Ok(())

@@ -152,6 +152,12 @@ struct Args {
     /// Most entries in each list of a tunnel policy (users, addresses, origins, header rules).
     #[arg(long, default_value_t = Limits::default().policy_max_rules)]
     policy_max_rules: usize,
+    /// Worker threads serving visitors and agents, each with an event loop of its own; every
+    /// connection stays on the thread it was handed to when accepted, and a visitor's stream
+    /// prefers an agent lane on its own thread, so a message crosses the edge without waking
+    /// another thread. Default: one per CPU. 0: one shared pool of workers instead.
+    #[arg(long, default_value_t = Limits::default().worker_threads)]
+    worker_threads: usize,
     /// Where agents should connect (host:port), as announced to the control plane and shown
     /// by `burrow tunnel list`; defaults to the --agent-listen address as bound. Set it when
     /// the edge listens on 0.0.0.0 or behind NAT.
@@ -264,10 +270,13 @@ fn main() -> ExitCode {
         eprintln!("error: {e}");
         return ExitCode::from(EXIT_USAGE);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // With worker threads of their own, the runtime here only accepts connections and talks to
+    // the control plane: one thread is enough.
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.limits.worker_threads > 0 {
+        builder.worker_threads(1);
+    }
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -388,6 +397,7 @@ fn limits(args: &Args) -> Limits {
         basic_auth_max_hash_memory_kib: args.basic_auth_max_hash_memory_kib,
         basic_auth_max_hash_passes: args.basic_auth_max_hash_passes,
         policy_max_rules: args.policy_max_rules,
+        worker_threads: args.worker_threads,
         max_agent_connections: args.max_agent_connections,
         max_agent_lanes: args.max_agent_lanes,
         max_tunnels_per_agent: args.max_tunnels_per_agent,
@@ -496,6 +506,7 @@ mod tests {
             "--max-agent-connections=7",
             "--max-tunnels-per-agent=8",
             "--max-agent-lanes=3",
+            "--worker-threads=5",
             "--agent-handshake-timeout=9",
             "--upstream-response-timeout=10",
             "--h2-max-frame-size=32768",
@@ -517,6 +528,7 @@ mod tests {
         assert_eq!(l.max_agent_connections, 7);
         assert_eq!(l.max_tunnels_per_agent, 8);
         assert_eq!(l.max_agent_lanes, 3);
+        assert_eq!(l.worker_threads, 5);
         assert_eq!(l.agent_handshake_timeout, secs(9));
         assert_eq!(l.upstream_response_timeout, secs(10));
         assert_eq!(l.h2_max_frame_size, 32_768);

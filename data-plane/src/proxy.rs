@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -63,6 +63,7 @@ pub(crate) async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(state.config.limits.max_visitor_connections));
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut turn = 0usize;
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             return;
@@ -80,11 +81,12 @@ pub(crate) async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        let state_outer = &state;
         let state = Arc::clone(&state);
         let shutdown = shutdown.clone();
         let tls = tls.clone();
         let t2 = tracker.clone();
-        tracker.spawn(async move {
+        let visit = move |stream: TcpStream| async move {
             let _permit = permit;
             state.metrics.visitor_connection();
             state
@@ -110,7 +112,18 @@ pub(crate) async fn serve(
                 .registry
                 .visitor_connections
                 .fetch_sub(1, Ordering::Relaxed);
-        });
+        };
+        match &state_outer.shards {
+            Some(shards) => {
+                // Visitors take turns, so two that arrive one after the other (a download
+                // and a chat) are served by different threads.
+                turn = turn.wrapping_add(1);
+                shards.spawn_connection(turn, &tracker, stream, visit);
+            }
+            None => {
+                tracker.spawn(visit(stream));
+            }
+        }
     }
 }
 

@@ -173,6 +173,8 @@ pub(crate) struct Lane {
     recent: Recent,
     /// Visitor streams open on the connection now ([`LaneStream`]s alive).
     streams: AtomicU64,
+    /// The worker thread the connection is served on (`crate::shards`).
+    shard: Option<usize>,
 }
 
 /// One visitor stream's claim on its lane: counted as open until dropped.
@@ -204,6 +206,7 @@ impl Lane {
             bytes,
             recent: Recent::new(Instant::now()),
             streams: AtomicU64::new(0),
+            shard: crate::shards::current(),
         }
     }
 
@@ -263,10 +266,29 @@ fn least_loaded(n: usize, start: usize, load: impl Fn(usize) -> Option<(u64, u64
     best.0
 }
 
+/// Like [`least_loaded`], among the lanes served on worker thread `here` (`shard(i)`) when any
+/// of them works; among all lanes otherwise.
+fn least_loaded_near(
+    n: usize,
+    start: usize,
+    here: Option<usize>,
+    shard: impl Fn(usize) -> Option<usize>,
+    load: impl Fn(usize) -> Option<(u64, u64)>,
+) -> usize {
+    if here.is_some() {
+        let near = |i: usize| if shard(i) == here { load(i) } else { None };
+        if (0..n).any(|i| near(i).is_some()) {
+            return least_loaded(n, start, near);
+        }
+    }
+    least_loaded(n, start, load)
+}
+
 impl AgentSession {
-    /// The lane a new visitor stream should use: the one with the fewest streams open, then
-    /// the one that moved the fewest bytes lately, taking turns among equal ones. The stream
-    /// counts as open on it until the returned claim is dropped.
+    /// The lane a new visitor stream should use: among the lanes served on the caller's worker
+    /// thread (all lanes when none is), the one with the fewest streams open, then the one that
+    /// moved the fewest bytes lately, taking turns among equal ones. The stream counts as open
+    /// on it until the returned claim is dropped.
     pub(crate) fn pick(&self) -> LaneStream {
         let lane = self.least_loaded_lane();
         lane.streams.fetch_add(1, Ordering::Relaxed);
@@ -288,7 +310,14 @@ impl AgentSession {
                 &extra[i - 1]
             }
         };
-        Arc::clone(lane(least_loaded(n, start, |i| lane(i).load(now))))
+        let i = least_loaded_near(
+            n,
+            start,
+            crate::shards::current(),
+            |i| lane(i).shard,
+            |i| lane(i).load(now),
+        );
+        Arc::clone(lane(i))
     }
 
     /// Whether the agent answers a liveness probe on its first connection within `timeout`.
@@ -759,5 +788,20 @@ mod tests {
         let picks: Vec<usize> = (0..3).map(|s| least_loaded(3, s, |i| idle[i])).collect();
         assert_eq!(picks, [0, 1, 2]);
         assert_eq!(least_loaded(2, 1, |_| None), 0);
+    }
+
+    #[test]
+    fn a_lane_on_the_callers_own_thread_is_preferred_while_one_works() {
+        // Lanes 0 and 2 on thread 0, 1 and 3 on thread 1; lane 1 is the least loaded.
+        let shard = |i: usize| Some(i % 2);
+        let load = [Some((3, 0)), Some((0, 0)), Some((2, 0)), Some((4, 0))];
+        assert_eq!(least_loaded_near(4, 0, Some(0), shard, |i| load[i]), 2);
+        assert_eq!(least_loaded_near(4, 0, Some(1), shard, |i| load[i]), 1);
+        // Not on a worker thread, or on one without lanes: every lane counts.
+        assert_eq!(least_loaded_near(4, 0, None, shard, |i| load[i]), 1);
+        assert_eq!(least_loaded_near(4, 0, Some(5), shard, |i| load[i]), 1);
+        // Thread 0's lanes have failed: the others serve.
+        let failed = [None, Some((1, 0)), None, Some((0, 0))];
+        assert_eq!(least_loaded_near(4, 0, Some(0), shard, |i| failed[i]), 3);
     }
 }

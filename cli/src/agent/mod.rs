@@ -75,6 +75,19 @@ pub(crate) enum AgentCommand {
     Replay(crate::inspect::ReplayArgs),
 }
 
+impl AgentCommand {
+    /// Whether the agent runs its lanes on worker threads of its own (`--worker-threads`, not
+    /// 0), so the runtime that drives the first connection needs only one thread.
+    pub(crate) fn own_threads(&self) -> bool {
+        let edge = match self {
+            Self::Http(a) => &a.edge,
+            Self::Start(a) => &a.edge,
+            _ => return false,
+        };
+        edge.worker_threads != Some(0)
+    }
+}
+
 /// Options shared by `http` and `start`.
 #[derive(Debug, Args)]
 pub(crate) struct EdgeArgs {
@@ -142,6 +155,12 @@ pub(crate) struct EdgeArgs {
     #[arg(long, default_value_t = session::DEFAULT_LANE_RETRY_SECS,
           value_parser = clap::value_parser!(u64).range(1..))]
     lane_retry_secs: u64,
+    /// Threads serving the lanes, each with an event loop of its own: lane I runs on thread
+    /// I mod N together with every visitor stream, local connection and relay it carries, so
+    /// a message crosses the agent without waking another thread. Default: one per CPU.
+    /// 0: one shared pool of workers instead.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=256))]
+    worker_threads: Option<u32>,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -393,6 +412,10 @@ async fn run_tunnels(
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
         lanes: args.lanes,
         lane_retry: std::time::Duration::from_secs(args.lane_retry_secs),
+        worker_threads: args.worker_threads.map_or_else(
+            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+            |n| n as usize,
+        ),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

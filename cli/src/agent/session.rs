@@ -80,6 +80,42 @@ pub(crate) struct EdgeSpec {
     pub(crate) lanes: u32,
     /// Pause before asking again for a lane the edge had no room for (`--lane-retry-secs`).
     pub(crate) lane_retry: Duration,
+    /// Threads the lanes are spread over, the runtime's own included (`--worker-threads`;
+    /// 0: every lane on the runtime's shared pool).
+    pub(crate) worker_threads: usize,
+}
+
+/// The agent's worker threads beyond the runtime's own, started with the first extra lane.
+static LANE_THREADS: std::sync::OnceLock<Option<burrow_edge::shards::Shards>> =
+    std::sync::OnceLock::new();
+
+/// Runs lane `i`'s task on thread `i mod threads`, where 0 is the runtime the first connection
+/// runs on: each lane, and every stream it carries, stays on one thread. The edge hands the
+/// agent connections it accepts to its own threads in turn, so lanes opened in order land on
+/// its threads in the same rotation, and a visitor stream, which prefers a lane on its own edge
+/// thread, then tends to meet the same agent thread as the other streams of that edge thread.
+fn spawn_lane<F>(threads: usize, i: usize, lane: F)
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slot = i % threads.max(1);
+    let extra = LANE_THREADS.get_or_init(|| {
+        let n = threads.saturating_sub(1);
+        if n == 0 {
+            return None;
+        }
+        burrow_edge::shards::Shards::start(n, "burrow")
+            .map_err(|e| tracing::warn!(err = %e, "cannot start worker threads; lanes share one"))
+            .ok()
+    });
+    match extra {
+        Some(threads) if slot > 0 => {
+            threads.handle(slot - 1).spawn(lane);
+        }
+        _ => {
+            tokio::spawn(lane);
+        }
+    }
 }
 
 /// The byte stream to the edge: TLS, or plain TCP in `--edge-plaintext` mode.
@@ -418,16 +454,23 @@ async fn connect_once(
                 () = cancel.cancelled() => return,
                 r = routable_rx.wait_for(|r| *r) => if r.is_err() { return },
             }
-            for _ in 1..wanted {
-                tokio::spawn(keep_lane(
-                    edge.clone(),
-                    connector.clone(),
-                    name.clone(),
-                    instance.clone(),
-                    key.clone(),
-                    Arc::clone(&forwarder),
-                    cancel.clone(),
-                ));
+            // One after another, so the edge accepts them in this order (see `spawn_lane`).
+            for i in 1..wanted {
+                let (answered, first_answer) = tokio::sync::oneshot::channel();
+                spawn_lane(
+                    edge.worker_threads,
+                    i as usize,
+                    keep_lane(
+                        edge.clone(),
+                        (connector.clone(), name.clone()),
+                        instance.clone(),
+                        key.clone(),
+                        Arc::clone(&forwarder),
+                        cancel.clone(),
+                        answered,
+                    ),
+                );
+                let _ = tokio::time::timeout(DIAL_TIMEOUT, first_answer).await;
             }
         });
     }
@@ -533,16 +576,20 @@ fn serve(
 }
 
 /// Keeps one extra lane to the edge open until `cancel` (the first connection ended or the
-/// agent stops), opening it again with backoff when it drops.
+/// agent stops), opening it again with backoff when it drops. `via` is the TLS connector
+/// (`None`: plain TCP) and the edge's name to verify.
 async fn keep_lane(
     edge: EdgeSpec,
-    connector: Option<TlsConnector>,
-    name: ServerName<'static>,
+    via: (Option<TlsConnector>, ServerName<'static>),
     instance: String,
     lane_key: String,
     forwarder: Arc<Forwarder>,
     cancel: CancellationToken,
+    answered: tokio::sync::oneshot::Sender<()>,
 ) {
+    // Dropped at the first answer of the edge, or when this task ends before one.
+    let mut answered = Some(answered);
+    let (connector, name) = via;
     let mut delay = BACKOFF_START;
     while !cancel.is_cancelled() {
         let attempt = async {
@@ -566,6 +613,7 @@ async fn keep_lane(
             () = cancel.cancelled() => return,
             r = attempt => r,
         };
+        answered.take();
         match outcome {
             Ok((_, answer)) if answer.error_code == "RESOURCE_EXHAUSTED" => {
                 // The session is at the edge's lane limit or the edge near its connection

@@ -128,6 +128,8 @@ pub async fn start_edge_on(
     let ca_file = dir.path().join("edge-ca.pem");
     std::fs::write(&ca_file, &identity.cert_pem).unwrap();
     let mut limits = Limits::default();
+    // As `burrow-edge` runs on a two-CPU machine: connections on worker threads of their own.
+    limits.worker_threads = 2;
     tweak(&mut limits);
     let config = Config {
         name: TEST_EDGE_NAME.into(),

@@ -127,9 +127,11 @@ pub async fn start_edge_on(
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let ca_file = dir.path().join("edge-ca.pem");
     std::fs::write(&ca_file, &identity.cert_pem).unwrap();
-    let mut limits = Limits::default();
     // As `burrow-edge` runs on a two-CPU machine: connections on worker threads of their own.
-    limits.worker_threads = 2;
+    let mut limits = Limits {
+        worker_threads: 2,
+        ..Limits::default()
+    };
     tweak(&mut limits);
     let config = Config {
         name: TEST_EDGE_NAME.into(),

@@ -102,6 +102,26 @@ fn template(scheme: &str, domain: &str, addr: Option<SocketAddr>, default_port: 
     }
 }
 
+/// Runs the accept loop `serve(listener)` on worker thread `i` (the last one when there are
+/// fewer), or on the caller's runtime without worker threads.
+fn spawn_accept<F, Fut>(
+    state: &State,
+    tracker: &TaskTracker,
+    i: usize,
+    listener: TcpListener,
+    serve: F,
+) where
+    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    match &state.shards {
+        Some(shards) => shards.spawn_connection(i.min(shards.len() - 1), tracker, listener, serve),
+        None => {
+            tracker.spawn(serve(listener));
+        }
+    }
+}
+
 /// Runs the edge until `shutdown` is cancelled, then drains for
 /// [`Limits::drain_timeout`].
 pub async fn run(
@@ -199,30 +219,28 @@ pub async fn run(
             "the agent listener speaks plain TCP (--agent-plaintext): for benchmarks only"
         );
     }
-    tracker.spawn(agents::serve(
-        listeners.agent,
+    // Each accept loop runs on a worker thread (the agent listener's on the last one), so a
+    // connection whose turn is that thread's starts there without waking another thread.
+    let (agent_acceptor, st, stop, t) = (
         (!state.config.agent_plaintext).then(|| TlsAcceptor::from(agent_tls)),
         Arc::clone(&state),
         shutdown.clone(),
         tracker.clone(),
-    ));
+    );
+    spawn_accept(&state, &tracker, usize::MAX, listeners.agent, move |l| {
+        agents::serve(l, agent_acceptor, st, stop, t)
+    });
     if let Some(l) = listeners.http {
-        tracker.spawn(proxy::serve(
-            l,
-            None,
-            Arc::clone(&state),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let (st, stop, t) = (Arc::clone(&state), shutdown.clone(), tracker.clone());
+        spawn_accept(&state, &tracker, 0, l, move |l| {
+            proxy::serve(l, None, st, stop, t)
+        });
     }
     if let (Some(l), Some(acceptor)) = (listeners.https, visitor_tls) {
-        tracker.spawn(proxy::serve(
-            l,
-            Some(acceptor),
-            Arc::clone(&state),
-            shutdown.clone(),
-            tracker.clone(),
-        ));
+        let (st, stop, t) = (Arc::clone(&state), shutdown.clone(), tracker.clone());
+        spawn_accept(&state, &tracker, 1, l, move |l| {
+            proxy::serve(l, Some(acceptor), st, stop, t)
+        });
     }
     state
         .accepting

@@ -67,37 +67,70 @@ impl Shards {
         &self.handles[i % self.handles.len()]
     }
 
-    /// Runs `make(stream)`'s future on worker thread `turn % len()`, tracked by `tracker`.
-    /// The accepted socket moves there and is registered with that thread's event loop.
-    pub fn spawn_connection<F, Fut>(
-        &self,
-        turn: usize,
-        tracker: &TaskTracker,
-        stream: tokio::net::TcpStream,
-        make: F,
-    ) where
-        F: FnOnce(tokio::net::TcpStream) -> Fut + Send + 'static,
+    /// Runs `make(io)`'s future on worker thread `turn % len()`, tracked by `tracker`. A
+    /// socket handed to another thread leaves the caller's event loop and joins that thread's.
+    pub fn spawn_connection<T, F, Fut>(&self, turn: usize, tracker: &TaskTracker, io: T, make: F)
+    where
+        T: Movable,
+        F: FnOnce(T) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let std_stream = match stream.into_std() {
+        if current() == Some(turn % self.handles.len()) {
+            tracker.spawn(make(io));
+            return;
+        }
+        let left = match io.leave() {
             Ok(s) => s,
             Err(e) => {
-                tracing::warn!(err = %e, "cannot hand an accepted connection to a worker thread");
+                tracing::warn!(err = %e, "cannot hand a socket to a worker thread");
                 return;
             }
         };
-        let handle = self.handle(turn);
         tracker.spawn_on(
             async move {
-                match tokio::net::TcpStream::from_std(std_stream) {
-                    Ok(s) => make(s).await,
+                match T::join(left) {
+                    Ok(io) => make(io).await,
                     Err(e) => {
-                        tracing::warn!(err = %e, "cannot register a connection on a worker thread")
+                        tracing::warn!(err = %e, "cannot register a socket on a worker thread")
                     }
                 }
             },
-            handle,
+            self.handle(turn),
         );
+    }
+}
+
+/// A Tokio socket that can leave one event loop and join another.
+pub trait Movable: Sized + Send + 'static {
+    /// The socket while it belongs to no event loop.
+    type Left: Send + 'static;
+    /// Leaves the event loop it is registered with.
+    fn leave(self) -> std::io::Result<Self::Left>;
+    /// Joins the caller's event loop.
+    fn join(left: Self::Left) -> std::io::Result<Self>;
+}
+
+impl Movable for tokio::net::TcpStream {
+    type Left = std::net::TcpStream;
+
+    fn leave(self) -> std::io::Result<Self::Left> {
+        self.into_std()
+    }
+
+    fn join(left: Self::Left) -> std::io::Result<Self> {
+        Self::from_std(left)
+    }
+}
+
+impl Movable for tokio::net::TcpListener {
+    type Left = std::net::TcpListener;
+
+    fn leave(self) -> std::io::Result<Self::Left> {
+        self.into_std()
+    }
+
+    fn join(left: Self::Left) -> std::io::Result<Self> {
+        Self::from_std(left)
     }
 }
 

@@ -598,6 +598,74 @@ async fn two_hundred_concurrent_websockets_share_the_tunnel_without_cross_talk()
 }
 
 #[tokio::test]
+async fn every_worker_thread_setting_carries_concurrent_websockets_on_every_lane() {
+    // (edge threads, agent --worker-threads): the shared pool on both ends, one thread, and
+    // more threads than this machine has CPUs or the agent has lanes.
+    let (local, _seen) = local_echo_server().await;
+    let port = local.port().to_string();
+    for (edge_threads, agent_threads) in [(0, "0"), (1, "1"), (3, "3"), (5, "64")] {
+        let edge = Arc::new(standalone_edge_with(|l| l.worker_threads = edge_threads).await);
+        let _agent = start_agent(
+            &edge,
+            STANDALONE_TOKEN,
+            &[
+                "http",
+                &port,
+                "--subdomain",
+                "threads",
+                "--lanes",
+                "4",
+                "--worker-threads",
+                agent_threads,
+            ],
+        )
+        .await;
+        let mut tasks = Vec::new();
+        for i in 0..24 {
+            let edge = Arc::clone(&edge);
+            tasks.push(tokio::spawn(async move {
+                let (mut ws, _) = connect(&edge, "threads", &format!("/t{i}"), &[]).await;
+                for j in 0..3 {
+                    let msg = format!("conn {i} msg {j}");
+                    ws.send(Message::text(msg.clone())).await.unwrap();
+                    assert_eq!(next(&mut ws).await, Message::text(msg));
+                }
+                let big: Vec<u8> = (0..300_000).map(|k| (k * 13 + i) as u8).collect();
+                ws.send(Message::binary(big.clone())).await.unwrap();
+                match next(&mut ws).await {
+                    Message::Binary(b) => assert!(b[..] == big[..], "connection {i}"),
+                    other => panic!("expected the binary message back, got {other:?}"),
+                }
+                ws.close(None).await.unwrap();
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        drop(_agent);
+        Arc::into_inner(edge)
+            .expect("no task holds the edge any more")
+            .stop()
+            .await;
+    }
+}
+
+#[test]
+fn a_worker_thread_count_out_of_range_is_refused_with_the_range() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["http", "3000", "--worker-threads", "257"])
+        .env("BURROW_TOKEN", "x")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--worker-threads") && err.contains("0..=256"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn an_idle_visitor_websocket_gets_keepalive_pings_and_stays_usable() {
     let (local, _seen) = local_echo_server().await;
     let edge =

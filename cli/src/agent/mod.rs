@@ -157,8 +157,8 @@ pub(crate) struct EdgeArgs {
     lane_retry_secs: u64,
     /// Threads serving the lanes, each with an event loop of its own: lane I runs on thread
     /// I mod N together with every visitor stream, local connection and relay it carries, so
-    /// a message crosses the agent without waking another thread. Default: one per CPU.
-    /// 0: one shared pool of workers instead.
+    /// a message crosses the agent without waking another thread. Default: one per CPU, at
+    /// most --lanes. 0: one shared pool of workers instead.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=256))]
     worker_threads: Option<u32>,
     #[command(flatten)]
@@ -412,10 +412,14 @@ async fn run_tunnels(
         stopped_reader_grace: std::time::Duration::from_millis(args.stopped_reader_grace_ms),
         lanes: args.lanes,
         lane_retry: std::time::Duration::from_secs(args.lane_retry_secs),
-        worker_threads: args.worker_threads.map_or_else(
-            || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
-            |n| n as usize,
-        ),
+        // A thread without a lane would idle: no more threads than lanes.
+        worker_threads: args
+            .worker_threads
+            .map_or_else(
+                || std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get),
+                |n| n as usize,
+            )
+            .min(args.lanes as usize),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -77,7 +77,7 @@ pub(crate) async fn serve(
         let shutdown = shutdown.clone();
         let permits = Arc::clone(&permits);
         let span = tracing::info_span!("agent", %peer, instance = tracing::field::Empty);
-        let shards = Arc::clone(&state);
+        let outer = Arc::clone(&state);
         let serve = move |stream: TcpStream| {
             async move {
                 let _permit = permit;
@@ -87,18 +87,11 @@ pub(crate) async fn serve(
             }
             .instrument(span)
         };
-        match &shards.shards {
-            Some(shards) => {
-                // Agent connections take turns apart from visitors. An agent opens its lanes
-                // one after another and serves lane I on its thread I mod its thread count,
-                // so the lanes one edge thread serves tend to share an agent thread too.
-                turn = turn.wrapping_add(1);
-                shards.spawn_connection(turn, &tracker, stream, serve);
-            }
-            None => {
-                tracker.spawn(serve(stream));
-            }
-        }
+        // Agent connections take turns apart from visitors. An agent opens its lanes one
+        // after another and serves lane I on its thread I mod its thread count, so the lanes
+        // one edge thread serves tend to share an agent thread too.
+        turn = turn.wrapping_add(1);
+        crate::spawn_on_turn(&outer, &tracker, turn, stream, serve);
     }
 }
 

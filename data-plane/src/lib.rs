@@ -102,22 +102,23 @@ fn template(scheme: &str, domain: &str, addr: Option<SocketAddr>, default_port: 
     }
 }
 
-/// Runs the accept loop `serve(listener)` on worker thread `i` (the last one when there are
-/// fewer), or on the caller's runtime without worker threads.
-fn spawn_accept<F, Fut>(
+/// Runs `make(io)`'s future on worker thread `turn mod N` (see `shards`), or on the caller's
+/// runtime when the edge has no worker threads of its own.
+pub(crate) fn spawn_on_turn<T, F, Fut>(
     state: &State,
     tracker: &TaskTracker,
-    i: usize,
-    listener: TcpListener,
-    serve: F,
+    turn: usize,
+    io: T,
+    make: F,
 ) where
-    F: FnOnce(TcpListener) -> Fut + Send + 'static,
+    T: shards::Movable,
+    F: FnOnce(T) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     match &state.shards {
-        Some(shards) => shards.spawn_connection(i.min(shards.len() - 1), tracker, listener, serve),
+        Some(shards) => shards.spawn_connection(turn, tracker, io, make),
         None => {
-            tracker.spawn(serve(listener));
+            tracker.spawn(make(io));
         }
     }
 }
@@ -227,18 +228,19 @@ pub async fn run(
         shutdown.clone(),
         tracker.clone(),
     );
-    spawn_accept(&state, &tracker, usize::MAX, listeners.agent, move |l| {
+    let last = state.shards.as_ref().map_or(0, |s| s.len() - 1);
+    spawn_on_turn(&state, &tracker, last, listeners.agent, move |l| {
         agents::serve(l, agent_acceptor, st, stop, t)
     });
     if let Some(l) = listeners.http {
         let (st, stop, t) = (Arc::clone(&state), shutdown.clone(), tracker.clone());
-        spawn_accept(&state, &tracker, 0, l, move |l| {
+        spawn_on_turn(&state, &tracker, 0, l, move |l| {
             proxy::serve(l, None, st, stop, t)
         });
     }
     if let (Some(l), Some(acceptor)) = (listeners.https, visitor_tls) {
         let (st, stop, t) = (Arc::clone(&state), shutdown.clone(), tracker.clone());
-        spawn_accept(&state, &tracker, 1, l, move |l| {
+        spawn_on_turn(&state, &tracker, 1.min(last), l, move |l| {
             proxy::serve(l, Some(acceptor), st, stop, t)
         });
     }

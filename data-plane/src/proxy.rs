@@ -113,17 +113,10 @@ pub(crate) async fn serve(
                 .visitor_connections
                 .fetch_sub(1, Ordering::Relaxed);
         };
-        match &state_outer.shards {
-            Some(shards) => {
-                // Visitors take turns, so two that arrive one after the other (a download
-                // and a chat) are served by different threads.
-                turn = turn.wrapping_add(1);
-                shards.spawn_connection(turn, &tracker, stream, visit);
-            }
-            None => {
-                tracker.spawn(visit(stream));
-            }
-        }
+        // Visitors take turns, so two that arrive one after the other (a download and a
+        // chat) are served by different threads.
+        turn = turn.wrapping_add(1);
+        crate::spawn_on_turn(state_outer, &tracker, turn, stream, visit);
     }
 }
 

@@ -603,6 +603,59 @@ async fn with_log_format_json_each_exchange_is_one_json_line() {
     edge.stop().await;
 }
 
+#[tokio::test]
+async fn a_reader_of_the_json_lines_that_stops_reading_never_stalls_the_tunnel() {
+    // One lane, so every request is served on the runtime that also started the JSON lines.
+    let (local, _) = counting_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let (mut child, _home) = spawn_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "stuck",
+            "--lanes",
+            "1",
+            "--inspect",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ],
+    );
+    // Standard output is a pipe nobody reads; standard error is drained.
+    let _stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut stderr, &mut sink).await;
+    });
+    let deadline = tokio::time::Instant::now() + STEP;
+    while visit(&edge, "stuck", "GET", "/ready", &[], "").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // About 600 bytes of JSON each: well past a pipe's 64 KiB.
+    let path = format!("/{}", "p".repeat(400));
+    for i in 0..600 {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(10),
+            visit(&edge, "stuck", "GET", &path, &[], ""),
+        )
+        .await;
+        assert!(
+            matches!(answered, Ok((s, _, _)) if s == 200),
+            "request {i} was not answered in time"
+        );
+    }
+    edge.stop().await;
+}
+
 /// Resident memory of a process, in KiB (Linux).
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

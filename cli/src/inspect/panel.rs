@@ -55,19 +55,23 @@ pub(crate) fn start(
     }
     if format == Some(LogFormat::Json) {
         if let Some(rx) = rec.subscribe() {
-            tokio::spawn(json_lines(rx, shutdown));
+            // On a thread of its own: when whatever reads standard output stops reading, the
+            // writes block only this thread (and lines it falls behind on are skipped), never a
+            // thread that serves tunnels.
+            let spawned = std::thread::Builder::new()
+                .name("burrow-json-lines".into())
+                .spawn(move || json_lines(rx, &shutdown));
+            if let Err(e) = spawned {
+                tracing::warn!(err = %e, "cannot start the JSON event lines");
+            }
         }
     }
 }
 
-/// One JSON object per finished exchange on standard output.
-async fn json_lines(mut rx: broadcast::Receiver<Event>, shutdown: CancellationToken) {
-    loop {
-        let ev = tokio::select! {
-            () = shutdown.cancelled() => return,
-            ev = rx.recv() => ev,
-        };
-        match ev {
+/// One JSON object per finished exchange on standard output, until `shutdown`.
+fn json_lines(mut rx: broadcast::Receiver<Event>, shutdown: &CancellationToken) {
+    while !shutdown.is_cancelled() {
+        match rx.blocking_recv() {
             Ok(Event::Exchange {
                 summary,
                 done: true,

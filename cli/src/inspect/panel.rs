@@ -41,7 +41,22 @@ pub(crate) fn start(
 ) {
     if panel_wanted(format) {
         let color = colour_allowed();
-        tokio::spawn(run_panel(rec, color, shutdown));
+        // On a thread of its own, like the JSON lines: a terminal that stops taking output
+        // (Ctrl-S) blocks only the panel, never a thread that serves tunnels.
+        let spawned = std::thread::Builder::new()
+            .name("burrow-panel".into())
+            .spawn(move || {
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                {
+                    Ok(rt) => rt.block_on(run_panel(rec, color, shutdown)),
+                    Err(e) => tracing::warn!(err = %e, "cannot start the status panel"),
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(err = %e, "cannot start the status panel");
+        }
         return;
     }
     if let Some(url) = &inspector {

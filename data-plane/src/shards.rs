@@ -34,22 +34,26 @@ pub struct Shards {
 impl Shards {
     /// Starts `n` worker threads (at least one), named `NAME-worker-I`.
     pub fn start(n: usize, name: &str) -> std::io::Result<Self> {
-        let stop = CancellationToken::new();
-        let mut handles = Vec::with_capacity(n.max(1));
+        // Dropped (so the threads already started end) if a later one cannot start.
+        let mut shards = Self {
+            handles: Vec::with_capacity(n.max(1)),
+            stop: CancellationToken::new(),
+        };
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            handles.push(rt.handle().clone());
-            let stop = stop.clone();
+            let handle = rt.handle().clone();
+            let stop = shards.stop.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-worker-{i}"))
                 .spawn(move || {
                     CURRENT.with(|c| c.set(Some(i)));
                     rt.block_on(stop.cancelled());
                 })?;
+            shards.handles.push(handle);
         }
-        Ok(Self { handles, stop })
+        Ok(shards)
     }
 
     /// How many worker threads there are.

@@ -254,20 +254,30 @@ impl Recent {
 /// `None` for a failed lane), looking from `start` on so that equally loaded lanes take turns;
 /// 0 when every lane failed.
 fn least_loaded(n: usize, start: usize, load: impl Fn(usize) -> Option<(u64, u64)>) -> usize {
-    let mut best = (0, (u64::MAX, u64::MAX));
+    least_loaded_working(n, start, load).unwrap_or(0)
+}
+
+/// Like [`least_loaded`], `None` when every lane failed.
+fn least_loaded_working(
+    n: usize,
+    start: usize,
+    load: impl Fn(usize) -> Option<(u64, u64)>,
+) -> Option<usize> {
+    let mut best: Option<(usize, (u64, u64))> = None;
     for k in 0..n {
         let i = (start + k) % n;
         if let Some(l) = load(i) {
-            if l < best.1 {
-                best = (i, l);
+            if best.is_none_or(|(_, b)| l < b) {
+                best = Some((i, l));
             }
         }
     }
-    best.0
+    best.map(|(i, _)| i)
 }
 
 /// Like [`least_loaded`], among the lanes served on worker thread `here` (`shard(i)`) when any
-/// of them works; among all lanes otherwise.
+/// of them works; among all lanes otherwise. Each lane's load is looked at once, unless none
+/// on `here` works.
 fn least_loaded_near(
     n: usize,
     start: usize,
@@ -277,8 +287,8 @@ fn least_loaded_near(
 ) -> usize {
     if here.is_some() {
         let near = |i: usize| if shard(i) == here { load(i) } else { None };
-        if (0..n).any(|i| near(i).is_some()) {
-            return least_loaded(n, start, near);
+        if let Some(i) = least_loaded_working(n, start, near) {
+            return i;
         }
     }
     least_loaded(n, start, load)

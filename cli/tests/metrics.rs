@@ -325,8 +325,11 @@ async fn keepalive_pings_to_an_idle_visitor_are_counted_with_their_round_trip() 
             other => panic!("expected a keepalive ping, got {other:?}"),
         }
     }
-    let s = scrape_until(&edge, "the pongs to be timed", |s| {
-        s.get("burrow_edge_websocket_ping_rtt_seconds_count", &[]) >= 2.0
+    // The edge counts a ping once it has written it, so the client may read the third
+    // before the counter moves: wait for both.
+    let s = scrape_until(&edge, "the pings counted and the pongs timed", |s| {
+        s.get("burrow_edge_websocket_pings_total", &[]) >= 3.0
+            && s.get("burrow_edge_websocket_ping_rtt_seconds_count", &[]) >= 2.0
     })
     .await;
     let sent = s.get("burrow_edge_websocket_pings_total", &[]);

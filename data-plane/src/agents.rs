@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,7 +19,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use subtle::ConstantTimeEq as _;
 use tokio::io::AsyncWriteExt as _;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -46,6 +46,29 @@ const LANE_RESERVE: usize = 4;
 trait AgentIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AgentIo for T {}
 
+/// One accepted agent connection's place under `Limits::max_agent_connections`: counted in
+/// `open` until dropped with the connection.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    open: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    fn new(permit: OwnedSemaphorePermit, open: &Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self {
+            _permit: permit,
+            open: Arc::clone(open),
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts agent connections until `shutdown`.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -55,6 +78,9 @@ pub(crate) async fn serve(
     tracker: TaskTracker,
 ) {
     let permits = Arc::new(Semaphore::new(state.config.limits.max_agent_connections));
+    // Connections accepted and not yet ended (the permit the loop holds for the next
+    // connection is not one of them).
+    let open = Arc::new(AtomicUsize::new(0));
     let mut turn = 0usize;
     loop {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
@@ -75,13 +101,12 @@ pub(crate) async fn serve(
         let state = Arc::clone(&state);
         let acceptor = acceptor.clone();
         let shutdown = shutdown.clone();
-        let permits = Arc::clone(&permits);
+        let slot = Slot::new(permit, &open);
         let span = tracing::info_span!("agent", %peer, instance = tracing::field::Empty);
         let outer = Arc::clone(&state);
         let serve = move |stream: TcpStream| {
             async move {
-                let _permit = permit;
-                if let Err(e) = handle(stream, peer, acceptor, state, shutdown, &permits).await {
+                if let Err(e) = handle(stream, peer, acceptor, state, shutdown, &slot.open).await {
                     tracing::info!(err = %format!("{e:#}"), "agent connection ended");
                 }
             }
@@ -124,7 +149,7 @@ async fn handle(
     acceptor: Option<TlsAcceptor>,
     state: Arc<State>,
     shutdown: CancellationToken,
-    permits: &Semaphore,
+    open: &AtomicUsize,
 ) -> anyhow::Result<()> {
     let limits = &state.config.limits;
     let _ = stream.set_nodelay(true);
@@ -142,7 +167,7 @@ async fn handle(
     let hello: pb::AgentHello = read_message(&mut tls).await?;
     tracing::Span::current().record("instance", hello.agent_instance.as_str());
     if !hello.lane_key.is_empty() {
-        return join_lane(tls, &hello.lane_key, peer, &state, permits).await;
+        return join_lane(tls, &hello.lane_key, peer, &state, open).await;
     }
 
     let bind_started = std::time::Instant::now();
@@ -434,7 +459,7 @@ async fn join_lane(
     key: &str,
     peer: SocketAddr,
     state: &Arc<State>,
-    permits: &Semaphore,
+    open: &AtomicUsize,
 ) -> anyhow::Result<()> {
     let limits = &state.config.limits;
     let agent = key
@@ -457,10 +482,14 @@ async fn join_lane(
             ),
         )),
         // Lanes are optional: the last quarter of the agent connections is kept for agents'
-        // first connections, so lanes never keep a new agent out. (The accept loop already
-        // holds the permit of the next connection: that one is free too.)
+        // first connections, so lanes never keep a new agent out. `open` counts this
+        // connection and every other accepted one, whichever thread serves it and however far
+        // it has got.
         Some(_)
-            if permits.available_permits() + 1 < limits.max_agent_connections / LANE_RESERVE =>
+            if limits
+                .max_agent_connections
+                .saturating_sub(open.load(Ordering::Relaxed))
+                < limits.max_agent_connections / LANE_RESERVE =>
         {
             Some((
                 "RESOURCE_EXHAUSTED",

@@ -32,6 +32,12 @@ def ratio(value, base, higher_is_better=False):
     return f"{value / base:.2f}×"
 
 
+def after_bulk(r):
+    if "rtt_after_bulk_p50_us" not in r:
+        return "—"
+    return f"{r['rtt_after_bulk_p50_us']:.0f} / {r['rtt_after_bulk_p99_us']:.0f} µs"
+
+
 def cpu(r):
     v = r.get("cpu_us_per_mib", 0)
     if not v:
@@ -62,10 +68,11 @@ for r in rows:
 print()
 print("Per operation, the tunnel's own processes (direct: the echo server), medians: CPU time and")
 print("thread context switches per 64-byte round trip and per new connection (opened, one echo,")
-print("closed).")
+print("closed); and 64-byte round trips on the throughput connection right after its bulk")
+print("transfer (every other round-trip figure is taken after a pause, see burrow-bench --settle-ms).")
 print()
-print("| target | CPU per round trip | switches per round trip | CPU per connection | switches per connection |")
-print("|---|---|---|---|---|")
+print("| target | CPU per round trip | switches per round trip | CPU per connection | switches per connection | RTT p50 / p99 right after bulk |")
+print("|---|---|---|---|---|---|")
 for r in rows:
     if "cpu_us_per_rtt" not in r:
         continue
@@ -74,5 +81,6 @@ for r in rows:
         f"| {r['cpu_us_per_rtt']:.1f} µs "
         f"| {r['switches_per_rtt']:.2f} "
         f"| {r['cpu_us_per_connect']:.0f} µs "
-        f"| {r['switches_per_connect']:.1f} |"
+        f"| {r['switches_per_connect']:.1f} "
+        f"| {after_bulk(r)} |"
     )

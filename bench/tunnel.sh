@@ -6,7 +6,9 @@
 #   bench/tunnel.sh                 # everything, 10,000 idle connections for the memory figure
 #   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
 #   BENCH_REPEAT=3 measures each target that many times (same processes) and the table shows
-#   the median of each figure; the idle-memory figure is taken in the last repetition only;
+#   the median of each figure (each repetition pauses BENCH_SETTLE_MS=1000 before its round
+#   trips, so they are not taken in the wake of the previous repetition's bulk transfer; the
+#   round trip right after bulk is a figure of its own); the idle-memory figure is taken in the last repetition only;
 #   BENCH_IDLE_BURST=262144 makes each idle connection echo one message that big first (what a
 #   connection keeps after a burst); BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the
 #   other knobs;
@@ -45,7 +47,7 @@ bench() {
   for i in $(seq 1 "$REPEAT"); do
     idle=0
     [ "$i" = "$REPEAT" ] && idle=${BENCH_TARGET_IDLE:-$IDLE}
-    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" --idle-burst-bytes "${BENCH_IDLE_BURST:-0}" "$@"); then
+    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" --idle-burst-bytes "${BENCH_IDLE_BURST:-0}" --settle-ms "${BENCH_SETTLE_MS:-1000}" "$@"); then
       echo "$out" >&2
       results+=("$out")
     else

@@ -72,6 +72,12 @@ struct RunArgs {
     /// Label printed in the JSON.
     #[arg(long, default_value = "target")]
     label: String,
+    /// Pause before the round-trip figure, in ms, so it is not measured in the wake of an
+    /// earlier bulk transfer (a previous repetition's): for about a second after one, the
+    /// kernel may keep the threads that wake each other packed on one core. What a round trip
+    /// costs right after bulk is measured on its own (`rtt_after_bulk_*`).
+    #[arg(long, default_value_t = 1000)]
+    settle_ms: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,6 +100,10 @@ struct Report {
     connect_p99_us: f64,
     hol_rtt_p50_us: f64,
     hol_rtt_p99_us: f64,
+    /// 64-byte round trips on the throughput connection right after its bulk transfer (a
+    /// fifth of `rtt_count`).
+    rtt_after_bulk_p50_us: f64,
+    rtt_after_bulk_p99_us: f64,
     idle_connections: usize,
     /// Per process id given: RSS growth per idle connection, in KiB.
     rss_kib_per_idle_conn: Vec<(u32, f64)>,
@@ -239,6 +249,7 @@ fn rss_kib(pid: u32) -> anyhow::Result<u64> {
 
 async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let small = [7u8; 64];
+    tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
     // Latency: 64-byte round trips on one connection (after a short warm-up).
     let mut ws = connect(args).await?;
     for _ in 0..100 {
@@ -282,6 +293,10 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let throughput = n as f64 / start.elapsed().as_secs_f64();
     let cpu_us_per_mib = cpu_ns(&args.pids).saturating_sub(cpu_before) as f64 / 1e3 / n as f64;
     let mut ws = tx.reunite(rx).context("reunite")?;
+    let mut after_bulk = Vec::with_capacity(args.rtt_count / 5);
+    for _ in 0..(args.rtt_count / 5).max(1) {
+        after_bulk.push(round_trip(&mut ws, &small).await?);
+    }
     let _ = ws.close(None).await;
 
     // Connect to first message: a new WebSocket each time, one 64-byte echo.
@@ -363,6 +378,8 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
         connect_p99_us: percentile(&mut connects, 0.99),
         hol_rtt_p50_us: percentile(&mut hol, 0.50),
         hol_rtt_p99_us: percentile(&mut hol, 0.99),
+        rtt_after_bulk_p50_us: percentile(&mut after_bulk, 0.50),
+        rtt_after_bulk_p99_us: percentile(&mut after_bulk, 0.99),
         idle_connections: args.idle,
         rss_kib_per_idle_conn: rss,
     })

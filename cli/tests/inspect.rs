@@ -656,6 +656,56 @@ async fn a_reader_of_the_json_lines_that_stops_reading_never_stalls_the_tunnel()
     edge.stop().await;
 }
 
+#[tokio::test]
+async fn a_reader_of_the_log_lines_that_stops_reading_never_stalls_the_tunnel() {
+    // Plain event lines are log lines on standard error; that pipe is never read.
+    let (local, _) = counting_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let (mut child, _home) = spawn_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            &port,
+            "--subdomain",
+            "stuckerr",
+            "--lanes",
+            "1",
+            "--log-format",
+            "plain",
+        ],
+    );
+    let _stderr = child.stderr.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    tokio::spawn(async move {
+        let mut sink = tokio::io::sink();
+        let _ = tokio::io::copy(&mut stdout, &mut sink).await;
+    });
+    let deadline = tokio::time::Instant::now() + STEP;
+    while visit(&edge, "stuckerr", "GET", "/ready", &[], "").await.0 != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A line of about 450 bytes each: well past a pipe's 64 KiB.
+    let path = format!("/{}", "p".repeat(400));
+    for i in 0..600 {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(10),
+            visit(&edge, "stuckerr", "GET", &path, &[], ""),
+        )
+        .await;
+        assert!(
+            matches!(answered, Ok((s, _, _)) if s == 200),
+            "request {i} was not answered in time"
+        );
+    }
+    edge.stop().await;
+}
+
 /// Resident memory of a process, in KiB (Linux).
 fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

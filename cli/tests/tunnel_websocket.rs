@@ -1385,8 +1385,14 @@ async fn small_messages_over_a_tunnels_byte_rate_close_that_websocket_and_the_ot
     // small frames, or after the grace if a loaded agent coalesced them into large ones.
     // (The link of 1 MiB windows of `tight_link`, but with room for one stopped reader: a
     // visitor slowed by a loaded machine is not mistaken for one that stopped.)
+    // The stream window is a quarter of the default: h2's own budget (half the connection
+    // window, 512 Ki units) then holds one whole stream window of these 62-byte frames
+    // (2,114 frames × 194 units), so a moment in which the lane's HTTP/2 task reads the
+    // socket ahead of the relay cannot end the link; with 512 KiB windows it could (1 run in
+    // 4 on a 2-core machine).
     let tweak = |l: &mut burrow_edge::config::Limits| {
         l.h2_connection_window = 1 << 20;
+        l.h2_stream_window = 128 * 1024;
         l.default_max_websocket_bytes_per_second = 4096;
         l.ws_rate_limit_grace = Duration::from_secs(8);
     };

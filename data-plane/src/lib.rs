@@ -42,6 +42,7 @@ mod early;
 pub mod exec;
 pub mod frame;
 pub mod headers;
+pub mod logs;
 mod metrics;
 mod pages;
 mod policy;

@@ -252,12 +252,32 @@ struct Args {
 const EXIT_USAGE: u8 = 64;
 
 fn main() -> ExitCode {
+    // Log lines go out from a thread of their own (`burrow_edge::logs`): a stalled reader of
+    // standard output must not stall the threads that serve visitors.
+    let queue = burrow_edge::logs::queue_lines_from_env();
+    let (lines, _flush) = burrow_edge::logs::to(
+        burrow_edge::logs::Output::Stdout,
+        *queue
+            .as_ref()
+            .unwrap_or(&burrow_edge::logs::DEFAULT_LOG_QUEUE_LINES),
+    );
     tracing_subscriber::fmt()
+        .with_writer(lines)
+        // Colour only on a terminal, and not with NO_COLOR set (https://no-color.org): a log
+        // piped to a file or a collector gets plain text.
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+        )
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
+    if let Err(e) = queue {
+        eprintln!("error: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let args = Args::parse();
     let config = match build_config(&args) {
         Ok(c) => c,

@@ -302,8 +302,12 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
         }
         _ => "info",
     };
+    // Log lines (one per request and WebSocket session) go out from a thread of their own
+    // (`burrow_edge::logs`): a stalled reader of standard error must not stall the tunnels.
+    let queue = burrow_edge::logs::queue_lines_from_env().map_err(anyhow::Error::msg)?;
+    let (lines, _flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stderr, queue);
     let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(lines)
         .with_target(false)
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())

@@ -18,8 +18,12 @@ use tokio_util::sync::CancellationToken;
 ///       --domain localhost --self-signed --self-signed-out edge-ca.pem
 ///   # alone on one machine, agents authenticated by a fixed token
 ///   burrow-edge --standalone-token-file agent-token.txt --self-signed --self-signed-out edge-ca.pem
+///
+/// Log (standard output): $RUST_LOG sets the filter (info); $BURROW_LOG_QUEUE_LINES (8192)
+/// is how many lines may wait for the output before new ones are dropped and counted;
+/// $NO_COLOR turns colours off (they are used only on a terminal).
 #[derive(Debug, Parser)]
-#[command(name = "burrow-edge", version, about, long_about = None, verbatim_doc_comment)]
+#[command(name = "burrow-edge", version, verbatim_doc_comment)]
 struct Args {
     /// Stable name of this edge.
     #[arg(long, env = "BURROW_EDGE_NAME", default_value = "edge-1")]

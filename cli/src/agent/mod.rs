@@ -44,6 +44,8 @@ pub(crate) enum AgentCommand {
     ///   burrow http 3000 --allow-origin https://app.example.com --request-header-add X-From:burrow
     ///
     /// The agent token comes from $BURROW_TOKEN, --token-file, or `burrow authtoken add`.
+    /// Log: $BURROW_LOG sets the filter (info); $BURROW_LOG_QUEUE_LINES (8192) is how many
+    /// lines may wait for standard error before new ones are dropped and counted; $NO_COLOR.
     #[command(verbatim_doc_comment)]
     Http(HttpArgs),
     /// Run every tunnel listed in a TOML file.

@@ -483,7 +483,8 @@ async fn connect_once(
         )));
     }
     if let Ok(Err(e)) = result {
-        tracing::debug!(err = %e, "edge connection ended with an error");
+        // Says why before "connection to the edge lost" (an h2 GOAWAY names its reason).
+        tracing::warn!(err = %e, "the connection to the edge ended with an error");
     }
     Ok(served)
 }

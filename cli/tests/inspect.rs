@@ -603,49 +603,55 @@ async fn with_log_format_json_each_exchange_is_one_json_line() {
     edge.stop().await;
 }
 
-#[tokio::test]
-async fn a_reader_of_the_json_lines_that_stops_reading_never_stalls_the_tunnel() {
-    // One lane, so every request is served on the runtime that also started the JSON lines.
+/// Which of the agent's outputs a test leaves unread.
+#[derive(Clone, Copy)]
+enum Unread {
+    Stdout,
+    Stderr,
+}
+
+/// Runs an agent with `extra` flags (one lane, so every request is served on the runtime
+/// that also started the output) whose `unread` output is a pipe nobody reads (the other is
+/// drained), then sends 600 requests with 400-byte paths (each event line several hundred
+/// bytes: well past a pipe's 64 KiB); every one must be answered within 10 s.
+async fn unread_output_never_stalls_the_tunnel(sub: &str, unread: Unread, extra: &[&str]) {
     let (local, _) = counting_server().await;
     let edge = standalone_edge().await;
     let port = local.port().to_string();
-    let (mut child, _home) = spawn_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &[
-            "http",
-            &port,
-            "--subdomain",
-            "stuck",
-            "--lanes",
-            "1",
-            "--inspect",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-        ],
-    );
-    // Standard output is a pipe nobody reads; standard error is drained.
-    let _stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    tokio::spawn(async move {
-        let mut sink = tokio::io::sink();
-        let _ = tokio::io::copy(&mut stderr, &mut sink).await;
-    });
+    let mut args = vec!["http", &port, "--subdomain", sub, "--lanes", "1"];
+    args.extend_from_slice(extra);
+    let (mut child, _home) = spawn_agent(&edge, STANDALONE_TOKEN, &args);
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let _kept_unread: Box<dyn std::any::Any> = match unread {
+        Unread::Stdout => {
+            let mut stderr = stderr;
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut stderr, &mut tokio::io::sink()).await;
+            });
+            Box::new(stdout)
+        }
+        Unread::Stderr => {
+            let mut stdout = stdout;
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut stdout, &mut tokio::io::sink()).await;
+            });
+            Box::new(stderr)
+        }
+    };
     let deadline = tokio::time::Instant::now() + STEP;
-    while visit(&edge, "stuck", "GET", "/ready", &[], "").await.0 != 200 {
+    while visit(&edge, sub, "GET", "/ready", &[], "").await.0 != 200 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the tunnel never came up"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // About 600 bytes of JSON each: well past a pipe's 64 KiB.
     let path = format!("/{}", "p".repeat(400));
     for i in 0..600 {
         let answered = tokio::time::timeout(
             Duration::from_secs(10),
-            visit(&edge, "stuck", "GET", &path, &[], ""),
+            visit(&edge, sub, "GET", &path, &[], ""),
         )
         .await;
         assert!(
@@ -657,53 +663,20 @@ async fn a_reader_of_the_json_lines_that_stops_reading_never_stalls_the_tunnel()
 }
 
 #[tokio::test]
+async fn a_reader_of_the_json_lines_that_stops_reading_never_stalls_the_tunnel() {
+    unread_output_never_stalls_the_tunnel(
+        "stuck",
+        Unread::Stdout,
+        &["--inspect", "127.0.0.1:0", "--log-format", "json"],
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn a_reader_of_the_log_lines_that_stops_reading_never_stalls_the_tunnel() {
-    // Plain event lines are log lines on standard error; that pipe is never read.
-    let (local, _) = counting_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let (mut child, _home) = spawn_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &[
-            "http",
-            &port,
-            "--subdomain",
-            "stuckerr",
-            "--lanes",
-            "1",
-            "--log-format",
-            "plain",
-        ],
-    );
-    let _stderr = child.stderr.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    tokio::spawn(async move {
-        let mut sink = tokio::io::sink();
-        let _ = tokio::io::copy(&mut stdout, &mut sink).await;
-    });
-    let deadline = tokio::time::Instant::now() + STEP;
-    while visit(&edge, "stuckerr", "GET", "/ready", &[], "").await.0 != 200 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the tunnel never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // A line of about 450 bytes each: well past a pipe's 64 KiB.
-    let path = format!("/{}", "p".repeat(400));
-    for i in 0..600 {
-        let answered = tokio::time::timeout(
-            Duration::from_secs(10),
-            visit(&edge, "stuckerr", "GET", &path, &[], ""),
-        )
+    // Plain event lines are log lines on standard error.
+    unread_output_never_stalls_the_tunnel("stuckerr", Unread::Stderr, &["--log-format", "plain"])
         .await;
-        assert!(
-            matches!(answered, Ok((s, _, _)) if s == 200),
-            "request {i} was not answered in time"
-        );
-    }
-    edge.stop().await;
 }
 
 /// Resident memory of a process, in KiB (Linux).

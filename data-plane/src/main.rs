@@ -258,13 +258,14 @@ const EXIT_USAGE: u8 = 64;
 fn main() -> ExitCode {
     // Log lines go out from a thread of their own (`burrow_edge::logs`): a stalled reader of
     // standard output must not stall the threads that serve visitors.
-    let queue = burrow_edge::logs::queue_lines_from_env();
-    let (lines, _flush) = burrow_edge::logs::to(
-        burrow_edge::logs::Output::Stdout,
-        *queue
-            .as_ref()
-            .unwrap_or(&burrow_edge::logs::DEFAULT_LOG_QUEUE_LINES),
-    );
+    let queue = match burrow_edge::logs::queue_lines_from_env() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let (lines, _flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stdout, queue);
     tracing_subscriber::fmt()
         .with_writer(lines)
         // Colour only on a terminal, and not with NO_COLOR set (https://no-color.org): a log
@@ -278,10 +279,6 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    if let Err(e) = queue {
-        eprintln!("error: {e}");
-        return ExitCode::from(EXIT_USAGE);
-    }
     let args = Args::parse();
     let config = match build_config(&args) {
         Ok(c) => c,

@@ -91,3 +91,21 @@ fn a_reader_of_the_edges_log_that_stops_reading_never_stalls_the_visitors() {
     let _ = edge.wait();
     drop(out);
 }
+
+#[test]
+fn a_log_queue_length_out_of_range_is_refused_with_the_range() {
+    for bad in ["0", "lots", "2000000"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_burrow-edge"))
+            .args(["--standalone-token-file", "/nonexistent"])
+            .env("BURROW_LOG_QUEUE_LINES", bad)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("BURROW_LOG_QUEUE_LINES") && err.contains("from 1 to 1048576"),
+            "{bad}: {err}"
+        );
+    }
+}

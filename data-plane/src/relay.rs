@@ -825,8 +825,15 @@ async fn pump<R, W>(
     };
     let silence = tokio::time::sleep(silence_limit.unwrap_or(Duration::from_secs(3600)));
     tokio::pin!(silence);
-    // When the source last delivered bytes; checked (not reset per read) when `shrink` fires.
+    // When the source last delivered bytes. The timers above are not reset per read (that
+    // costs a clock read and a timer update per message): when one fires it compares its
+    // deadline with this and waits again if bytes came meanwhile.
     let mut last_read = tokio::time::Instant::now();
+    // When the last keepalive ping went to the visitor.
+    let mut last_ping = last_read;
+    // Registered once, not per message.
+    let cancelled = stop.cancelled();
+    tokio::pin!(cancelled);
     let shrink = tokio::time::sleep(SHRINK_AFTER);
     tokio::pin!(shrink);
     // What this direction reserved of the link's budget while paused on small frames.
@@ -840,6 +847,9 @@ async fn pump<R, W>(
             reserved = 0;
         }
         let read = tokio::select! {
+            // Bytes first: while they keep coming none of the other branches can fire (the
+            // timers measure quiet, and `stop` is also checked at every yield below).
+            biased;
             step = poll_fn(|cx| {
                 let r = poll_step(&mut src, &mut dst, &mut buf, &mut held, stall_buffer, Watch { pace: pace.as_deref_mut(), stopped: stopped.as_mut() }, cx);
                 if r.is_pending() {
@@ -869,8 +879,15 @@ async fn pump<R, W>(
                     }
                 }
             }
-            () = stop.cancelled() => break End::Stopped,
-            () = &mut silence, if silence_limit.is_some() => break End::Idle,
+            () = &mut cancelled => break End::Stopped,
+            () = &mut silence, if silence_limit.is_some() => {
+                let quiet_until = last_read + silence_limit.unwrap_or_default();
+                if tokio::time::Instant::now() >= quiet_until {
+                    break End::Idle;
+                }
+                silence.as_mut().reset(quiet_until);
+                continue;
+            }
             () = &mut shrink, if buf.len() > initial => {
                 let quiet_since = last_read + SHRINK_AFTER;
                 if tokio::time::Instant::now() >= quiet_since {
@@ -881,6 +898,11 @@ async fn pump<R, W>(
                 continue;
             }
             () = &mut idle, if ping.is_some() => {
+                let due = last_read.max(last_ping) + ping.unwrap_or_default();
+                if tokio::time::Instant::now() < due {
+                    idle.as_mut().reset(due);
+                    continue;
+                }
                 // Keepalive toward the visitor, only between frames (and behind every byte
                 // already read: none may be waiting in the backlog).
                 if observer.at_boundary()
@@ -897,8 +919,9 @@ async fn pump<R, W>(
                         *p = Some(tokio::time::Instant::now());
                     }
                 }
+                last_ping = tokio::time::Instant::now();
                 if let Some(p) = ping {
-                    idle.as_mut().reset(tokio::time::Instant::now() + p);
+                    idle.as_mut().reset(last_ping + p);
                 }
                 continue;
             }
@@ -991,6 +1014,9 @@ async fn pump<R, W>(
                 if opts.yield_after > 0 && since_yield >= opts.yield_after {
                     since_yield = 0;
                     tokio::task::yield_now().await;
+                    if stop.is_cancelled() {
+                        break End::Stopped;
+                    }
                 }
                 if next_len > buf.len() {
                     buf.resize(next_len, 0);
@@ -1000,9 +1026,7 @@ async fn pump<R, W>(
                 } else if next_len < buf.len() {
                     buf = vec![0u8; next_len];
                 }
-                if buf.len() > initial {
-                    last_read = tokio::time::Instant::now();
-                }
+                last_read = tokio::time::Instant::now();
                 if let Some(rate) = rate {
                     // Hold the average at `rate`: wait until `total` bytes are due (with a
                     // backlog, `pace` makes the writes wait instead).
@@ -1026,12 +1050,6 @@ async fn pump<R, W>(
                             () = stop.cancelled() => break End::Stopped,
                         }
                     }
-                }
-                if let Some(p) = ping {
-                    idle.as_mut().reset(tokio::time::Instant::now() + p);
-                }
-                if let Some(limit) = silence_limit {
-                    silence.as_mut().reset(tokio::time::Instant::now() + limit);
                 }
             }
             Err(_) => break End::ReadError,

@@ -78,9 +78,13 @@ struct RunArgs {
     /// costs right after bulk is measured on its own (`rtt_after_bulk_*`).
     #[arg(long, default_value_t = 1000)]
     settle_ms: u64,
+    /// Measure the round trips only, then stop (for profiling a tunnel's processes over
+    /// round trips alone, e.g. with `callgrind_control -i on|off` around it).
+    #[arg(long)]
+    only_rtt: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Default, Serialize)]
 struct Report {
     label: String,
     rtt_p50_us: f64,
@@ -263,6 +267,17 @@ async fn run(args: &RunArgs) -> anyhow::Result<Report> {
     let per_rtt = args.rtt_count.max(1) as f64;
     let cpu_us_per_rtt = cpu_ns(&args.pids).saturating_sub(cpu_before) as f64 / 1e3 / per_rtt;
     let switches_per_rtt = switches(&args.pids).saturating_sub(switches_before) as f64 / per_rtt;
+    if args.only_rtt {
+        let _ = ws.close(None).await;
+        return Ok(Report {
+            label: args.label.clone(),
+            rtt_p50_us: percentile(&mut rtts, 0.50),
+            rtt_p99_us: percentile(&mut rtts, 0.99),
+            cpu_us_per_rtt,
+            switches_per_rtt,
+            ..Report::default()
+        });
+    }
 
     // Throughput: 1 MiB messages pipelined, echoed back; counts bytes received.
     let big = vec![42u8; 1 << 20];

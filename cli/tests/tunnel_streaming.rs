@@ -332,6 +332,110 @@ async fn a_frozen_agent_is_detected_by_keepalive_and_reconnects_when_it_thaws() 
     assert_eq!(status, 200);
 }
 
+/// A TCP relay in front of the edge's agent port whose connections can be frozen: they then
+/// stay open but pass nothing, as a connection through a dead NAT or to a hung host does.
+/// Connections accepted after the freeze pass bytes as usual.
+struct FreezingRelay {
+    addr: std::net::SocketAddr,
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+    freeze: tokio_util::sync::CancellationToken,
+}
+
+async fn freezing_relay(to: std::net::SocketAddr) -> FreezingRelay {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let freeze = tokio_util::sync::CancellationToken::new();
+    let (count, frozen) = (Arc::clone(&accepted), freeze.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((a, _)) = listener.accept().await else {
+                return;
+            };
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let Ok(b) = TcpStream::connect(to).await else {
+                continue;
+            };
+            // Only the connections open now freeze; a later freeze is a new token.
+            let frozen = if n == 0 {
+                frozen.clone()
+            } else {
+                Default::default()
+            };
+            tokio::spawn(async move {
+                let (mut a, mut b) = (a, b);
+                tokio::select! {
+                    _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                    () = frozen.cancelled() => {
+                        // Hold both ends open and silent.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            });
+        }
+    });
+    FreezingRelay {
+        addr,
+        accepted,
+        freeze,
+    }
+}
+
+#[tokio::test]
+async fn an_edge_whose_keepalives_stop_is_left_by_the_agent_which_reconnects() {
+    use std::sync::atomic::Ordering;
+    let local = local_http_server().await;
+    let edge =
+        standalone_edge_with(|l| l.agent_keepalive_interval = Duration::from_millis(300)).await;
+    let relay = freezing_relay(edge.agent).await;
+    // The agent dials the relay; everything else is the real edge.
+    let via = Edge {
+        http: edge.http,
+        https: edge.https,
+        agent: relay.addr,
+        admin: edge.admin,
+        ca_file: edge.ca_file.clone(),
+        agent_plaintext: edge.agent_plaintext,
+        shutdown: tokio_util::sync::CancellationToken::new(),
+        task: tokio::spawn(async { Ok(()) }),
+        dir: Arc::clone(&edge.dir),
+    };
+    let port = local.port().to_string();
+    // One connection, so the first one is the only one the freeze catches.
+    let mut agent = start_agent(
+        &via,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "silent", "--lanes", "1"],
+    )
+    .await;
+    let (status, _, _) = visit(&edge, "silent", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+    assert_eq!(relay.accepted.load(Ordering::SeqCst), 1);
+    // Let a few keepalives arrive, so the agent knows the interval, then go silent.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    relay.freeze.cancel();
+    let frozen_at = Instant::now();
+    // The edge's side notices too and closes, but the close never crosses the frozen relay:
+    // only the agent's own watch gets it out. Twice 300 ms plus a second of slack, then a
+    // short backoff.
+    let url = agent
+        .next_ready(Duration::from_secs(10))
+        .await
+        .expect("the agent left the silent connection and bound its tunnel again");
+    assert!(url.starts_with("http://silent.localhost:"), "{url}");
+    let took = frozen_at.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(relay.accepted.load(Ordering::SeqCst) >= 2);
+    let stderr = agent.stderr_text().await;
+    assert!(
+        stderr.contains("no keepalive from the edge"),
+        "the agent says why it left:\n{stderr}"
+    );
+    let (status, _, _) = visit(&edge, "silent", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+}
+
 #[tokio::test]
 async fn a_request_in_flight_when_the_edge_shuts_down_still_completes() {
     // A local server that answers only after the test says so.

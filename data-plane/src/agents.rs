@@ -3,13 +3,14 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use burrow_proto::tunnel::{
-    read_message, write_message, CONTROL_READY, HEADER_CONTROL, PROTOCOL_VERSION,
+    read_message, write_message, CONTROL_KEEPALIVE, CONTROL_READY, HEADER_CONTROL,
+    HEADER_KEEPALIVE_MS, PROTOCOL_VERSION,
 };
 use burrow_proto::v1 as pb;
 use bytes::Bytes;
@@ -222,7 +223,7 @@ async fn handle(
     }
 
     let lanes_end = CancellationToken::new();
-    let (lane, mut driver) = match link(tls, limits).await {
+    let (lane, mut driver) = match link(tls, limits, peer).await {
         Ok(x) => x,
         Err(e) => {
             release(&state, &bound, false).await;
@@ -400,15 +401,21 @@ async fn handle(
 }
 
 /// Starts HTTP/2 (the edge as client) on an agent connection whose hellos are done; returns
-/// the lane and the task driving the connection.
+/// the lane and the task driving the connection (which fails when the agent goes silent:
+/// `keepalive`).
 async fn link(
     io: Box<dyn AgentIo>,
     limits: &crate::config::Limits,
+    peer: SocketAddr,
 ) -> anyhow::Result<(Arc<Lane>, tokio::task::JoinHandle<hyper::Result<()>>)> {
     let bytes = Arc::new(AtomicU64::new(0));
+    let read = Arc::new(AtomicU64::new(0));
+    let silent = Arc::new(AtomicBool::new(false));
     let io = Metered {
         inner: io,
         bytes: Arc::clone(&bytes),
+        read: Arc::clone(&read),
+        silent: Arc::clone(&silent),
     };
     let mut builder = hyper::client::conn::http2::Builder::new(crate::exec::Executor);
     builder
@@ -417,12 +424,24 @@ async fn link(
         .initial_connection_window_size(limits.h2_connection_window)
         .max_frame_size(limits.h2_max_frame_size)
         .max_header_list_size(limits.agent_max_header_list_bytes)
-        .keep_alive_interval(limits.agent_keepalive_interval)
-        .keep_alive_timeout(limits.agent_keepalive_interval)
-        .keep_alive_while_idle(true)
         .max_send_buf_size(limits.h2_stream_window as usize);
     let (sender, conn) = builder.handshake(TokioIo::new(io)).await?;
-    let driver = tokio::spawn(conn);
+    let ended = CancellationToken::new();
+    let driver = tokio::spawn({
+        let ended = ended.clone();
+        async move {
+            // Also when the task is aborted.
+            let _ended = ended.drop_guard();
+            conn.await
+        }
+    });
+    tokio::spawn(keepalive(
+        sender.clone(),
+        limits.agent_keepalive_interval,
+        (read, silent),
+        ended,
+        peer,
+    ));
     let lane = Lane::new(
         sender,
         crate::relay::LinkBudget::new(
@@ -433,6 +452,60 @@ async fn link(
         bytes,
     );
     Ok((Arc::new(lane), driver))
+}
+
+/// Every `interval`, asks the agent for a sign of life ([`CONTROL_KEEPALIVE`]). When neither
+/// the answer nor any other byte (`read` counts them) came from the agent within the next
+/// `interval`, the connection is dead or the agent frozen: `silent` makes its reads and writes
+/// fail from then on, so HTTP/2 ends it with that error and every request on it gets an
+/// answer (a 502 page) at once. Ends with the connection (`ended`).
+async fn keepalive(
+    mut sender: SendRequest<UpBody>,
+    interval: Duration,
+    (read, silent): (Arc<AtomicU64>, Arc<AtomicBool>),
+    ended: CancellationToken,
+    peer: SocketAddr,
+) {
+    let millis = interval.as_millis().to_string();
+    let request = || {
+        http::Request::builder()
+            .method(http::Method::POST)
+            .uri("http://burrow.control/")
+            .header(HEADER_CONTROL, CONTROL_KEEPALIVE)
+            .header(HEADER_KEEPALIVE_MS, &millis)
+            .body(Empty::<Bytes>::new().map_err(|n| match n {}).boxed())
+    };
+    loop {
+        tokio::select! {
+            () = ended.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
+        }
+        let before = read.load(Ordering::Relaxed);
+        let Ok(ping) = request() else { return };
+        let answer = tokio::select! {
+            () = ended.cancelled() => return,
+            r = tokio::time::timeout(interval, sender.send_request(ping)) => r,
+        };
+        match answer {
+            Ok(Ok(_)) => {}
+            // The connection failed: its driver ends by itself and says why.
+            Ok(Err(_)) => return,
+            Err(_) if read.load(Ordering::Relaxed) != before => {}
+            Err(_) => {
+                tracing::warn!(
+                    %peer,
+                    "the agent sent nothing, not even the answer to a keepalive, for {interval:?}; \
+                     dropping its connection (its names stay held for the grace period)"
+                );
+                silent.store(true, Ordering::Relaxed);
+                // Wake the connection's task (a new stream does) so it meets the failure now.
+                if let Ok(wake) = request() {
+                    let _ = tokio::time::timeout(interval, sender.send_request(wake)).await;
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// Tells the agent the connection is routable; its answer also proves the agent's SETTINGS
@@ -515,7 +588,7 @@ async fn join_lane(
         let _ = io.shutdown().await;
         return Ok(());
     };
-    let (lane, mut driver) = link(io, limits).await?;
+    let (lane, mut driver) = link(io, limits, peer).await?;
     let acknowledged =
         tokio::time::timeout(limits.agent_handshake_timeout, ready(lane.sender.clone())).await;
     if !matches!(acknowledged, Ok(Ok(()))) {
@@ -545,6 +618,18 @@ async fn join_lane(
 struct Metered {
     inner: Box<dyn AgentIo>,
     bytes: Arc<AtomicU64>,
+    /// Bytes read only: a sign of life for the keepalive.
+    read: Arc<AtomicU64>,
+    /// Set by the keepalive when the agent went silent: reads and writes fail from then on.
+    silent: Arc<AtomicBool>,
+}
+
+/// The error a silent agent's connection fails with.
+fn silent_agent() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the agent sent nothing, not even the answer to a keepalive, for a keepalive interval",
+    )
 }
 
 impl tokio::io::AsyncRead for Metered {
@@ -553,11 +638,15 @@ impl tokio::io::AsyncRead for Metered {
         cx: &mut Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if self.silent.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(silent_agent()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let read = buf.filled().len().saturating_sub(before);
         if read > 0 {
             self.bytes.fetch_add(read as u64, Ordering::Relaxed);
+            self.read.fetch_add(read as u64, Ordering::Relaxed);
         }
         r
     }
@@ -569,6 +658,9 @@ impl tokio::io::AsyncWrite for Metered {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        if self.silent.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(silent_agent()));
+        }
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
             self.bytes.fetch_add(n as u64, Ordering::Relaxed);
@@ -581,6 +673,9 @@ impl tokio::io::AsyncWrite for Metered {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        if self.silent.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(silent_agent()));
+        }
         let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
             self.bytes.fetch_add(n as u64, Ordering::Relaxed);

@@ -108,8 +108,9 @@ pub struct Limits {
     /// Largest response head an agent may send (HTTP/2 header list size: names, values and
     /// 32 bytes per field), in bytes; a larger one is refused and the visitor gets a 502 page.
     pub agent_max_header_list_bytes: u32,
-    /// Interval of HTTP/2 PINGs on agent connections; a peer silent for this long twice is
-    /// dead.
+    /// Interval of keepalive messages on agent connections: an agent that sends nothing for
+    /// one interval after one is dropped, and the agent drops an edge whose keepalives stop for
+    /// twice this long (plus a second).
     pub agent_keepalive_interval: Duration,
     /// Largest relay buffer of an upgraded (WebSocket) connection per direction, in bytes
     /// (4 KiB at first, this much under bulk transfer, 4 KiB again once a burst is over).

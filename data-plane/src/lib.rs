@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 mod agents;
 pub mod backlog;
 mod bare;
+pub mod cancel;
 pub mod config;
 mod control;
 mod early;

@@ -126,7 +126,8 @@ struct Args {
     /// Most visitor connections at once.
     #[arg(long, default_value_t = 10_000)]
     max_visitor_connections: usize,
-    /// Seconds between HTTP/2 PINGs on agent connections.
+    /// Seconds between keepalives on agent connections: an agent that sends nothing for that
+    /// long after one is dropped, and agents reconnect when they stop for twice that long.
     #[arg(long, default_value_t = 10)]
     agent_keepalive: u64,
     /// HTTP/2 flow-control window of each stream from an agent, in bytes: bounds how far one

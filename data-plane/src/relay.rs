@@ -831,8 +831,8 @@ async fn pump<R, W>(
     let mut last_read = tokio::time::Instant::now();
     // When the last keepalive ping went to the visitor.
     let mut last_ping = last_read;
-    // Registered once, not per message.
-    let cancelled = stop.cancelled();
+    // Registered once; cheap to poll on every message.
+    let cancelled = crate::cancel::Cancelled::new(&stop);
     tokio::pin!(cancelled);
     let shrink = tokio::time::sleep(SHRINK_AFTER);
     tokio::pin!(shrink);

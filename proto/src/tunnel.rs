@@ -58,6 +58,16 @@ pub const CONTROL_CLOSED: &str = "closed";
 /// nothing else. The edge sends it before letting another agent of the same team take over a
 /// name this agent holds. (Agents answer 204 to every control kind, so older ones pass too.)
 pub const CONTROL_PROBE: &str = "probe";
+/// [`HEADER_CONTROL`] value of the edge's keepalive, sent on every agent connection once per
+/// keepalive interval: the agent answers 204. An edge that gets no answer and no other byte
+/// from the agent for an interval drops the connection; an agent that gets no keepalive for
+/// twice the announced interval (plus a second) drops it too and reconnects. (An application
+/// message, not an HTTP/2 PING, because hyper's PING support costs a lock and a timer update
+/// per message on the data path; see BENCHMARKS.md, "Instructions per round trip".)
+pub const CONTROL_KEEPALIVE: &str = "keepalive";
+/// Request header on a [`CONTROL_KEEPALIVE`] message: the edge's keepalive interval in
+/// milliseconds, so the agent knows when the next one is due at the latest.
+pub const HEADER_KEEPALIVE_MS: &str = "burrow-keepalive-ms";
 
 /// Why a handshake message could not be read.
 #[derive(Debug)]

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use burrow_proto::tunnel::{read_message, write_message, ALPN, PROTOCOL_VERSION};
+use burrow_proto::tunnel::{
+    read_message, write_message, ALPN, CONTROL_KEEPALIVE, HEADER_CONTROL, HEADER_KEEPALIVE_MS,
+    PROTOCOL_VERSION,
+};
 use burrow_proto::v1 as pb;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -42,8 +45,9 @@ pub(crate) const MAX_FRAME: u32 = 65_536;
 const MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// Most concurrent streams (visitor requests) the edge may open.
 const MAX_STREAMS: u32 = 100_000;
-/// Interval of HTTP/2 PINGs toward the edge; a peer silent for two intervals is dead.
-const KEEPALIVE: Duration = Duration::from_secs(10);
+/// How long past twice the interval an edge announces with its keepalives the agent waits for
+/// the next one before it drops the connection (`watch_keepalives`).
+const KEEPALIVE_SLACK: Duration = Duration::from_secs(1);
 /// Default number of connections to the edge (`--lanes`). The edge gives each new visitor
 /// stream the lane with the fewest streams open, so with four a new visitor almost always
 /// finds a lane without a bulk transfer in it (with two, measured in BENCHMARKS.md, it shared
@@ -527,13 +531,14 @@ async fn dial(
 }
 
 /// Serves HTTP/2 (the agent as server) on a connection whose hellos are done, on its own task
-/// (driving it inline would slow every round trip); the receiver says how it ended.
+/// (driving it inline would slow every round trip); the receiver says how it ended. An edge
+/// whose keepalives stop is dropped (`watch_keepalives`).
 fn serve(
     io: Box<dyn EdgeIo>,
     edge: &EdgeSpec,
     forwarder: Arc<Forwarder>,
     cancel: CancellationToken,
-) -> tokio::sync::oneshot::Receiver<hyper::Result<()>> {
+) -> tokio::sync::oneshot::Receiver<anyhow::Result<()>> {
     let mut builder = hyper::server::conn::http2::Builder::new(burrow_edge::exec::Executor);
     builder
         .timer(TokioTimer::new())
@@ -543,37 +548,114 @@ fn serve(
         .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(MAX_STREAMS)
         .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buf_size(edge.stream_window as usize)
-        .keep_alive_interval(KEEPALIVE)
-        .keep_alive_timeout(KEEPALIVE);
+        .max_send_buf_size(edge.stream_window as usize);
     // What this connection's relays may leave waiting in h2 as small frames.
     let small_frames = LinkBudget::new(
         edge.connection_window,
         edge.stream_window,
         edge.stopped_reader_grace,
     );
-    let service = service_fn(move |req| {
+    let keepalives = Arc::new(Keepalives::default());
+    let seen = Arc::clone(&keepalives);
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        if req.headers().get(HEADER_CONTROL).map(|v| v.as_bytes())
+            == Some(CONTROL_KEEPALIVE.as_bytes())
+        {
+            seen.arrived(req.headers().get(HEADER_KEEPALIVE_MS));
+        }
         let fw = Arc::clone(&forwarder);
         let budget = Arc::clone(&small_frames);
         async move { Ok::<_, std::convert::Infallible>(fw.handle(req, budget).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    // Cancelled by `cancel`, or by the keepalive watch alone when the edge goes silent: one
+    // token, so the connection's task watches one (it is polled whenever the connection is).
+    let stop = cancel.child_token();
+    let ended = CancellationToken::new();
+    tokio::spawn(watch_keepalives(keepalives, stop.clone(), ended.clone()));
     tokio::spawn(async move {
+        let _ended = ended.drop_guard();
         tokio::pin!(conn);
         let r = tokio::select! {
-            r = conn.as_mut() => r,
-            () = cancel.cancelled() => {
-                conn.as_mut().graceful_shutdown();
-                match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
-                    Ok(r) => r,
-                    Err(_) => Ok(()),
+            r = conn.as_mut() => r.map_err(anyhow::Error::from),
+            () = burrow_edge::cancel::Cancelled::new(&stop) => {
+                if cancel.is_cancelled() {
+                    conn.as_mut().graceful_shutdown();
+                    match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {
+                        Ok(r) => r.map_err(anyhow::Error::from),
+                        Err(_) => Ok(()),
+                    }
+                } else {
+                    Err(anyhow::anyhow!(
+                        "the edge's keepalives stopped (nothing for twice its interval)"
+                    ))
                 }
             }
         };
         let _ = done_tx.send(r);
     });
     done_rx
+}
+
+/// The edge's keepalives on one connection, as the agent saw them.
+#[derive(Default)]
+struct Keepalives {
+    /// When the last one came and the interval it announced; `None` until the first (an edge
+    /// that sends none is not watched).
+    last: Mutex<Option<(tokio::time::Instant, Duration)>>,
+}
+
+impl Keepalives {
+    /// Notes a keepalive with its `burrow-keepalive-ms` header (ignored when unreadable).
+    fn arrived(&self, interval_ms: Option<&http::HeaderValue>) {
+        let interval = interval_ms
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
+        if let (Some(interval), Ok(mut last)) = (interval, self.last.lock()) {
+            *last = Some((tokio::time::Instant::now(), interval));
+        }
+    }
+
+    /// When the connection counts as dead if no keepalive came meanwhile.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        let last = *self.last.lock().ok()?;
+        last.map(|(at, interval)| at + interval * 2 + KEEPALIVE_SLACK)
+    }
+}
+
+/// Cancels `silent` once the edge's keepalives stop: no keepalive for twice the interval the
+/// last one announced, plus [`KEEPALIVE_SLACK`]. A frozen edge, or a connection that died
+/// without a reset, is then left within seconds instead of when TCP gives up. Ends with the
+/// connection (`ended`).
+async fn watch_keepalives(
+    seen: Arc<Keepalives>,
+    silent: CancellationToken,
+    ended: CancellationToken,
+) {
+    // How often to look while the edge has sent no keepalive yet.
+    const UNWATCHED_POLL: Duration = Duration::from_secs(5);
+    loop {
+        let wake = seen
+            .deadline()
+            .unwrap_or_else(|| tokio::time::Instant::now() + UNWATCHED_POLL);
+        tokio::select! {
+            () = ended.cancelled() => return,
+            () = tokio::time::sleep_until(wake) => {}
+        }
+        if seen
+            .deadline()
+            .is_some_and(|d| tokio::time::Instant::now() >= d)
+        {
+            tracing::warn!(
+                "no keepalive from the edge for twice its interval; dropping the connection"
+            );
+            silent.cancel();
+            return;
+        }
+    }
 }
 
 /// Keeps one extra lane to the edge open until `cancel` (the first connection ended or the

@@ -31,7 +31,9 @@ source scripts/lib/processes.sh burrow-bench
 TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
 
 echo "==> building (release)" >&2
-cargo build --release -q -p burrow-control -p burrow-edge -p burrow-cli -p burrow-bench
+# Without the control plane in the same build (see scripts/run-platform.sh: its sqlx would
+# turn on tracing's `log` feature in the edge and the agent).
+cargo build --release -q -p burrow-edge -p burrow-cli -p burrow-bench
 BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
 if command -v bore >/dev/null 2>&1; then BORE=$(command -v bore)
 elif [ -x "$TOOLS/bin/bore" ]; then BORE=$TOOLS/bin/bore

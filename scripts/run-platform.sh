@@ -45,7 +45,11 @@ for addr in "$API_ADDR" "$HTTP_ADDR" "$AGENT_ADDR" "$EDGE_ADMIN_ADDR" "$CONTROL_
 done
 
 echo "==> building (cargo --profile $PROFILE)"
-cargo build --profile "$PROFILE" -p burrow-control -p burrow-edge -p burrow-cli
+# Two builds: built in one, the control plane's sqlx turns on tracing's `log` feature in the
+# edge and the agent too, which costs their data path about 8 % more instructions per
+# WebSocket round trip (BENCHMARKS.md, "Build the data path on its own").
+cargo build --profile "$PROFILE" -p burrow-control
+cargo build --profile "$PROFILE" -p burrow-edge -p burrow-cli
 # Where cargo put them: CARGO_TARGET_DIR when set (a shared target directory), else ./target.
 TARGET=${CARGO_TARGET_DIR:-$PWD/target}
 case $PROFILE in dev) BIN=$TARGET/debug ;; *) BIN=$TARGET/$PROFILE ;; esac

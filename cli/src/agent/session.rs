@@ -48,6 +48,9 @@ const MAX_STREAMS: u32 = 100_000;
 /// How long past twice the interval an edge announces with its keepalives the agent waits for
 /// the next one before it drops the connection (`watch_keepalives`).
 const KEEPALIVE_SLACK: Duration = Duration::from_secs(1);
+/// Longest keepalive interval an edge may announce; a larger value counts as this (so the
+/// deadline arithmetic cannot overflow, whatever the header says).
+const KEEPALIVE_MAX_INTERVAL: Duration = Duration::from_secs(24 * 3600);
 /// Default number of connections to the edge (`--lanes`). The edge gives each new visitor
 /// stream the lane with the fewest streams open, so with four a new visitor almost always
 /// finds a lane without a bulk transfer in it (with two, measured in BENCHMARKS.md, it shared
@@ -613,7 +616,7 @@ impl Keepalives {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .filter(|ms| *ms > 0)
-            .map(Duration::from_millis);
+            .map(|ms| Duration::from_millis(ms).min(KEEPALIVE_MAX_INTERVAL));
         if let (Some(interval), Ok(mut last)) = (interval, self.last.lock()) {
             *last = Some((tokio::time::Instant::now(), interval));
         }
@@ -727,5 +730,49 @@ async fn keep_lane(
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(v: &str) -> http::HeaderValue {
+        http::HeaderValue::from_str(v).unwrap_or_else(|_| http::HeaderValue::from_static("x"))
+    }
+
+    #[tokio::test]
+    async fn a_keepalive_sets_the_deadline_to_twice_its_interval_plus_the_slack() {
+        let k = Keepalives::default();
+        assert!(k.deadline().is_none(), "no keepalive yet: not watched");
+        let before = tokio::time::Instant::now();
+        k.arrived(Some(&header("300")));
+        let d = k.deadline().map(|d| d.duration_since(before));
+        assert!(
+            d.is_some_and(|d| d >= Duration::from_millis(1600) && d < Duration::from_millis(1700)),
+            "{d:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreadable_or_absurd_intervals_never_panic_or_arm_the_watch_wrongly() {
+        let k = Keepalives::default();
+        for bad in ["", "0", "-5", "ten", "1.5"] {
+            k.arrived(Some(&header(bad)));
+            assert!(k.deadline().is_none(), "{bad:?} armed the watch");
+        }
+        k.arrived(None);
+        assert!(k.deadline().is_none());
+        // The largest u64 is capped, not multiplied into an overflow.
+        k.arrived(Some(&header(&u64::MAX.to_string())));
+        let d = k
+            .deadline()
+            .map(|d| d.duration_since(tokio::time::Instant::now()));
+        assert!(
+            d.is_some_and(
+                |d| d > KEEPALIVE_MAX_INTERVAL && d <= KEEPALIVE_MAX_INTERVAL * 2 + KEEPALIVE_SLACK
+            ),
+            "{d:?}"
+        );
     }
 }

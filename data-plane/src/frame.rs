@@ -118,6 +118,17 @@ pub struct FrameObserver {
     stats: FrameStats,
 }
 
+/// Length of a frame header whose second byte is `second`: 2, plus the extended payload
+/// length (2 or 8 bytes), plus the masking key (4 bytes) when the mask bit is set.
+fn header_len_of(second: u8) -> usize {
+    let ext = match second & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    2 + ext + if second & 0x80 != 0 { 4 } else { 0 }
+}
+
 impl FrameObserver {
     /// A fresh observer, positioned at a frame boundary.
     pub fn new() -> Self {
@@ -188,6 +199,23 @@ impl FrameObserver {
                 }
                 continue;
             }
+            // A whole header at the start of `bytes` (the usual case: a read that begins at a
+            // frame boundary) is taken in one step.
+            if self.header_len == 0 && bytes.len() >= 2 {
+                let need = header_len_of(bytes[1]);
+                if bytes.len() >= need {
+                    self.header[..need].copy_from_slice(&bytes[..need]);
+                    self.header_len = need;
+                    if bytes[0] & 0x0f >= FIRST_CONTROL_OPCODE {
+                        self.stats.control_bytes += need as u64;
+                    }
+                    bytes = &bytes[need..];
+                    if let Some(len) = self.header_complete() {
+                        self.start_payload(len);
+                    }
+                    continue;
+                }
+            }
             // In a header: take one byte at a time (headers are at most 14 bytes).
             self.header[self.header_len] = bytes[0];
             self.header_len += 1;
@@ -208,18 +236,10 @@ impl FrameObserver {
         if self.header_len < 2 {
             return None;
         }
-        let masked = self.header[1] & 0x80 != 0;
-        let len7 = self.header[1] & 0x7f;
-        let ext = match len7 {
-            126 => 2,
-            127 => 8,
-            _ => 0,
-        };
-        let need = 2 + ext + if masked { 4 } else { 0 };
-        if self.header_len < need {
+        if self.header_len < header_len_of(self.header[1]) {
             return None;
         }
-        let len = match len7 {
+        let len = match self.header[1] & 0x7f {
             126 => u64::from(u16::from_be_bytes([self.header[2], self.header[3]])),
             127 => {
                 let mut b = [0u8; 8];

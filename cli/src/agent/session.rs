@@ -582,7 +582,7 @@ fn serve(
         tokio::pin!(conn);
         let r = tokio::select! {
             r = conn.as_mut() => r.map_err(anyhow::Error::from),
-            () = burrow_edge::cancel::Cancelled::new(&stop) => {
+            () = burrow_edge::gate::Cancelled::new(&stop) => {
                 if cancel.is_cancelled() {
                     conn.as_mut().graceful_shutdown();
                     match tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await {

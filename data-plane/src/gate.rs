@@ -1,14 +1,16 @@
-//! Waiting for a [`CancellationToken`] from a future that is polled on every message.
+//! Futures that share a task but are polled only when what they wait on woke them.
 //!
-//! A pending `CancellationToken::cancelled()` takes two mutex locks each time it is polled
-//! (the token's tree node, then its `Notify`'s list of waiters), whatever woke the task. A
-//! relay direction, or the task driving an agent's HTTP/2 connection, is polled several times
-//! per WebSocket message, and those locks were 3 to 5 % of the instructions of a round trip
+//! A task that waits on several futures (a `select!`, or the two directions of a relay)
+//! polls all of them whenever any one of them wakes it. For a future polled on every
+//! WebSocket message that is work for nothing: a pending `CancellationToken::cancelled()`
+//! takes two mutex locks per poll (the token's tree node, then its `Notify`'s list of
+//! waiters), and a relay direction whose source is quiet reads its socket again, polls its
+//! timers and its cancellation, only because the other direction moved a message
 //! (callgrind; BENCHMARKS.md, "Instructions per round trip").
 //!
-//! [`Cancelled`] registers with the token once, through a waker of its own that notes that the
-//! token fired before it wakes the task. It polls the token again only after that waker was
-//! woken; any other poll is an [`AtomicWaker`] registration and one atomic swap.
+//! [`Gated`] polls the future it wraps with a waker of its own, which notes the wake before
+//! it passes it on to the task; any other poll is an [`AtomicWaker`] registration and one
+//! atomic swap. [`Cancelled`] is a token's cancellation behind such a gate.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -19,22 +21,63 @@ use std::task::{Context, Poll, Wake, Waker};
 use futures::task::AtomicWaker;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-/// The waker the token's future is polled with: records the wake, passes it to the task.
-struct Relay {
-    /// The token's future must be polled again (it was woken, or was never polled).
-    fired: AtomicBool,
-    /// The task waiting on [`Cancelled`].
+/// The waker a gated future is polled with: records the wake, passes it to the task.
+struct Flag {
+    /// The future must be polled again (it was woken, or was never polled).
+    woken: AtomicBool,
+    /// The task waiting on the [`Gated`] future.
     task: AtomicWaker,
 }
 
-impl Wake for Relay {
+impl Wake for Flag {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref();
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
+        self.woken.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// `inner`, polled only after something it registered with woke it (and at its first
+    /// poll). Whatever `inner` waits on must wake the waker it was polled with, as every
+    /// future must; a future that relies on being polled again for no reason (state another
+    /// future changes without a wake) must not be gated.
+    pub struct Gated<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<Flag>,
+        waker: Waker,
+    }
+}
+
+impl<F> Gated<F> {
+    pub fn new(inner: F) -> Self {
+        let flag = Arc::new(Flag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            inner,
+            waker: Waker::from(Arc::clone(&flag)),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        // Registered before `woken` is read: a wake in between reaches this task.
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
     }
 }
 
@@ -43,22 +86,14 @@ pin_project_lite::pin_project! {
     /// `CancellationToken::cancelled_owned`, at a fraction of the cost per poll.
     pub struct Cancelled {
         #[pin]
-        inner: WaitForCancellationFutureOwned,
-        relay: Arc<Relay>,
-        waker: Waker,
+        inner: Gated<WaitForCancellationFutureOwned>,
     }
 }
 
 impl Cancelled {
     pub fn new(token: &CancellationToken) -> Self {
-        let relay = Arc::new(Relay {
-            fired: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
         Self {
-            inner: token.clone().cancelled_owned(),
-            waker: Waker::from(Arc::clone(&relay)),
-            relay,
+            inner: Gated::new(token.clone().cancelled_owned()),
         }
     }
 }
@@ -67,13 +102,7 @@ impl Future for Cancelled {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let this = self.project();
-        // Registered before `fired` is read: a wake in between reaches this task.
-        this.relay.task.register(cx.waker());
-        if !this.relay.fired.swap(false, Ordering::AcqRel) {
-            return Poll::Pending;
-        }
-        this.inner.poll(&mut Context::from_waker(this.waker))
+        self.project().inner.poll(cx)
     }
 }
 

@@ -53,6 +53,15 @@ impl<I> Held<I> {
         }
     }
 
+    /// The stream, unless a write is still held back (then `self` again).
+    pub(crate) fn into_inner(mut self) -> Result<I, Self> {
+        if !self.held.is_empty() {
+            return Err(self);
+        }
+        // `Drop` finds nothing held and leaves the slot alone.
+        self.inner.take().ok_or(self)
+    }
+
     /// Whether to hold back `buf`, the start of a write.
     fn holds(&mut self, buf: &[u8]) -> bool {
         if !self.http {

@@ -107,6 +107,11 @@ impl<I> Recorder<I> {
     pub(crate) fn new(inner: I, early: Arc<Early>) -> Self {
         Self { inner, early }
     }
+
+    /// The stream, no longer counted (once the 101 is out nothing can arrive early).
+    pub(crate) fn into_inner(self) -> I {
+        self.inner
+    }
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Recorder<I> {

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::early::{Early, Mark, Recorder};
 use crate::registry::{LaneStream, Route, UpBody};
-use crate::relay::{relay_observed, RelayOptions};
+use crate::relay::{relay_halves, relay_observed, tcp_halves, Prefixed, RelayOptions, RelaySink};
 use crate::{pages, State};
 
 /// How many times `--max-header-bytes` hyper itself reads of a request head before it gives
@@ -613,7 +613,7 @@ async fn handle(
                 }
             };
             let sink = Arc::new(route.metrics.websocket());
-            let report = relay_observed(TokioIo::new(v), TokioIo::new(a), opts, stop, sink).await;
+            let report = relay_visitor(v, a, opts, stop, sink).await;
             let c = &route.counters;
             c.connections_open.fetch_sub(1, Ordering::Relaxed);
             c.bytes_in
@@ -809,6 +809,49 @@ pub(crate) fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
         source = s.source();
     }
     None
+}
+
+/// A visitor's upgraded stream, whatever it is under hyper's upgrade.
+trait VisitorStream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> VisitorStream for T {}
+
+/// The visitor's stream as the edge served it (`serve_connection`): `S` under the layers
+/// that watch its HTTP/1.1.
+type Served<S> = TokioIo<crate::bare::Held<Recorder<S>>>;
+
+/// Relays an upgraded visitor connection `v` and the agent's upgraded stream `a`.
+///
+/// Once the 101 is out, the layers around the visitor's stream (hyper's upgrade, its
+/// read-ahead and I/O adapters, the edge's watch for early bytes and for hyper's bare
+/// answers) have nothing left to do but cost a little on every message, so the relay gets
+/// the stream itself, after what hyper had read past the request head: a plain TCP stream
+/// as its own two halves (no lock per read or write), a TLS stream whole.
+async fn relay_visitor(
+    v: hyper::upgrade::Upgraded,
+    a: hyper::upgrade::Upgraded,
+    opts: RelayOptions,
+    stop: CancellationToken,
+    sink: Arc<dyn RelaySink>,
+) -> crate::relay::RelayReport {
+    let a = TokioIo::new(a);
+    let v: Box<dyn VisitorStream> = match v.downcast::<Served<TcpStream>>() {
+        Ok(parts) => match parts.io.into_inner().into_inner() {
+            Ok(recorder) => {
+                let (vr, vw) = tcp_halves(recorder.into_inner(), parts.read_buf);
+                let (ar, aw) = tokio::io::split(a);
+                return relay_halves(vr, vw, ar, aw, opts, stop, sink).await;
+            }
+            Err(held) => Box::new(Prefixed::new(parts.read_buf, held)),
+        },
+        Err(v) => match v.downcast::<Served<tokio_rustls::server::TlsStream<TcpStream>>>() {
+            Ok(parts) => match parts.io.into_inner().into_inner() {
+                Ok(recorder) => Box::new(Prefixed::new(parts.read_buf, recorder.into_inner())),
+                Err(held) => Box::new(Prefixed::new(parts.read_buf, held)),
+            },
+            Err(v) => Box::new(TokioIo::new(v)),
+        },
+    };
+    relay_observed(v, a, opts, stop, sink).await
 }
 
 #[cfg(test)]

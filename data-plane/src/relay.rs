@@ -12,8 +12,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf as _, BytesMut};
+use bytes::{Buf as _, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, ReadBuf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::frame::{
@@ -270,6 +272,28 @@ where
 {
     let (vr, vw) = tokio::io::split(visitor);
     let (ar, aw) = tokio::io::split(agent);
+    relay_halves(vr, vw, ar, aw, opts, stop, sink).await
+}
+
+/// [`relay_observed`] over streams already split into their read and write halves: a TCP
+/// stream's own halves (`TcpStream::into_split`) cost less per message than
+/// `tokio::io::split`, which locks the stream on every read and write.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay_halves<VR, VW, AR, AW>(
+    vr: VR,
+    vw: VW,
+    ar: AR,
+    aw: AW,
+    opts: RelayOptions,
+    stop: CancellationToken,
+    sink: Arc<dyn RelaySink>,
+) -> RelayReport
+where
+    VR: AsyncRead + Unpin,
+    VW: AsyncWrite + Unpin,
+    AR: AsyncRead + Unpin,
+    AW: AsyncWrite + Unpin,
+{
     let mut up_observer = FrameObserver::with_extensions(opts.extensions_agreed);
     let mut down_observer = FrameObserver::with_extensions(opts.extensions_agreed);
     // An idle visitor ends both directions.
@@ -320,6 +344,136 @@ where
     RelayReport {
         to_local: up_observer.stats(),
         to_visitor: down_observer.stats(),
+    }
+}
+
+/// A TCP stream as the two halves [`relay_halves`] takes, `prefix` (bytes already read from
+/// it, such as what hyper read past a request head) coming first.
+pub fn tcp_halves(tcp: TcpStream, prefix: Bytes) -> (Prefixed<OwnedReadHalf>, KeepOpen) {
+    let (r, w) = tcp.into_split();
+    (Prefixed::new(prefix, r), KeepOpen(Some(w)))
+}
+
+/// A stream whose reads give `prefix` before what `inner` reads; writes go to `inner`.
+pub struct Prefixed<R> {
+    prefix: Bytes,
+    inner: R,
+}
+
+impl<R> Prefixed<R> {
+    pub fn new(prefix: Bytes, inner: R) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Prefixed<W> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.prefix.is_empty() {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        let n = self.prefix.len().min(buf.remaining());
+        buf.put_slice(&self.prefix[..n]);
+        self.prefix.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A TCP stream's write half that, dropped, leaves the stream open until its read half is
+/// dropped too, as a half of `tokio::io::split` does (an `OwnedWriteHalf` would send a FIN):
+/// the relay decides when a destination is shut down.
+pub struct KeepOpen(Option<OwnedWriteHalf>);
+
+impl Drop for KeepOpen {
+    fn drop(&mut self) {
+        if let Some(w) = self.0.take() {
+            w.forget();
+        }
+    }
+}
+
+impl KeepOpen {
+    /// The half (only `drop` takes it).
+    fn half(&mut self) -> io::Result<Pin<&mut OwnedWriteHalf>> {
+        self.0
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::NotConnected, "write half dropped"))
+    }
+}
+
+impl AsyncWrite for KeepOpen {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.half() {
+            Ok(w) => w.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.half() {
+            Ok(w) => w.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.half() {
+            Ok(w) => w.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.half() {
+            Ok(w) => w.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
     }
 }
 
@@ -1234,8 +1388,48 @@ async fn pump<R, W>(
 #[cfg(test)]
 mod tests {
     use super::buffer_len_after_read as next;
-    use super::{Direction, Violations};
+    use super::{tcp_halves, Direction, Violations};
     use std::time::Duration;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn tcp_halves_read_the_prefix_first_and_leave_the_stream_open_until_both_drop() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut peer = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (ours, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = tcp_halves(ours, bytes::Bytes::from_static(b"read ahead|"));
+        peer.write_all(b"then the socket").await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4];
+        while got.len() < b"read ahead|then the socket".len() {
+            let n = r.read(&mut buf).await.unwrap();
+            assert!(n > 0, "ended early after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"read ahead|then the socket");
+        w.write_all(b"back").await.unwrap();
+        // The write half dropped alone sends no FIN: the peer reads what was written, then
+        // nothing (not an end of stream) while the read half lives.
+        drop(w);
+        let mut back = [0u8; 4];
+        peer.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"back");
+        let mut one = [0u8; 1];
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), peer.read(&mut one))
+                .await
+                .is_err(),
+            "the stream ended with only its write half dropped"
+        );
+        drop(r);
+        let n = tokio::time::timeout(Duration::from_secs(5), peer.read(&mut one))
+            .await
+            .expect("no end of stream after both halves dropped")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_violation_explains_a_hang_up_only_shortly_after_it() {

@@ -252,7 +252,7 @@ pub trait RelaySink: Send + Sync {
 }
 
 /// A [`RelaySink`] that ignores everything.
-struct NoSink;
+pub struct NoSink;
 
 impl RelaySink for NoSink {
     fn frames(&self, _: Direction, _: &FrameStats, _: &FrameStats) {}

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use burrow_edge::relay::{relay, LinkBudget, RelayOptions};
+use burrow_edge::relay::{relay, relay_halves, tcp_halves, LinkBudget, NoSink, RelayOptions};
 use burrow_proto::tunnel::{
     CONTROL_CLOSED, CONTROL_READY, HEADER_AGENT_ERROR, HEADER_CONTROL, HEADER_REASON,
     HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
@@ -610,13 +610,23 @@ impl Forwarder {
             };
             // The edge's stream is the "visitor" side here: close frames toward it are
             // unmasked (server to client), toward the local server masked.
-            let (edge, local) = (
-                ws.visitor_io(TokioIo::new(edge)),
-                ws.local_io(TokioIo::new(local)),
-            );
+            let edge = ws.visitor_io(TokioIo::new(edge));
             // Boxed: as one allocation with this task the relay cost 2.5 KiB more per idle
             // WebSocket (BENCHMARKS.md, "What changed in this round").
-            let report = Box::pin(relay(edge, local, opts, stop)).await;
+            let report = match local.downcast::<TokioIo<tokio::net::TcpStream>>() {
+                // The local connection itself, out of hyper's upgrade, as its own two halves
+                // (no lock per read or write), what hyper read past the 101 first.
+                Ok(parts) => {
+                    let (lr, lw) = tcp_halves(parts.io.into_inner(), parts.read_buf);
+                    let (er, ew) = tokio::io::split(edge);
+                    let sink = Arc::new(NoSink);
+                    Box::pin(relay_halves(er, ew, ws.local_io(lr), lw, opts, stop, sink)).await
+                }
+                Err(local) => {
+                    let local = ws.local_io(TokioIo::new(local));
+                    Box::pin(relay(edge, local, opts, stop)).await
+                }
+            };
             let close = report
                 .to_visitor
                 .close_code

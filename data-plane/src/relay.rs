@@ -362,7 +362,17 @@ pub struct Prefixed<R> {
 
 impl<R> Prefixed<R> {
     pub fn new(prefix: Bytes, inner: R) -> Self {
-        Self { prefix, inner }
+        let mut p = Self { prefix, inner };
+        p.release_if_done();
+        p
+    }
+
+    /// An empty prefix may still hold the whole buffer it was split from (hyper's read
+    /// buffer, 8 KiB or more): let it go, an idle connection keeps none of it.
+    fn release_if_done(&mut self) {
+        if self.prefix.is_empty() {
+            self.prefix = Bytes::new();
+        }
     }
 }
 
@@ -408,6 +418,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
         let n = self.prefix.len().min(buf.remaining());
         buf.put_slice(&self.prefix[..n]);
         self.prefix.advance(n);
+        self.release_if_done();
         Poll::Ready(Ok(()))
     }
 }
@@ -1391,6 +1402,33 @@ mod tests {
     use super::{tcp_halves, Direction, Violations};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test]
+    async fn a_read_ahead_buffer_is_let_go_once_its_bytes_are_read() {
+        // As hyper hands over what it read past a head: pieces split off one read buffer.
+        let mut buf = bytes::BytesMut::with_capacity(8192);
+        buf.extend_from_slice(b"head");
+        let head = buf.split().freeze();
+        let empty = buf.split().freeze();
+        buf.extend_from_slice(b"ab");
+        let ahead = buf.split().freeze();
+        drop(buf);
+        // An empty read-ahead still shares the buffer: the relay must not keep it.
+        let p = super::Prefixed::new(empty, tokio::io::empty());
+        let mut p2 = super::Prefixed::new(ahead, tokio::io::empty());
+        assert!(
+            !head.is_unique(),
+            "the read-ahead should share the buffer before it is read"
+        );
+        let mut got = Vec::new();
+        p2.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"ab");
+        assert!(
+            head.is_unique(),
+            "a read-ahead (empty, or read) still holds the buffer"
+        );
+        drop((p, p2));
+    }
 
     #[tokio::test]
     async fn tcp_halves_read_the_prefix_first_and_leave_the_stream_open_until_both_drop() {

@@ -35,14 +35,14 @@ count() {
   http=$(free_port); agent=$(free_port); out="$SCRATCH/callgrind.$label.$which"
   local edge_cmd=("$bin/burrow-edge" --name "count-$label" --domain localhost
     --standalone-token-file "$SCRATCH/agent.token" --http "127.0.0.1:$http"
-    --agent-listen "127.0.0.1:$agent" --agent-plaintext)
+    --agent-listen "127.0.0.1:$agent" --agent-plaintext --admin-addr off)
   local agent_cmd=("$bin/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$agent"
     --edge-plaintext --token-file "$SCRATCH/agent.token" --no-inspect)
   local grind=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out")
   if [ "$which" = edge ]; then edge_cmd=("${grind[@]}" "${edge_cmd[@]}"); else agent_cmd=("${grind[@]}" "${agent_cmd[@]}"); fi
   RUST_LOG=warn "${edge_cmd[@]}" >"$SCRATCH/edge.log" 2>&1 &
   edge_pid=$!; pids+=("$edge_pid")
-  wait_port "$agent"
+  wait_port "$agent" || { cat "$SCRATCH/edge.log" >&2; exit 1; }
   RUST_LOG=warn "${agent_cmd[@]}" >"$SCRATCH/agent.log" 2>&1 </dev/null &
   agent_pid=$!; pids+=("$agent_pid")
   for _ in $(seq 1 300); do

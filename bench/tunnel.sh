@@ -86,10 +86,10 @@ burrow_target() { # LABEL TLS|PLAIN [BINDIR [FLAG...]] (flags given to both edge
   fi
   RUST_LOG=warn "$bin/burrow-edge" --name "bench-$label" --domain localhost \
     --standalone-token-file "$SCRATCH/agent.token" \
-    --http "127.0.0.1:$http" --agent-listen "127.0.0.1:$agent" "${edge_flags[@]}" \
+    --http "127.0.0.1:$http" --agent-listen "127.0.0.1:$agent" --admin-addr off "${edge_flags[@]}" \
     --max-visitor-connections $((IDLE + 1000)) "${both[@]}" >"$SCRATCH/edge-$label.log" 2>&1 &
   pids+=($!); local edge_pid=$!
-  wait_port "$agent"
+  wait_port "$agent" || { cat "$SCRATCH/edge-$label.log" >&2; return 1; }
   RUST_LOG=warn "$bin/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$agent" \
     "${agent_flags[@]}" --token-file "$SCRATCH/agent.token" --no-inspect "${both[@]}" \
     >"$SCRATCH/agent-$label.log" 2>&1 </dev/null &

@@ -5,10 +5,11 @@
 #
 #   bench/tunnel.sh                 # everything, 10,000 idle connections for the memory figure
 #   BENCH_IDLE=2000 bench/tunnel.sh # smaller memory run
-#   BENCH_REPEAT=3 measures each target that many times (same processes) and the table shows
-#   the median of each figure (each repetition pauses BENCH_SETTLE_MS=1000 before its round
-#   trips, so they are not taken in the wake of the previous repetition's bulk transfer; the
-#   round trip right after bulk is a figure of its own); the idle-memory figure is taken in the last repetition only;
+#   BENCH_REPEAT=3 runs that many rounds, each measuring every target once with processes of
+#   its own, in the opposite order every other round (a slow spell of the machine is spread
+#   over the targets); the table shows the median of each figure. Each measurement pauses
+#   BENCH_SETTLE_MS=1000 before its round trips; the round trip right after bulk is a figure
+#   of its own; the idle-memory figure is taken in the last round only;
 #   BENCH_IDLE_BURST=262144 makes each idle connection echo one message that big first (what a
 #   connection keeps after a burst); BENCH_RTT=5000 BENCH_MIB=256 BENCH_CONNECTS=200 are the
 #   other knobs;
@@ -43,20 +44,17 @@ else
   BORE=$TOOLS/bin/bore
 fi
 
-# One target, REPEAT times; a target that fails is reported and skipped, the others still run.
+# One repetition of one target (the idle-memory figure in the last round only); a target that
+# fails is reported and left out, the others still run.
 bench() {
-  local out idle i
-  for i in $(seq 1 "$REPEAT"); do
-    idle=0
-    [ "$i" = "$REPEAT" ] && idle=${BENCH_TARGET_IDLE:-$IDLE}
-    if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" --idle-burst-bytes "${BENCH_IDLE_BURST:-0}" --settle-ms "${BENCH_SETTLE_MS:-1000}" "$@"); then
-      echo "$out" >&2
-      results+=("$out")
-    else
-      echo "warning: target $* failed; left out of the table" >&2
-      return 0
-    fi
-  done
+  local out idle=0
+  [ "$ROUND" = "$REPEAT" ] && idle=${BENCH_TARGET_IDLE:-$IDLE}
+  if out=$("$BIN/burrow-bench" run --rtt-count "$RTT" --mib-messages "$MIB" --connects "$CONNECTS" --idle "$idle" --idle-burst-bytes "${BENCH_IDLE_BURST:-0}" --settle-ms "${BENCH_SETTLE_MS:-1000}" "$@"); then
+    echo "$out" >&2
+    results+=("$out")
+  else
+    echo "warning: target $* failed; left out of the table" >&2
+  fi
 }
 
 # The local server every target ends at.
@@ -66,8 +64,6 @@ for _ in $(seq 1 50); do [ -s "$SCRATCH/echo.out" ] && break; sleep 0.1; done
 ECHO_PORT=$(sed 's/.*://' "$SCRATCH/echo.out")
 
 results=()
-echo "==> direct" >&2
-bench --url "ws://127.0.0.1:$ECHO_PORT/" --label direct --pids "$ECHO_PID"
 
 # Burrow: a standalone edge (no control plane: the data path is what is measured, and the
 # control plane's per-tunnel plan limits would refuse 10,000 WebSockets) and one agent, once
@@ -105,36 +101,63 @@ burrow_target() { # LABEL TLS|PLAIN [BINDIR [FLAG...]] (flags given to both edge
   kill "$edge_pid" "$agent_pid" 2>/dev/null || true
   wait "$edge_pid" "$agent_pid" 2>/dev/null || true
 }
-if wants burrow-tls; then burrow_target burrow-tls TLS; fi
-if wants burrow-plain; then burrow_target burrow-plain PLAIN; fi
-# Plain, with one shared pool of Tokio workers per process instead of threads of their own.
-if wants burrow-pool; then burrow_target burrow-pool PLAIN "$BIN" --worker-threads 0; fi
-if [ -n "${BENCH_BASE_BIN:-}" ]; then
-  burrow_target base-tls TLS "$BENCH_BASE_BIN"
-  burrow_target base-plain PLAIN "$BENCH_BASE_BIN"
-fi
 
 # bore: server + local client, same echo server.
-if wants bore; then
-BORE_CTL_FREE=$( (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null && echo no || echo yes)
-if [ "$BORE_CTL_FREE" = yes ]; then
+bore_target() {
+  if (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null; then
+    echo "warning: port 7835 (bore's control port) is taken; skipping bore" >&2
+    return 0
+  fi
   "$BORE" server --bind-addr 127.0.0.1 --min-port 30000 --max-port 39999 >"$SCRATCH/bore-server.log" 2>&1 &
-  pids+=($!); BORE_SERVER_PID=$!
+  pids+=($!); local server_pid=$!
   wait_port 7835
   "$BORE" local "$ECHO_PORT" --local-host 127.0.0.1 --to 127.0.0.1 >"$SCRATCH/bore-local.log" 2>&1 &
-  pids+=($!); BORE_LOCAL_PID=$!
+  pids+=($!); local local_pid=$!
   for _ in $(seq 1 100); do grep -q 'listening at' "$SCRATCH/bore-local.log" && break; sleep 0.1; done
-  BORE_PORT=$(grep -o 'listening at [^ ]*' "$SCRATCH/bore-local.log" | sed 's/.*://' | tr -dc 0-9)
+  local port
+  port=$(grep -o 'listening at [^ ]*' "$SCRATCH/bore-local.log" | sed 's/\x1b\[[0-9;]*m//g; s/.*://' | tr -dc 0-9)
   echo "==> bore" >&2
   # bore holds two sockets per visitor in each of its processes, so under this shell's
   # open-file limit it can hold only about half as many idle connections.
-  bore_idle=$(( IDLE < ($(ulimit -n) - 200) / 2 ? IDLE : ($(ulimit -n) - 200) / 2 ))
-  [ "$bore_idle" -lt "$IDLE" ] && echo "note: bore measured with $bore_idle idle connections (open-file limit $(ulimit -n))" >&2
-  BENCH_TARGET_IDLE=$bore_idle bench --url "ws://127.0.0.1:$BORE_PORT/" --label bore --pids "$BORE_SERVER_PID,$BORE_LOCAL_PID"
-else
-  echo "warning: port 7835 (bore's control port) is taken; skipping bore" >&2
-fi
-fi
+  local bore_idle=$(( IDLE < ($(ulimit -n) - 200) / 2 ? IDLE : ($(ulimit -n) - 200) / 2 ))
+  if [ "$bore_idle" -lt "$IDLE" ] && [ "$ROUND" = "$REPEAT" ]; then
+    echo "note: bore measured with $bore_idle idle connections (open-file limit $(ulimit -n))" >&2
+  fi
+  BENCH_TARGET_IDLE=$bore_idle bench --url "ws://127.0.0.1:$port/" --label bore --pids "$server_pid,$local_pid"
+  kill "$server_pid" "$local_pid" 2>/dev/null || true
+  wait "$server_pid" "$local_pid" 2>/dev/null || true
+}
+
+# One repetition of target $1, each with processes of its own.
+run_target() {
+  case $1 in
+    direct) echo "==> direct" >&2
+      bench --url "ws://127.0.0.1:$ECHO_PORT/" --label direct --pids "$ECHO_PID" ;;
+    burrow-tls) burrow_target burrow-tls TLS ;;
+    burrow-plain) burrow_target burrow-plain PLAIN ;;
+    # Plain, with one shared pool of Tokio workers per process instead of threads of their own.
+    burrow-pool) burrow_target burrow-pool PLAIN "$BIN" --worker-threads 0 ;;
+    base-tls) burrow_target base-tls TLS "$BENCH_BASE_BIN" ;;
+    base-plain) burrow_target base-plain PLAIN "$BENCH_BASE_BIN" ;;
+    bore) bore_target ;;
+  esac
+}
+
+order=(direct)
+for t in burrow-tls burrow-plain burrow-pool; do wants "$t" && order+=("$t"); done
+[ -n "${BENCH_BASE_BIN:-}" ] && order+=(base-tls base-plain)
+wants bore && order+=(bore)
+# Rounds: every target once per round, in the opposite order every other round, so a slow
+# spell of the machine (this kind of machine's speed drifts by tens of per cent over minutes)
+# is spread over the targets instead of landing on whichever one runs then.
+for ROUND in $(seq 1 "$REPEAT"); do
+  echo "==> round $ROUND of $REPEAT" >&2
+  if [ $((ROUND % 2)) = 1 ]; then
+    for t in "${order[@]}"; do run_target "$t"; done
+  else
+    for ((i = ${#order[@]} - 1; i >= 0; i--)); do run_target "${order[i]}"; done
+  fi
+done
 
 printf '%s\n' "${results[@]}"
 printf '%s\n' "${results[@]}" | python3 bench/ratios.py

@@ -26,6 +26,7 @@ RTT=${BENCH_RTT:-5000}
 MIB=${BENCH_MIB:-256}
 CONNECTS=${BENCH_CONNECTS:-200}
 REPEAT=${BENCH_REPEAT:-3}
+[[ "$REPEAT" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_REPEAT must be a whole number of rounds, 1 or more (got '$REPEAT')" >&2; exit 64; }
 TARGETS=${BENCH_TARGETS:-burrow-tls burrow-plain bore}
 wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 source scripts/lib/processes.sh burrow-bench

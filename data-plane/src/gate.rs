@@ -111,6 +111,66 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Pending until its stored waker is woken `left` times; counts its polls.
+    struct Counted {
+        polls: Arc<std::sync::atomic::AtomicUsize>,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+        left: usize,
+    }
+
+    impl Future for Counted {
+        type Output = ();
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::Relaxed);
+            if self.left == 0 {
+                return Poll::Ready(());
+            }
+            self.left -= 1;
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gated_future_is_polled_only_when_its_own_waker_was_woken() {
+        let polls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let waker: Arc<std::sync::Mutex<Option<Waker>>> = Arc::default();
+        let mut gated = Box::pin(Gated::new(Counted {
+            polls: Arc::clone(&polls),
+            waker: Arc::clone(&waker),
+            left: 1,
+        }));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let task = tokio::spawn(async move {
+            let mut other_wakes = 0;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = &mut gated => return other_wakes,
+                    Some(()) = rx.recv() => other_wakes += 1,
+                }
+            }
+        });
+        // The task is woken five times by something else: the gated future is not polled.
+        for _ in 0..5 {
+            tx.send(()).unwrap();
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            polls.load(Ordering::Relaxed),
+            1,
+            "polled without its own wake"
+        );
+        // Its own waker: polled again, and done.
+        waker.lock().unwrap().take().unwrap().wake();
+        let other_wakes = tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the gated future was never polled after its wake")
+            .unwrap();
+        assert_eq!(other_wakes, 5);
+        assert_eq!(polls.load(Ordering::Relaxed), 2);
+    }
+
     #[tokio::test]
     async fn completes_when_the_token_is_cancelled_later() {
         let token = CancellationToken::new();

@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::early::{Early, Mark, Recorder};
 use crate::registry::{LaneStream, Route, UpBody};
-use crate::relay::{relay_halves, relay_observed, tcp_halves, Prefixed, RelayOptions, RelaySink};
+use crate::relay::{relay_halves, tcp_halves, Prefixed, RelayOptions, RelaySink};
 use crate::{pages, State};
 
 /// How many times `--max-header-bytes` hyper itself reads of a request head before it gives
@@ -811,13 +811,20 @@ pub(crate) fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
     None
 }
 
-/// A visitor's upgraded stream, whatever it is under hyper's upgrade.
-trait VisitorStream: AsyncRead + AsyncWrite + Send + Unpin {}
-impl<T: AsyncRead + AsyncWrite + Send + Unpin> VisitorStream for T {}
-
 /// The visitor's stream as the edge served it (`serve_connection`): `S` under the layers
 /// that watch its HTTP/1.1.
 type Served<S> = TokioIo<crate::bare::Held<Recorder<S>>>;
+
+/// The halves of a visitor stream other than plain TCP, boxed: one relay for all of them.
+type Halves = (
+    Box<dyn AsyncRead + Send + Unpin>,
+    Box<dyn AsyncWrite + Send + Unpin>,
+);
+
+fn boxed_halves<S: AsyncRead + AsyncWrite + Send + 'static>(s: S) -> Halves {
+    let (r, w) = tokio::io::split(s);
+    (Box::new(r), Box::new(w))
+}
 
 /// Relays an upgraded visitor connection `v` and the agent's upgraded stream `a`.
 ///
@@ -833,25 +840,25 @@ async fn relay_visitor(
     stop: CancellationToken,
     sink: Arc<dyn RelaySink>,
 ) -> crate::relay::RelayReport {
-    let a = TokioIo::new(a);
-    let v: Box<dyn VisitorStream> = match v.downcast::<Served<TcpStream>>() {
+    let (ar, aw) = tokio::io::split(TokioIo::new(a));
+    let (prefix, (vr, vw)) = match v.downcast::<Served<TcpStream>>() {
         Ok(parts) => match parts.io.into_inner().into_inner() {
             Ok(recorder) => {
                 let (vr, vw) = tcp_halves(recorder.into_inner(), parts.read_buf);
-                let (ar, aw) = tokio::io::split(a);
                 return relay_halves(vr, vw, ar, aw, opts, stop, sink).await;
             }
-            Err(held) => Box::new(Prefixed::new(parts.read_buf, held)),
+            Err(held) => (parts.read_buf, boxed_halves(held)),
         },
         Err(v) => match v.downcast::<Served<tokio_rustls::server::TlsStream<TcpStream>>>() {
             Ok(parts) => match parts.io.into_inner().into_inner() {
-                Ok(recorder) => Box::new(Prefixed::new(parts.read_buf, recorder.into_inner())),
-                Err(held) => Box::new(Prefixed::new(parts.read_buf, held)),
+                Ok(recorder) => (parts.read_buf, boxed_halves(recorder.into_inner())),
+                Err(held) => (parts.read_buf, boxed_halves(held)),
             },
-            Err(v) => Box::new(TokioIo::new(v)),
+            // hyper's upgraded stream gives its read-ahead itself.
+            Err(v) => (Bytes::new(), boxed_halves(TokioIo::new(v))),
         },
     };
-    relay_observed(v, a, opts, stop, sink).await
+    relay_halves(Prefixed::new(prefix, vr), vw, ar, aw, opts, stop, sink).await
 }
 
 #[cfg(test)]

@@ -354,7 +354,7 @@ pub fn tcp_halves(tcp: TcpStream, prefix: Bytes) -> (Prefixed<OwnedReadHalf>, Ke
     (Prefixed::new(prefix, r), KeepOpen(Some(w)))
 }
 
-/// A stream whose reads give `prefix` before what `inner` reads; writes go to `inner`.
+/// A reader that gives `prefix` before what `inner` reads.
 pub struct Prefixed<R> {
     prefix: Bytes,
     inner: R,
@@ -373,36 +373,6 @@ impl<R> Prefixed<R> {
         if self.prefix.is_empty() {
             self.prefix = Bytes::new();
         }
-    }
-}
-
-impl<W: AsyncWrite + Unpin> AsyncWrite for Prefixed<W> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

@@ -17,9 +17,11 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Wake, Waker};
+use std::task::{Context, Poll, Wake};
 
 use futures::task::AtomicWaker;
+
+use crate::gate::OwnWaker;
 
 /// Most polls of one task in a row, inside one poll by Tokio, because it woke itself.
 pub const MAX_REPOLLS: u32 = 8;
@@ -72,22 +74,19 @@ pin_project_lite::pin_project! {
     pub struct Repoll<F> {
         #[pin]
         inner: F,
-        shared: Arc<Shared>,
-        waker: Waker,
+        own: OwnWaker<Shared>,
     }
 }
 
 impl<F: Future> Repoll<F> {
     /// Wraps `inner`.
     pub fn new(inner: F) -> Self {
-        let shared = Arc::new(Shared {
-            state: AtomicU8::new(IDLE),
-            outer: AtomicWaker::new(),
-        });
         Self {
             inner,
-            waker: Waker::from(Arc::clone(&shared)),
-            shared,
+            own: OwnWaker::new(Shared {
+                state: AtomicU8::new(IDLE),
+                outer: AtomicWaker::new(),
+            }),
         }
     }
 }
@@ -97,15 +96,16 @@ impl<F: Future> Future for Repoll<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let mut this = self.project();
-        this.shared.outer.register(cx.waker());
-        let mut inner_cx = Context::from_waker(this.waker);
+        let shared = &this.own.state;
+        shared.outer.register(cx.waker());
+        let mut inner_cx = Context::from_waker(&this.own.waker);
         for _ in 0..MAX_REPOLLS {
-            this.shared.state.store(POLLING, Ordering::Release);
+            shared.state.store(POLLING, Ordering::Release);
             if let Poll::Ready(v) = this.inner.as_mut().poll(&mut inner_cx) {
-                this.shared.state.store(IDLE, Ordering::Release);
+                shared.state.store(IDLE, Ordering::Release);
                 return Poll::Ready(v);
             }
-            if this.shared.state.swap(IDLE, Ordering::AcqRel) != WOKEN {
+            if shared.state.swap(IDLE, Ordering::AcqRel) != WOKEN {
                 return Poll::Pending;
             }
             if !tokio::task::coop::has_budget_remaining() {
@@ -121,6 +121,7 @@ impl<F: Future> Future for Repoll<F> {
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+    use std::task::Waker;
 
     /// Wakes itself `n` times, then finishes; counts its polls.
     struct SelfWaking {

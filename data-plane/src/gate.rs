@@ -40,6 +40,24 @@ impl Wake for Flag {
     }
 }
 
+/// A waker of a wrapper's own over the state `S` it shares with that waker: the wrapper polls
+/// its inner future with `waker` and reads `state` to learn what the waker saw (here and in
+/// [`crate::exec::Repoll`]).
+pub(crate) struct OwnWaker<S> {
+    pub(crate) state: Arc<S>,
+    pub(crate) waker: Waker,
+}
+
+impl<S: Wake + Send + Sync + 'static> OwnWaker<S> {
+    pub(crate) fn new(state: S) -> Self {
+        let state = Arc::new(state);
+        Self {
+            waker: Waker::from(Arc::clone(&state)),
+            state,
+        }
+    }
+}
+
 pin_project_lite::pin_project! {
     /// `inner`, polled only after something it registered with woke it (and at its first
     /// poll). Whatever `inner` waits on must wake the waker it was polled with, as every
@@ -48,21 +66,18 @@ pin_project_lite::pin_project! {
     pub struct Gated<F> {
         #[pin]
         inner: F,
-        flag: Arc<Flag>,
-        waker: Waker,
+        own: OwnWaker<Flag>,
     }
 }
 
 impl<F> Gated<F> {
     pub fn new(inner: F) -> Self {
-        let flag = Arc::new(Flag {
-            woken: AtomicBool::new(true),
-            task: AtomicWaker::new(),
-        });
         Self {
             inner,
-            waker: Waker::from(Arc::clone(&flag)),
-            flag,
+            own: OwnWaker::new(Flag {
+                woken: AtomicBool::new(true),
+                task: AtomicWaker::new(),
+            }),
         }
     }
 }
@@ -73,11 +88,11 @@ impl<F: Future> Future for Gated<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         // Registered before `woken` is read: a wake in between reaches this task.
-        this.flag.task.register(cx.waker());
-        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+        this.own.state.task.register(cx.waker());
+        if !this.own.state.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
-        this.inner.poll(&mut Context::from_waker(this.waker))
+        this.inner.poll(&mut Context::from_waker(&this.own.waker))
     }
 }
 

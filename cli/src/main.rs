@@ -41,11 +41,14 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The agent serves its extra lanes on worker threads of its own (`--worker-threads`); the
-    // runtime here drives the first connection, so one thread is enough for it.
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if matches!(&cli.command, Command::Agent(a) if a.own_threads()) {
-        builder.worker_threads(1);
-    }
+    // runtime here drives the first connection, on this thread alone, as each worker thread
+    // drives its lanes (a multi-threaded scheduler's bookkeeping, even with one worker, cost
+    // the first lane's messages about 7 % more instructions: BENCHMARKS.md).
+    let mut builder = if matches!(&cli.command, Command::Agent(a) if a.own_threads()) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

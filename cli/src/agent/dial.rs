@@ -7,6 +7,9 @@
 //! [`Dialer`] resolves a name once per [`RESOLVE_TTL`] and tries the address that last
 //! answered first. `localhost` is not looked up at all: it is 127.0.0.1 and ::1, both tried,
 //! so a local server is found whichever loopback family it listens on.
+//!
+//! For an `https://` target the dialer also does the TLS handshake ([`LocalTls`]), so the rest
+//! of the agent sees one byte stream ([`LocalIo`]) either way.
 
 use std::future::Future;
 use std::io;
@@ -36,14 +39,49 @@ struct Resolved {
 pub(crate) struct Dialer {
     cache: Mutex<Vec<Resolved>>,
     timeout: Duration,
+    /// How to talk TLS to `https://` targets (none when the agent has no such target).
+    tls: Option<LocalTls>,
 }
 
 impl Dialer {
-    /// A dialer whose whole connect (every address tried) takes at most `timeout`.
-    pub(crate) fn new(timeout: Duration) -> Self {
+    /// A dialer whose whole connect (every address tried, and the TLS handshake) takes at
+    /// most `timeout`.
+    pub(crate) fn new(timeout: Duration, tls: Option<LocalTls>) -> Self {
         Self {
             cache: Mutex::new(Vec::new()),
             timeout,
+            tls,
+        }
+    }
+
+    /// Connects to a local server: TCP, then TLS when `tls` (an `https://` target).
+    pub(crate) async fn open(&self, host: &str, port: u16, tls: bool) -> io::Result<LocalIo> {
+        if !tls {
+            return self.connect(host, port).await.map(LocalIo::Plain);
+        }
+        let Some(config) = &self.tls else {
+            return Err(io::Error::other("no TLS settings for an https:// target"));
+        };
+        let name = host.trim_start_matches('[').trim_end_matches(']');
+        let name = rustls::pki_types::ServerName::try_from(name.to_owned()).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{host:?} is not a valid TLS server name"),
+            )
+        })?;
+        let started = Instant::now();
+        let tcp = self.connect(host, port).await?;
+        let left = self.timeout.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, config.connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => Ok(LocalIo::Tls(Box::new(tls))),
+            Ok(Err(e)) => Err(io::Error::new(e.kind(), tls_failure(&e, config.insecure))),
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the TLS handshake took longer than {} s",
+                    self.timeout.as_secs()
+                ),
+            )),
         }
     }
 
@@ -166,7 +204,7 @@ pub(crate) struct LocalConnector(pub(crate) Arc<Dialer>);
 /// A pooled HTTP connection to a local server, which the agent can reach from outside the
 /// pool ([`LocalConn`]).
 pub(crate) struct LocalStream {
-    tcp: TcpStream,
+    io: LocalIo,
     /// A second handle on the same socket, for [`LocalConn::reset`]; it lives as long as this
     /// stream.
     handle: Arc<socket2::Socket>,
@@ -174,11 +212,11 @@ pub(crate) struct LocalStream {
 }
 
 impl LocalStream {
-    fn new(tcp: TcpStream) -> io::Result<Self> {
+    fn new(io: LocalIo) -> io::Result<Self> {
         use std::os::fd::AsFd as _;
-        let handle = socket2::Socket::from(tcp.as_fd().try_clone_to_owned()?);
+        let handle = socket2::Socket::from(io.tcp().as_fd().try_clone_to_owned()?);
         Ok(Self {
-            tcp,
+            io,
             handle: Arc::new(handle),
             answered: Arc::default(),
         })
@@ -228,7 +266,7 @@ impl LocalConn {
 
 impl hyper_util::client::legacy::connect::Connection for LocalStream {
     fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
-        self.tcp.connected().extra(LocalConn {
+        self.io.tcp().connected().extra(LocalConn {
             socket: Arc::downgrade(&self.handle),
             answered: Arc::clone(&self.answered),
         })
@@ -242,7 +280,7 @@ impl tokio::io::AsyncRead for LocalStream {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.tcp).poll_read(cx, buf);
+        let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if buf.filled().len() > before && !self.answered.load(std::sync::atomic::Ordering::Relaxed)
         {
             self.answered
@@ -258,7 +296,7 @@ impl tokio::io::AsyncWrite for LocalStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -266,19 +304,19 @@ impl tokio::io::AsyncWrite for LocalStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write_vectored(cx, bufs)
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.tcp.is_write_vectored()
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -297,11 +335,173 @@ impl tower_service::Service<Uri> for LocalConnector {
             let host = uri
                 .host()
                 .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no host in URI"))?;
-            let port = uri.port_u16().unwrap_or(80);
-            let tcp = dialer.connect(host, port).await?;
-            LocalStream::new(tcp).map(TokioIo::new)
+            let tls = uri.scheme_str() == Some("https");
+            let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+            let io = dialer.open(host, port, tls).await?;
+            LocalStream::new(io).map(TokioIo::new)
         })
     }
+}
+
+/// The byte stream to a local server: TCP, or TLS over TCP for an `https://` target.
+pub(crate) enum LocalIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl LocalIo {
+    /// The TCP connection underneath.
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(t) => t,
+            Self::Tls(t) => t.get_ref().0,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for LocalIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_read(cx, buf),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LocalIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_write(cx, buf),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_write_vectored(cx, bufs),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(t) => t.is_write_vectored(),
+            Self::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_flush(cx),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(t) => Pin::new(t).poll_shutdown(cx),
+            Self::Tls(t) => Pin::new(t.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// How the agent talks TLS to its `https://` targets: HTTP/1.1 (ALPN), certificates checked
+/// against the system's CAs and `--local-ca`, or not at all with `--local-insecure`.
+#[derive(Clone)]
+pub(crate) struct LocalTls {
+    connector: tokio_rustls::TlsConnector,
+    insecure: bool,
+}
+
+impl std::fmt::Debug for LocalTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalTls")
+            .field("insecure", &self.insecure)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LocalTls {
+    /// Trusts the system's CA certificates and those in `ca` (PEM), or, when `insecure`, any
+    /// certificate (the handshake's signatures are still checked).
+    pub(crate) fn new(ca: Option<&std::path::Path>, insecure: bool) -> anyhow::Result<Self> {
+        use anyhow::Context as _;
+        let provider = burrow_edge::tls::crypto_provider();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .context("cannot set up TLS")?;
+        let mut config = if insecure {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(super::session::AnyCertificate(
+                    provider,
+                )))
+                .with_no_client_auth()
+        } else {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            if let Some(path) = ca {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read --local-ca file {}", path.display()))?;
+                let mut added = 0;
+                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                    let cert =
+                        cert.with_context(|| format!("{} is not valid PEM", path.display()))?;
+                    roots.add(cert).with_context(|| {
+                        format!("{} holds an unusable certificate", path.display())
+                    })?;
+                    added += 1;
+                }
+                anyhow::ensure!(added > 0, "{} holds no certificate", path.display());
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "no trusted CA certificates found on this system for the https:// target; \
+                 give --local-ca FILE (or --local-insecure)"
+            );
+            builder.with_root_certificates(roots).with_no_client_auth()
+        };
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Self {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
+            insecure,
+        })
+    }
+}
+
+/// A failed TLS handshake with a local server, in words, with what to do about it.
+fn tls_failure(e: &io::Error, insecure: bool) -> String {
+    let cause = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let hint = match cause {
+        Some(rustls::Error::InvalidCertificate(_)) if !insecure => {
+            " (a self-signed or private certificate? give its CA with --local-ca FILE, or \
+             skip the check with --local-insecure)"
+        }
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
+            " (does it speak HTTPS on this port? for plain HTTP use http://)"
+        }
+        _ if e.kind() == io::ErrorKind::UnexpectedEof => {
+            " (it closed the connection: does it speak HTTPS on this port?)"
+        }
+        _ => "",
+    };
+    format!("the TLS handshake failed: {e}{hint}")
 }
 
 #[cfg(test)]
@@ -312,7 +512,7 @@ mod tests {
     async fn a_name_that_resolves_to_a_refusing_address_first_still_connects_and_is_remembered() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let dialer = Dialer::new(Duration::from_secs(5));
+        let dialer = Dialer::new(Duration::from_secs(5), None);
         // Seed the cache as `localhost` often resolves: ::1 (nothing listening) first.
         let v6: SocketAddr = format!("[::1]:{port}").parse().unwrap();
         let v4: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
@@ -333,7 +533,7 @@ mod tests {
 
     #[tokio::test]
     async fn localhost_finds_a_server_listening_on_either_loopback_family() {
-        let dialer = Dialer::new(Duration::from_secs(5));
+        let dialer = Dialer::new(Duration::from_secs(5), None);
         let v4 = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = v4.local_addr().unwrap().port();
         dialer.connect("localhost", port).await.unwrap();
@@ -355,7 +555,7 @@ mod tests {
     async fn ip_literals_connect_without_a_lookup() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
-        let dialer = Dialer::new(Duration::from_secs(5));
+        let dialer = Dialer::new(Duration::from_secs(5), None);
         dialer.connect("127.0.0.1", port).await.unwrap();
         assert!(dialer.cache.lock().unwrap().is_empty());
     }

@@ -23,7 +23,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::dial::{Dialer, LocalConn, LocalConnector};
+use super::dial::{Dialer, LocalConn, LocalConnector, LocalIo};
 use super::target::{HostHeader, Target};
 
 /// Body type of requests the agent sends to the local server: read ahead from the edge
@@ -317,7 +317,8 @@ impl Forwarder {
         let uri = if asterisk {
             Ok(http::Uri::from_static("*"))
         } else {
-            format!("http://{}{}", spec.target.authority(), path).parse()
+            let (scheme, authority) = (spec.target.scheme(), spec.target.authority());
+            format!("{scheme}://{authority}{path}").parse()
         };
         let Ok(uri) = uri else {
             return agent_error("the request target is not valid");
@@ -329,7 +330,7 @@ impl Forwarder {
         set_host(&mut parts.headers, &spec);
         let replay = replayable(&parts, &body);
         let tap = crate::inspect::recorder().http_started(
-            &spec.target.authority(),
+            &spec.target.to_string(),
             &method,
             &path,
             &parts.headers,
@@ -436,12 +437,12 @@ impl Forwarder {
         req: Request<crate::inspect::TapBody<UpBody>>,
         target: &Target,
     ) -> Result<Response<Incoming>, String> {
-        let tcp = self
+        let io = self
             .dialer
-            .connect(&target.host, target.port)
+            .open(&target.host, target.port, target.tls)
             .await
             .map_err(|e| connect_error_reason(target, &e))?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
             .await
             .map_err(|e| exchange_error_reason(target, &e))?;
         tokio::spawn(async move {
@@ -480,9 +481,9 @@ impl Forwarder {
             .unwrap_or_else(|| HeaderValue::from_static("websocket"));
 
         let addr = spec.target.authority();
-        let tcp = match self
+        let io = match self
             .dialer
-            .connect(&spec.target.host, spec.target.port)
+            .open(&spec.target.host, spec.target.port, spec.target.tls)
             .await
         {
             Ok(s) => s,
@@ -492,15 +493,15 @@ impl Forwarder {
                 return agent_error(&r);
             }
         };
-        let (mut sender, conn) =
-            match hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await {
-                Ok(x) => x,
-                Err(e) => {
-                    let r = exchange_error_reason(&spec.target, &e);
-                    log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
-                    return agent_error(&r);
-                }
-            };
+        let (mut sender, conn) = match hyper::client::conn::http1::handshake(TokioIo::new(io)).await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let r = exchange_error_reason(&spec.target, &e);
+                log_request(&http::Method::GET, &path, 502, started, 0, Some(&r));
+                return agent_error(&r);
+            }
+        };
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(err = %e, "local upgrade connection ended with an error");
@@ -527,7 +528,11 @@ impl Forwarder {
             Err(_) => return agent_error("the request target is not valid"),
         };
         *local_req.headers_mut() = parts.headers;
-        let ws = crate::inspect::recorder().ws_opened(&addr, &path, local_req.headers());
+        let ws = crate::inspect::recorder().ws_opened(
+            &spec.target.to_string(),
+            &path,
+            local_req.headers(),
+        );
 
         let resp = match tokio::time::timeout(
             LOCAL_RESPONSE_TIMEOUT,
@@ -613,15 +618,24 @@ impl Forwarder {
             let edge = ws.visitor_io(TokioIo::new(edge));
             // Boxed: as one allocation with this task the relay cost 2.5 KiB more per idle
             // WebSocket (BENCHMARKS.md, "What changed in this round").
-            let report = match local.downcast::<TokioIo<tokio::net::TcpStream>>() {
-                // The local connection itself, out of hyper's upgrade, as its own two halves
-                // (no lock per read or write), what hyper read past the 101 first.
-                Ok(parts) => {
-                    let (lr, lw) = tcp_halves(parts.io.into_inner(), parts.read_buf);
-                    let (er, ew) = tokio::io::split(edge);
-                    let sink = Arc::new(NoSink);
-                    Box::pin(relay_halves(er, ew, ws.local_io(lr), lw, opts, stop, sink)).await
-                }
+            let report = match local.downcast::<TokioIo<LocalIo>>() {
+                // The local TCP connection itself, out of hyper's upgrade, as its own two
+                // halves (no lock per read or write), what hyper read past the 101 first.
+                Ok(parts) => match parts.io.into_inner() {
+                    LocalIo::Plain(tcp) => {
+                        let (lr, lw) = tcp_halves(tcp, parts.read_buf);
+                        let (er, ew) = tokio::io::split(edge);
+                        let sink = Arc::new(NoSink);
+                        Box::pin(relay_halves(er, ew, ws.local_io(lr), lw, opts, stop, sink)).await
+                    }
+                    tls => {
+                        let (lr, lw) = tokio::io::split(tls);
+                        let lr = burrow_edge::relay::Prefixed::new(parts.read_buf, lr);
+                        let (er, ew) = tokio::io::split(edge);
+                        let sink = Arc::new(NoSink);
+                        Box::pin(relay_halves(er, ew, ws.local_io(lr), lw, opts, stop, sink)).await
+                    }
+                },
                 Err(local) => {
                     let local = ws.local_io(TokioIo::new(local));
                     Box::pin(relay(edge, local, opts, stop)).await

@@ -39,6 +39,8 @@ pub(crate) enum AgentCommand {
     ///   burrow http 3000 --subdomain chat         # http(s)://chat.<domain>
     ///   burrow http 127.0.0.1:8080 --host-header preserve
     ///   burrow http http://app.internal:9000 --edge edge.example.com:4443
+    ///   burrow http https://localhost:8443 --local-ca rootCA.pem   # HTTPS dev server (mkcert)
+    ///   burrow http https://localhost:8443 --local-insecure        # …with a self-signed cert
     ///   burrow http 3000 --edge localhost:4443 --edge-ca edge-ca.pem   # self-signed edge
     ///   burrow http 3000 --basic-auth-file users.txt --allow-ip 10.0.0.0/8
     ///   burrow http 3000 --allow-origin https://app.example.com --request-header-add X-From:burrow
@@ -53,6 +55,7 @@ pub(crate) enum AgentCommand {
     /// Example file:
     ///   edge = "localhost:4443"
     ///   edge_ca = "edge-ca.pem"
+    ///   local_ca = "rootCA.pem"              # for https:// targets (or local_insecure = true)
     ///   [[tunnel]]
     ///   target = "3000"
     ///   subdomain = "chat"
@@ -163,6 +166,14 @@ pub(crate) struct EdgeArgs {
     /// most --lanes. 0: one shared pool of workers instead.
     #[arg(long, value_parser = clap::value_parser!(u32).range(0..=256))]
     worker_threads: Option<u32>,
+    /// CA certificate (PEM) to trust, besides the system's, for an https:// local target
+    /// with a private or self-signed certificate (mkcert's rootCA.pem, say).
+    #[arg(long)]
+    local_ca: Option<PathBuf>,
+    /// Do not verify the certificate of an https:// local target (a dev server's self-signed
+    /// one); the traffic is still encrypted. Prefer --local-ca.
+    #[arg(long, conflicts_with = "local_ca")]
+    local_insecure: bool,
     #[command(flatten)]
     inspect: crate::inspect::InspectArgs,
 }
@@ -194,7 +205,7 @@ fn subdomain_arg(name: Option<&str>, what: &str) -> anyhow::Result<String> {
 
 #[derive(Debug, Args)]
 pub(crate) struct HttpArgs {
-    /// Local server: a port (3000), host:port, or http://host:port.
+    /// Local server: a port (3000), host:port, http://host:port or https://host:port.
     target: String,
     /// Subdomain to bind; a random free one when omitted.
     #[arg(long)]
@@ -234,6 +245,9 @@ pub(crate) enum AuthtokenCommand {
 struct TunnelsFile {
     edge: Option<String>,
     edge_ca: Option<PathBuf>,
+    local_ca: Option<PathBuf>,
+    #[serde(default)]
+    local_insecure: bool,
     #[serde(default)]
     tunnel: Vec<TunnelEntry>,
 }
@@ -359,6 +373,8 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             let file_edge = FileEdge {
                 edge: file.edge,
                 edge_ca: file.edge_ca.map(|p| base.join(p)),
+                local_ca: file.local_ca.map(|p| base.join(p)),
+                local_insecure: file.local_insecure,
             };
             run_tunnels(&a.edge, Some(file_edge), specs).await
         }
@@ -382,6 +398,8 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
 struct FileEdge {
     edge: Option<String>,
     edge_ca: Option<PathBuf>,
+    local_ca: Option<PathBuf>,
+    local_insecure: bool,
 }
 
 async fn run_tunnels(
@@ -397,9 +415,27 @@ async fn run_tunnels(
             "no agent token: set BURROW_TOKEN, pass --token-file FILE, or run `burrow authtoken add`",
         )?,
     };
-    let (file_edge, file_ca) = match file {
-        Some(f) => (f.edge, f.edge_ca),
-        None => (None, None),
+    let (file_edge, file_ca, file_local_ca, file_local_insecure) = match file {
+        Some(f) => (f.edge, f.edge_ca, f.local_ca, f.local_insecure),
+        None => (None, None, None, false),
+    };
+    let local_ca = args.local_ca.clone().or(file_local_ca);
+    let local_insecure = args.local_insecure || file_local_insecure;
+    anyhow::ensure!(
+        !(local_insecure && local_ca.is_some()),
+        "--local-insecure and --local-ca (local_insecure and local_ca in the tunnels file) \
+         cannot be used together"
+    );
+    let local_tls = if specs.iter().any(|s| s.target.tls) {
+        Some(dial::LocalTls::new(local_ca.as_deref(), local_insecure)?)
+    } else {
+        if local_ca.is_some() || local_insecure {
+            eprintln!(
+                "warning: --local-ca and --local-insecure only apply to https:// targets; \
+                 no tunnel has one"
+            );
+        }
+        None
     };
     let edge = EdgeSpec {
         addr: args
@@ -426,6 +462,7 @@ async fn run_tunnels(
                 |n| n as usize,
             )
             .min(args.lanes as usize),
+        local_tls,
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

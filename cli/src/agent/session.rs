@@ -90,6 +90,9 @@ pub(crate) struct EdgeSpec {
     /// Threads the lanes are spread over, the runtime's own included (`--worker-threads`;
     /// 0: every lane on the runtime's shared pool).
     pub(crate) worker_threads: usize,
+    /// TLS toward `https://` targets (`--local-ca`, `--local-insecure`); none without such a
+    /// target.
+    pub(crate) local_tls: Option<super::dial::LocalTls>,
 }
 
 /// The agent's worker threads beyond the runtime's own, started with the first extra lane.
@@ -129,12 +132,13 @@ where
 trait EdgeIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> EdgeIo for T {}
 
-/// Accepts any certificate but still checks the handshake signatures. Only ever used for an
-/// edge on a loopback address, where there is no network to attack.
+/// Accepts any certificate but still checks the handshake signatures: `--insecure` (only ever
+/// for an edge on a loopback address, where there is no network to attack) and
+/// `--local-insecure` (a local server's self-signed certificate).
 #[derive(Debug)]
-struct LoopbackOnly(Arc<rustls::crypto::CryptoProvider>);
+pub(crate) struct AnyCertificate(pub(crate) Arc<rustls::crypto::CryptoProvider>);
 
-impl rustls::client::danger::ServerCertVerifier for LoopbackOnly {
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
     fn verify_server_cert(
         &self,
         _end_entity: &rustls::pki_types::CertificateDer<'_>,
@@ -247,7 +251,7 @@ fn insecure_connector(edge: &EdgeSpec) -> anyhow::Result<TlsConnector> {
         .with_safe_default_protocol_versions()
         .context("cannot set up TLS")?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(LoopbackOnly(provider)))
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
         .with_no_client_auth();
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(TlsConnector::from(Arc::new(config)))
@@ -353,7 +357,7 @@ async fn connect_once(
             .iter()
             .map(|s| pb::TunnelRequest {
                 subdomain: s.subdomain.clone(),
-                local_addr: s.target.authority(),
+                local_addr: s.target.to_string(),
                 key: s.key.clone(),
                 policy: s.policy.clone(),
             })
@@ -384,7 +388,7 @@ async fn connect_once(
         let local = specs
             .iter()
             .find(|s| s.key == b.key)
-            .map(|s| s.target.authority())
+            .map(|s| s.target.to_string())
             .unwrap_or_default();
         urls.insert(b.key.clone(), (local, b.public_urls.clone()));
         if b.pinned_policy {
@@ -401,7 +405,7 @@ async fn connect_once(
     let team = answer.team.clone();
     let edge_addr = edge.addr.clone();
     let closed_cancel = conn_cancel.clone();
-    let dialer = Arc::new(Dialer::new(LOCAL_CONNECT_TIMEOUT));
+    let dialer = Arc::new(Dialer::new(LOCAL_CONNECT_TIMEOUT, edge.local_tls.clone()));
     let forwarder = Arc::new(Forwarder {
         tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
         client: local_client(Arc::clone(&dialer)),

@@ -9,26 +9,28 @@ pub(crate) struct Target {
     pub(crate) host: String,
     /// Port to connect to.
     pub(crate) port: u16,
+    /// Whether the local server speaks HTTPS (`https://host:port`): the agent then talks TLS
+    /// to it (`--local-ca`, `--local-insecure`).
+    pub(crate) tls: bool,
 }
 
 impl Target {
-    /// Parses `3000`, `host:3000` or `http://host:3000`.
+    /// Parses `3000`, `host:3000`, `http://host[:port]` or `https://host[:port]`.
     pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
         let s = s.trim();
-        let rest = if let Some(r) = s.strip_prefix("http://") {
-            r
-        } else if s.starts_with("https://") {
-            anyhow::bail!(
-                "{s:?}: HTTPS local servers are not supported yet; give the plain-HTTP port"
-            );
+        let (rest, scheme) = if let Some(r) = s.strip_prefix("http://") {
+            (r, Some(false))
+        } else if let Some(r) = s.strip_prefix("https://") {
+            (r, Some(true))
         } else if s.contains("://") {
-            anyhow::bail!("{s:?}: only http:// local targets are supported");
+            anyhow::bail!("{s:?}: only http:// and https:// local targets are supported");
         } else {
-            s
+            (s, None)
         };
+        let tls = scheme == Some(true);
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') {
-            anyhow::bail!("{s:?}: give a port, host:port or http://host:port without a path");
+            anyhow::bail!("{s:?}: give a port, host:port or http(s)://host:port without a path");
         }
         let bad_port = || anyhow::anyhow!("{s:?}: the port must be a number from 1 to 65535");
         let (host, port) = if rest.bytes().all(|b| b.is_ascii_digit()) && !rest.is_empty() {
@@ -40,13 +42,22 @@ impl Target {
             let h = h.trim_start_matches('[').trim_end_matches(']');
             anyhow::ensure!(!h.is_empty(), "{s:?}: the host is empty");
             (h.to_owned(), p.parse::<u16>().map_err(|_| bad_port())?)
-        } else if !rest.is_empty() && s.starts_with("http://") {
-            (rest.to_owned(), 80)
+        } else if !rest.is_empty() && scheme.is_some() {
+            (rest.to_owned(), if tls { 443 } else { 80 })
         } else {
-            anyhow::bail!("{s:?} is not a port, host:port or http://host:port");
+            anyhow::bail!("{s:?} is not a port, host:port or http(s)://host:port");
         };
         anyhow::ensure!(port != 0, bad_port());
-        Ok(Self { host, port })
+        Ok(Self { host, port, tls })
+    }
+
+    /// `http` or `https`.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// `host:port` as used in a URL authority (IPv6 in brackets).
@@ -60,7 +71,11 @@ impl Target {
 }
 
 impl fmt::Display for Target {
+    /// `host:port`, or `https://host:port` for an HTTPS target.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.tls {
+            f.write_str("https://")?;
+        }
         f.write_str(&self.authority())
     }
 }
@@ -111,6 +126,18 @@ mod tests {
             "app:9000"
         );
         assert_eq!(Target::parse("http://app").unwrap().port, 80);
+        assert!(!Target::parse("http://app").unwrap().tls);
+    }
+
+    #[test]
+    fn https_targets_speak_tls_and_default_to_port_443() {
+        let t = Target::parse("https://localhost:8443/").unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.tls), ("localhost", 8443, true));
+        assert_eq!(t.to_string(), "https://localhost:8443");
+        assert_eq!(t.scheme(), "https");
+        let t = Target::parse("https://app.internal").unwrap();
+        assert_eq!((t.port, t.tls), (443, true));
+        assert!(!Target::parse("3000").unwrap().tls);
     }
 
     #[test]
@@ -119,7 +146,8 @@ mod tests {
             "",
             "70000",
             "host:",
-            "https://x:1",
+            "https://",
+            "https://x:0",
             "ftp://x",
             "x:1/path",
             "0",

@@ -88,6 +88,11 @@ pub(crate) async fn replay(
             "WebSocket sessions cannot be replayed; replay an HTTP request".into(),
         ));
     }
+    if target.starts_with("https://") {
+        return Err(ApiError::Conflict(format!(
+            "requests to an https:// local server ({target}) cannot be replayed yet"
+        )));
+    }
     if truncated && edits.body.is_none() {
         return Err(ApiError::Conflict(format!(
             "only the first {} bytes of this request's body were kept; give a body to replay it",

@@ -1,0 +1,353 @@
+//! Tunnels to a local server that speaks HTTPS (`burrow http https://localhost:PORT`): an
+//! in-process standalone edge, the real `burrow` binary, and a local rustls server with a
+//! certificate from a private authority (as mkcert makes), serving HTTP and a WebSocket echo.
+
+#![allow(clippy::unwrap_used)]
+
+mod tunnel_support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{SinkExt as _, StreamExt as _};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tunnel_support::*;
+
+/// How long any single step may take.
+const STEP: Duration = Duration::from_secs(30);
+
+/// A private authority's certificate (PEM, for `--local-ca`) and a TLS acceptor whose
+/// certificate for `localhost` and 127.0.0.1 it issued.
+fn local_tls() -> (String, tokio_rustls::TlsAcceptor) {
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "test local authority");
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let mut config =
+        rustls::ServerConfig::builder_with_provider(burrow_edge::tls::crypto_provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![leaf.der().clone(), ca.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
+    // Offers HTTP/2 first, as many dev servers do: the agent must agree on HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A local HTTPS server: `/hello` says hello and names the ALPN protocol the agent agreed
+/// (`-` for none); an upgrade to `websocket` on any path echoes text and binary messages.
+async fn local_https_server(acceptor: tokio_rustls::TlsAcceptor) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let alpn = tls
+                    .get_ref()
+                    .1
+                    .alpn_protocol()
+                    .map_or("-".to_owned(), |p| String::from_utf8_lossy(p).into_owned());
+                let svc = hyper::service::service_fn(move |req| {
+                    let alpn = alpn.clone();
+                    async move { Ok::<_, std::convert::Infallible>(handle(req, &alpn)) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+fn handle(
+    mut req: hyper::Request<hyper::body::Incoming>,
+    alpn: &str,
+) -> hyper::Response<Full<Bytes>> {
+    let key = req.headers().get("sec-websocket-key").cloned();
+    let Some(key) = key else {
+        return hyper::Response::new(Full::new(Bytes::from(format!(
+            "hello over https from {} (alpn {alpn})",
+            req.uri().path()
+        ))));
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(io) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(io),
+            Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(m)) = ws.next().await {
+            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    hyper::Response::builder()
+        .status(101)
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-accept", accept)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A tunnel from `sub` to `https://localhost:PORT` of `local`, with `extra` agent flags.
+async fn tunnel(local: SocketAddr, sub: &str, extra: &[&str]) -> (Edge, Agent) {
+    let edge = standalone_edge().await;
+    let target = format!("https://localhost:{}", local.port());
+    let mut args = vec!["http", &target, "--subdomain", sub, "--no-inspect"];
+    args.extend_from_slice(extra);
+    let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    (edge, agent)
+}
+
+#[tokio::test]
+async fn an_https_local_server_with_a_private_authority_answers_http_and_websocket() {
+    let (ca_pem, acceptor) = local_tls();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("local-ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let local = local_https_server(acceptor).await;
+    let ca_arg = ca_file.to_str().unwrap();
+    let (edge, agent) = tunnel(local, "secure", &["--local-ca", ca_arg]).await;
+    assert!(
+        agent
+            .stdout
+            .lock()
+            .await
+            .iter()
+            .any(|l| l.contains(&format!("-> https://localhost:{}", local.port()))),
+        "the Forwarding line names the https target"
+    );
+
+    let (status, _, body) = visit(&edge, "secure", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "{body:?}");
+    assert_eq!(
+        body,
+        Bytes::from("hello over https from /hello (alpn http/1.1)")
+    );
+
+    // A WebSocket through the tunnel to the HTTPS server: text and a 100 KiB binary message.
+    let tcp = TcpStream::connect(edge.http).await.unwrap();
+    let url = format!("ws://secure.localhost:{}/socket", edge.http.port());
+    let (mut ws, resp) = tokio::time::timeout(STEP, tokio_tungstenite::client_async(url, tcp))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over tls")).await.unwrap();
+    let m = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m, Message::text("over tls"));
+    let big: Vec<u8> = (0..100 * 1024).map(|i| (i % 251) as u8).collect();
+    ws.send(Message::binary(big.clone())).await.unwrap();
+    let m = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.into_data().as_ref(), big.as_slice());
+    ws.close(None).await.unwrap();
+    drop(agent);
+}
+
+#[tokio::test]
+async fn an_untrusted_local_certificate_gets_a_502_that_says_what_to_do_and_insecure_skips_the_check(
+) {
+    let (_ca, acceptor) = local_tls();
+    let local = local_https_server(acceptor).await;
+
+    let (edge, agent) = tunnel(local, "untrusted", &[]).await;
+    let (status, _, body) = visit(&edge, "untrusted", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 502);
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("--local-ca"), "{page}");
+    assert!(page.contains("certificate"), "{page}");
+    drop(agent);
+
+    let (edge, agent) = tunnel(local, "skipcheck", &["--local-insecure"]).await;
+    let (status, _, body) = visit(&edge, "skipcheck", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "{body:?}");
+    assert!(body.starts_with(b"hello over https"));
+    drop(agent);
+}
+
+#[tokio::test]
+async fn an_https_target_on_a_plain_http_server_gets_a_502_that_says_so() {
+    let local = local_http_server().await;
+    let (edge, agent) = tunnel(local, "mixedup", &["--local-insecure"]).await;
+    let (status, _, body) = visit(&edge, "mixedup", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 502);
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("HTTPS"), "{page}");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn local_tls_flags_are_checked_before_connecting() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args([
+            "http",
+            "https://localhost:8443",
+            "--local-ca",
+            "/nonexistent/ca.pem",
+        ])
+        .env("BURROW_TOKEN", STANDALONE_TOKEN)
+        .env("BURROW_CONFIG", "/nonexistent/config.toml")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot read --local-ca file"), "{err}");
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(["http", "3000", "--local-ca", "x.pem", "--local-insecure"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+}
+
+#[tokio::test]
+async fn a_tunnels_file_mixes_http_and_https_targets_with_its_local_ca() {
+    let (ca_pem, acceptor) = local_tls();
+    let secure = local_https_server(acceptor).await;
+    let plain = local_http_server().await;
+    let edge = standalone_edge().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("local-ca.pem"), ca_pem).unwrap();
+    let file = dir.path().join("burrow.toml");
+    // `local_ca` is relative to the file.
+    std::fs::write(
+        &file,
+        format!(
+            "local_ca = \"local-ca.pem\"\n\n[[tunnel]]\ntarget = \"https://localhost:{}\"\nsubdomain = \"tls-one\"\n\n[[tunnel]]\ntarget = \"{}\"\nsubdomain = \"plain-two\"\n",
+            secure.port(),
+            plain.port()
+        ),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap().to_owned();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["start", "--config", &file, "--no-inspect"],
+    )
+    .await;
+    let (status, _, body) = visit(&edge, "tls-one", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "{body:?}");
+    assert!(body.starts_with(b"hello over https"), "{body:?}");
+    let (status, _, body) = visit(&edge, "plain-two", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200, "{body:?}");
+    assert!(body.starts_with(b"hello from GET"), "{body:?}");
+    drop(agent);
+}
+
+/// One request to the agent's inspector API; returns status and JSON body.
+async fn inspector(base: &str, method: &str, path: &str) -> (u16, serde_json::Value) {
+    use http_body_util::BodyExt as _;
+    let tcp = TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(STEP, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_inspector_records_https_exchanges_and_says_it_cannot_replay_them() {
+    let (_ca, acceptor) = local_tls();
+    let local = local_https_server(acceptor).await;
+    let edge = standalone_edge().await;
+    let target = format!("https://localhost:{}", local.port());
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &[
+            "http",
+            &target,
+            "--subdomain",
+            "inspected",
+            "--local-insecure",
+            "--inspect",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    let base = {
+        let lines = agent.stdout.lock().await;
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix("Inspector ").map(str::to_owned))
+            .unwrap()
+    };
+    let (status, _, _) = visit(&edge, "inspected", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 200);
+    let deadline = tokio::time::Instant::now() + STEP;
+    let id = loop {
+        let (_, v) = inspector(&base, "GET", "/api/exchanges").await;
+        if let Some(id) = v["exchanges"][0]["id"].as_u64() {
+            break id;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "nothing recorded");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (code, out) = inspector(&base, "POST", &format!("/api/exchanges/{id}/replay")).await;
+    assert_eq!(code, 409, "{out}");
+    assert!(out.to_string().contains("https://"), "{out}");
+    drop(agent);
+}

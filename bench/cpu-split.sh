@@ -23,21 +23,9 @@ done
 source scripts/lib/processes.sh burrow-cpu-split
 TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
 
-echo "==> building (release)" >&2
-cargo build --release -q -p burrow-edge -p burrow-cli -p burrow-bench
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
-if command -v bore >/dev/null 2>&1; then BORE=$(command -v bore)
-elif [ -x "$TOOLS/bin/bore" ]; then BORE=$TOOLS/bin/bore
-else
-  echo "==> installing bore-cli into $TOOLS" >&2
-  cargo install -q --locked bore-cli --root "$TOOLS"
-  BORE=$TOOLS/bin/bore
-fi
-
-"$BIN/burrow-bench" echo-server --listen 127.0.0.1:0 >"$SCRATCH/echo.out" &
-pids+=($!)
-for _ in $(seq 1 50); do [ -s "$SCRATCH/echo.out" ] && break; sleep 0.1; done
-ECHO_PORT=$(sed 's/.*://' "$SCRATCH/echo.out")
+source bench/lib.sh
+find_bore
+start_echo
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SCRATCH/agent.token"
 
 HTTP=$(free_port); AGENT=$(free_port)
@@ -49,11 +37,7 @@ wait_port "$AGENT" || { cat "$SCRATCH/edge.log" >&2; exit 1; }
 RUST_LOG=warn "$BIN/burrow" http "$ECHO_PORT" --subdomain bench --edge "127.0.0.1:$AGENT" \
   --edge-plaintext --token-file "$SCRATCH/agent.token" --no-inspect >"$SCRATCH/agent.log" 2>&1 </dev/null &
 AGENT_PID=$!; pids+=("$AGENT_PID")
-for _ in $(seq 1 300); do
-  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$HTTP" "http://127.0.0.1:$HTTP/" || true)
-  [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
-  sleep 0.2
-done
+wait_tunnel "$HTTP" || { cat "$SCRATCH/agent.log" >&2; exit 1; }
 
 if (exec 3<>/dev/tcp/127.0.0.1/7835) 2>/dev/null; then
   echo "port 7835 (bore's control port) is taken; stop what holds it" >&2; exit 1

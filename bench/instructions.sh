@@ -19,14 +19,8 @@ RTT=${BENCH_RTT:-3000}
 command -v valgrind >/dev/null || { echo "valgrind is needed (apt-get install valgrind)" >&2; exit 1; }
 source scripts/lib/processes.sh burrow-instructions
 
-echo "==> building (release)" >&2
-cargo build --release -q -p burrow-edge -p burrow-cli -p burrow-bench
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
-
-"$BIN/burrow-bench" echo-server --listen 127.0.0.1:0 >"$SCRATCH/echo.out" &
-pids+=($!)
-for _ in $(seq 1 50); do [ -s "$SCRATCH/echo.out" ] && break; sleep 0.1; done
-ECHO_PORT=$(sed 's/.*://' "$SCRATCH/echo.out")
+source bench/lib.sh
+start_echo
 head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SCRATCH/agent.token"
 
 # count BINDIR LABEL edge|agent: prints LABEL PROCESS instructions-per-round-trip.
@@ -45,11 +39,7 @@ count() {
   wait_port "$agent" || { cat "$SCRATCH/edge.log" >&2; exit 1; }
   RUST_LOG=warn "${agent_cmd[@]}" >"$SCRATCH/agent.log" 2>&1 </dev/null &
   agent_pid=$!; pids+=("$agent_pid")
-  for _ in $(seq 1 300); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$http" "http://127.0.0.1:$http/" || true)
-    [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
-    sleep 0.2
-  done
+  wait_tunnel "$http" || { cat "$SCRATCH/agent.log" >&2; exit 1; }
   local run=("$BIN/burrow-bench" run --url "ws://127.0.0.1:$http/" --host "bench.localhost:$http" --only-rtt --settle-ms 0)
   # Warm up (first connection, lanes, allocator), then count the round trips alone.
   "${run[@]}" --rtt-count 200 >/dev/null

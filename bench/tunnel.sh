@@ -32,18 +32,8 @@ wants() { [[ " $TARGETS " == *" $1 "* ]]; }
 source scripts/lib/processes.sh burrow-bench
 TOOLS=${BENCH_TOOLS:-$SCRATCH/tools}
 
-echo "==> building (release)" >&2
-# Without the control plane in the same build (see scripts/run-platform.sh: its sqlx would
-# turn on tracing's `log` feature in the edge and the agent).
-cargo build --release -q -p burrow-edge -p burrow-cli -p burrow-bench
-BIN=${CARGO_TARGET_DIR:-$PWD/target}/release
-if command -v bore >/dev/null 2>&1; then BORE=$(command -v bore)
-elif [ -x "$TOOLS/bin/bore" ]; then BORE=$TOOLS/bin/bore
-else
-  echo "==> installing bore-cli into $TOOLS" >&2
-  cargo install -q --locked bore-cli --root "$TOOLS"
-  BORE=$TOOLS/bin/bore
-fi
+source bench/lib.sh
+find_bore
 
 # One repetition of one target (the idle-memory figure in the last round only); a target that
 # fails is reported and left out, the others still run.
@@ -59,10 +49,7 @@ bench() {
 }
 
 # The local server every target ends at.
-"$BIN/burrow-bench" echo-server --listen 127.0.0.1:0 >"$SCRATCH/echo.out" &
-pids+=($!); ECHO_PID=$!
-for _ in $(seq 1 50); do [ -s "$SCRATCH/echo.out" ] && break; sleep 0.1; done
-ECHO_PORT=$(sed 's/.*://' "$SCRATCH/echo.out")
+start_echo
 
 results=()
 
@@ -91,11 +78,7 @@ burrow_target() { # LABEL TLS|PLAIN [BINDIR [FLAG...]] (flags given to both edge
     "${agent_flags[@]}" --token-file "$SCRATCH/agent.token" --no-inspect "${both[@]}" \
     >"$SCRATCH/agent-$label.log" 2>&1 </dev/null &
   pids+=($!); local agent_pid=$!
-  for _ in $(seq 1 100); do
-    code=$(curl -s -o /dev/null -w '%{http_code}' -H "Host: bench.localhost:$http" "http://127.0.0.1:$http/" || true)
-    [ "$code" != 404 ] && [ "$code" != 503 ] && [ "$code" != 502 ] && [ "$code" != 000 ] && break
-    sleep 0.1
-  done
+  wait_tunnel "$http" || { cat "$SCRATCH/agent-$label.log" >&2; return 1; }
   echo "==> $label" >&2
   bench --url "ws://127.0.0.1:$http/" --host "bench.localhost:$http" --label "$label" --pids "$edge_pid,$agent_pid"
   # Stop this pair so it does not share the CPUs with the next target.
@@ -144,6 +127,9 @@ run_target() {
   esac
 }
 
+# A target whose processes do not come up is reported and left out; the others still run.
+try_target() { run_target "$1" || echo "warning: target $1 did not come up; left out of this round" >&2; }
+
 order=(direct)
 for t in burrow-tls burrow-plain burrow-pool; do wants "$t" && order+=("$t"); done
 [ -n "${BENCH_BASE_BIN:-}" ] && order+=(base-tls base-plain)
@@ -154,9 +140,9 @@ wants bore && order+=(bore)
 for ROUND in $(seq 1 "$REPEAT"); do
   echo "==> round $ROUND of $REPEAT" >&2
   if [ $((ROUND % 2)) = 1 ]; then
-    for t in "${order[@]}"; do run_target "$t"; done
+    for t in "${order[@]}"; do try_target "$t"; done
   else
-    for ((i = ${#order[@]} - 1; i >= 0; i--)); do run_target "${order[i]}"; done
+    for ((i = ${#order[@]} - 1; i >= 0; i--)); do try_target "${order[i]}"; done
   fi
 done
 

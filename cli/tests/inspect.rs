@@ -123,29 +123,7 @@ async fn api_host(
     body: Option<Value>,
     host: &str,
 ) -> (u16, Value) {
-    let addr = base.trim_start_matches("http://");
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", host)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
-        .unwrap();
-    let resp = tokio::time::timeout(STEP, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-    (status, v)
+    inspector_api(base, method, path, body, host).await
 }
 
 /// Waits until `check` holds for the exchange list (changes arrive as the agent sees them).

@@ -15,7 +15,6 @@ use futures::{SinkExt as _, StreamExt as _};
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tunnel_support::*;
 
@@ -92,29 +91,12 @@ fn handle(
     mut req: hyper::Request<hyper::body::Incoming>,
     alpn: &str,
 ) -> hyper::Response<Full<Bytes>> {
-    let key = req.headers().get("sec-websocket-key").cloned();
-    let Some(key) = key else {
+    let Some(accept) = spawn_ws_echo(&mut req) else {
         return hyper::Response::new(Full::new(Bytes::from(format!(
             "hello over https from {} (alpn {alpn})",
             req.uri().path()
         ))));
     };
-    let upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        let Ok(io) = upgrade.await else { return };
-        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            TokioIo::new(io),
-            Role::Server,
-            None,
-        )
-        .await;
-        while let Some(Ok(m)) = ws.next().await {
-            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                return;
-            }
-        }
-    });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     hyper::Response::builder()
         .status(101)
         .header("connection", "upgrade")
@@ -282,30 +264,8 @@ async fn a_tunnels_file_mixes_http_and_https_targets_with_its_local_ca() {
     drop(agent);
 }
 
-/// One request to the agent's inspector API; returns status and JSON body.
 async fn inspector(base: &str, method: &str, path: &str) -> (u16, serde_json::Value) {
-    use http_body_util::BodyExt as _;
-    let tcp = TcpStream::connect(base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let resp = tokio::time::timeout(STEP, sender.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    inspector_api(base, method, path, None, "localhost").await
 }
 
 #[tokio::test]

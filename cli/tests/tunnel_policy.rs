@@ -20,7 +20,6 @@ use sqlx::PgPool;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::Mutex;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tunnel_support::control::*;
 use tunnel_support::*;
@@ -92,26 +91,7 @@ async fn local(
     hits.fetch_add(1, Ordering::SeqCst);
     requests.lock().await.push(req.headers().clone());
     let full = |s: String| Full::new(Bytes::from(s)).map_err(|n| match n {}).boxed();
-    let key = req
-        .headers()
-        .get("sec-websocket-key")
-        .map(|k| tokio_tungstenite::tungstenite::handshake::derive_accept_key(k.as_bytes()));
-    if let Some(accept) = key {
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(up) = upgrade.await else { return };
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                hyper_util::rt::TokioIo::new(up),
-                Role::Server,
-                None,
-            )
-            .await;
-            while let Some(Ok(m)) = ws.next().await {
-                if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
-                    return;
-                }
-            }
-        });
+    if let Some(accept) = spawn_ws_echo(&mut req) {
         return hyper::Response::builder()
             .status(101)
             .header("upgrade", "websocket")

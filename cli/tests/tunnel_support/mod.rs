@@ -347,6 +347,65 @@ pub async fn local_http_server_on(bind: &str) -> Option<SocketAddr> {
     Some(addr)
 }
 
+/// For a WebSocket upgrade request to a hyper server: echoes text and binary messages on the
+/// upgraded connection once the 101 is out, and returns the `Sec-WebSocket-Accept` value the
+/// caller's 101 must carry (`None`: not an upgrade request).
+pub fn spawn_ws_echo(req: &mut hyper::Request<hyper::body::Incoming>) -> Option<String> {
+    use futures::{SinkExt as _, StreamExt as _};
+    let key = req.headers().get("sec-websocket-key")?;
+    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(up) = upgrade.await else { return };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(up),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        while let Some(Ok(m)) = ws.next().await {
+            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(accept)
+}
+
+/// One request to an agent's inspector API at `base` (`http://127.0.0.1:PORT`) with `Host:
+/// host`; returns the status and the JSON body (`null` when it is not JSON).
+pub async fn inspector_api(
+    base: &str,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+    host: &str,
+) -> (u16, serde_json::Value) {
+    let addr = base.trim_start_matches("http://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+    (status, v)
+}
+
 /// A local WebSocket server that echoes data messages (tokio-tungstenite answers close
 /// frames itself).
 pub async fn local_ws_echo() -> SocketAddr {

@@ -269,7 +269,7 @@ async fn inspector(base: &str, method: &str, path: &str) -> (u16, serde_json::Va
 }
 
 #[tokio::test]
-async fn the_inspector_records_https_exchanges_and_says_it_cannot_replay_them() {
+async fn the_inspector_records_an_https_exchange_and_replays_it_over_tls() {
     let (_ca, acceptor) = local_tls();
     let local = local_https_server(acceptor).await;
     let edge = standalone_edge().await;
@@ -306,8 +306,19 @@ async fn the_inspector_records_https_exchanges_and_says_it_cannot_replay_them() 
         assert!(tokio::time::Instant::now() < deadline, "nothing recorded");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    let (code, out) = inspector(&base, "GET", &format!("/api/exchanges/{id}")).await;
+    assert_eq!(code, 200, "{out}");
+    assert!(out.to_string().contains("https://localhost:"), "{out}");
     let (code, out) = inspector(&base, "POST", &format!("/api/exchanges/{id}/replay")).await;
-    assert_eq!(code, 409, "{out}");
-    assert!(out.to_string().contains("https://"), "{out}");
+    assert_eq!(code, 200, "{out}");
+    assert_eq!(out["status"], 200, "{out}");
+    let replayed = out["id"].as_u64().unwrap();
+    let (_, d) = inspector(&base, "GET", &format!("/api/exchanges/{replayed}")).await;
+    assert!(
+        d["response"]["body"]["content"]
+            .as_str()
+            .is_some_and(|b| b.starts_with("hello over https from /hello")),
+        "{d}"
+    );
     drop(agent);
 }

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config;
 
-mod dial;
+pub(crate) mod dial;
 mod forward;
 mod session;
 mod target;
@@ -482,7 +482,7 @@ async fn run_tunnels(
             });
         }
     }
-    crate::inspect::start(&args.inspect, &shutdown).await?;
+    crate::inspect::start(&args.inspect, &shutdown, edge.local_tls.clone()).await?;
     session::run(edge, token, specs, shutdown.clone()).await?;
     if shutdown.is_cancelled() {
         // A signal ended the agent: say so once the tunnels are down.

@@ -174,6 +174,7 @@ pub(crate) fn recorder() -> Recorder {
 pub(crate) async fn start(
     args: &InspectArgs,
     shutdown: &CancellationToken,
+    local_tls: Option<crate::agent::dial::LocalTls>,
 ) -> anyhow::Result<Recorder> {
     let format = args.log_format;
     if args.no_inspect {
@@ -226,7 +227,12 @@ pub(crate) async fn start(
     let _ = GLOBAL.set(rec.clone());
     let url = format!("http://{local}");
     rec.set_inspector_url(&url);
-    tokio::spawn(server::serve(listener, rec.clone(), shutdown.clone()));
+    tokio::spawn(server::serve(
+        listener,
+        rec.clone(),
+        shutdown.clone(),
+        local_tls,
+    ));
     tokio::spawn(rec.clone().flush_loop(shutdown.clone()));
     panel::start(rec.clone(), format, Some(url), shutdown.clone());
     Ok(rec)

@@ -2,6 +2,7 @@
 //! The replayed exchange is recorded like any other, marked with the id it replays.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -15,6 +16,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 
+use crate::agent::dial::{Dialer, LocalConnector, LocalTls};
+
 use super::record::Recorder;
 use super::server::ApiError;
 
@@ -25,16 +28,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The HTTP client replays go through.
 pub(crate) struct Replayer {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<LocalConnector, Full<Bytes>>,
 }
 
 impl Replayer {
-    pub(crate) fn new() -> Self {
-        let mut c = HttpConnector::new();
-        c.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        c.set_nodelay(true);
+    /// Connects as the agent does (`localhost` on either loopback family; TLS to `https://`
+    /// targets as `local_tls` says).
+    pub(crate) fn new(local_tls: Option<LocalTls>) -> Self {
+        let dialer = Arc::new(Dialer::new(CONNECT_TIMEOUT, local_tls));
         Self {
-            client: Client::builder(TokioExecutor::new()).build(c),
+            client: Client::builder(TokioExecutor::new()).build(LocalConnector(dialer)),
         }
     }
 }
@@ -88,11 +91,6 @@ pub(crate) async fn replay(
             "WebSocket sessions cannot be replayed; replay an HTTP request".into(),
         ));
     }
-    if target.starts_with("https://") {
-        return Err(ApiError::Conflict(format!(
-            "requests to an https:// local server ({target}) cannot be replayed yet"
-        )));
-    }
     if truncated && edits.body.is_none() {
         return Err(ApiError::Conflict(format!(
             "only the first {} bytes of this request's body were kept; give a body to replay it",
@@ -106,7 +104,13 @@ pub(crate) async fn replay(
     if !path.starts_with('/') {
         return Err(ApiError::BadRequest("the path must start with /".into()));
     }
-    let uri: http::Uri = format!("http://{target}{path}")
+    // `host:port`, or `https://host:port` for an HTTPS target.
+    let base = if target.contains("://") {
+        target.clone()
+    } else {
+        format!("http://{target}")
+    };
+    let uri: http::Uri = format!("{base}{path}")
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("{path:?} is not a valid path")))?;
     let mut map = HeaderMap::new();

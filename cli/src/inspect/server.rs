@@ -94,9 +94,15 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<OutBody> {
 }
 
 /// Serves the inspector on `listener` until `shutdown`.
-pub(crate) async fn serve(listener: TcpListener, rec: Recorder, shutdown: CancellationToken) {
+/// Replays to `https://` targets talk TLS as set by `local_tls`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    rec: Recorder,
+    shutdown: CancellationToken,
+    local_tls: Option<crate::agent::dial::LocalTls>,
+) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    let replayer = Arc::new(Replayer::new());
+    let replayer = Arc::new(Replayer::new(local_tls));
     let bound = listener.local_addr().ok();
     loop {
         let permit = tokio::select! {

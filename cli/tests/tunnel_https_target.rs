@@ -219,6 +219,28 @@ async fn local_tls_flags_are_checked_before_connecting() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot read --local-ca file"), "{err}");
 
+    // A file without a certificate, for either kind of CA flag.
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    for flag in ["--local-ca", "--edge-ca"] {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+            .args([
+                "http",
+                "https://localhost:8443",
+                flag,
+                empty.to_str().unwrap(),
+            ])
+            .env("BURROW_TOKEN", STANDALONE_TOKEN)
+            .env("BURROW_CONFIG", "/nonexistent/config.toml")
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("holds no certificate"), "{flag}: {err}");
+    }
+
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
         .args(["http", "3000", "--local-ca", "x.pem", "--local-insecure"])
         .output()

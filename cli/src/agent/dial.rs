@@ -455,18 +455,7 @@ impl LocalTls {
                 let _ = roots.add(cert);
             }
             if let Some(path) = ca {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("cannot read --local-ca file {}", path.display()))?;
-                let mut added = 0;
-                for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                    let cert =
-                        cert.with_context(|| format!("{} is not valid PEM", path.display()))?;
-                    roots.add(cert).with_context(|| {
-                        format!("{} holds an unusable certificate", path.display())
-                    })?;
-                    added += 1;
-                }
-                anyhow::ensure!(added > 0, "{} holds no certificate", path.display());
+                add_pem_certs(&mut roots, path, "--local-ca")?;
             }
             anyhow::ensure!(
                 !roots.is_empty(),
@@ -481,6 +470,28 @@ impl LocalTls {
             insecure,
         })
     }
+}
+
+/// Adds the certificates of the PEM file at `path` (given by `flag`) to `roots`; a file that
+/// cannot be read, is not PEM or holds no certificate is an error that names it.
+pub(crate) fn add_pem_certs(
+    roots: &mut rustls::RootCertStore,
+    path: &std::path::Path,
+    flag: &str,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read {flag} file {}", path.display()))?;
+    let mut added = 0;
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        let cert = cert.with_context(|| format!("{} is not valid PEM", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("{} holds an unusable certificate", path.display()))?;
+        added += 1;
+    }
+    anyhow::ensure!(added > 0, "{} holds no certificate", path.display());
+    Ok(())
 }
 
 /// A failed TLS handshake with a local server, in words, with what to do about it.

@@ -207,17 +207,7 @@ fn tls_connector(edge: &EdgeSpec) -> anyhow::Result<TlsConnector> {
     }
     let mut roots = rustls::RootCertStore::empty();
     match &edge.ca {
-        Some(path) => {
-            let pem = std::fs::read(path)
-                .with_context(|| format!("cannot read --edge-ca file {}", path.display()))?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
-                let cert = cert.with_context(|| format!("{} is not valid PEM", path.display()))?;
-                roots
-                    .add(cert)
-                    .with_context(|| format!("{} holds an unusable certificate", path.display()))?;
-            }
-            anyhow::ensure!(!roots.is_empty(), "{} holds no certificate", path.display());
-        }
+        Some(path) => super::dial::add_pem_certs(&mut roots, path, "--edge-ca")?,
         None => {
             let native = rustls_native_certs::load_native_certs();
             for cert in native.certs {

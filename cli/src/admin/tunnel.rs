@@ -25,6 +25,10 @@ pub(crate) struct TunnelArgs {
 #[derive(Debug, Subcommand)]
 pub(crate) enum TunnelCommand {
     /// List live tunnels of your teams.
+    ///
+    /// Connection and byte counts are each edge's figures as of its last heartbeat (every 10 s
+    /// unless the control plane's --heartbeat-interval-secs says otherwise), so they trail
+    /// live traffic by up to that long.
     #[command(after_help = "Examples:
   burrow tunnel list
   burrow tunnel list --team web --output json | jq -r '.[].public_url'")]

@@ -499,7 +499,17 @@ fn tls_failure(e: &io::Error, insecure: bool) -> String {
     let cause = e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    use rustls::CertificateError as Cert;
     let hint = match cause {
+        Some(rustls::Error::InvalidCertificate(
+            Cert::NotValidForName | Cert::NotValidForNameContext { .. },
+        )) => {
+            " (the certificate is for another name: give the target by a name it holds, such \
+             as https://localhost:PORT, or skip the check with --local-insecure)"
+        }
+        Some(rustls::Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. })) => {
+            " (the certificate has expired: renew it, or skip the check with --local-insecure)"
+        }
         Some(rustls::Error::InvalidCertificate(_)) if !insecure => {
             " (a self-signed or private certificate? give its CA with --local-ca FILE, or \
              skip the check with --local-insecure)"
@@ -518,6 +528,35 @@ fn tls_failure(e: &io::Error, insecure: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_local_tls_handshake_names_the_fix_that_fits_its_cause() {
+        let failure = |e: rustls::Error, insecure: bool| {
+            tls_failure(&io::Error::new(io::ErrorKind::InvalidData, e), insecure)
+        };
+        let unknown = failure(
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+            false,
+        );
+        assert!(unknown.contains("--local-ca FILE"), "{unknown}");
+        let name = failure(
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
+            false,
+        );
+        assert!(name.contains("another name"), "{name}");
+        let expired = failure(
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
+            false,
+        );
+        assert!(expired.contains("expired"), "{expired}");
+        let plain = failure(
+            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
+            true,
+        );
+        assert!(plain.contains("for plain HTTP use http://"), "{plain}");
+        let eof = tls_failure(&io::Error::from(io::ErrorKind::UnexpectedEof), false);
+        assert!(eof.contains("does it speak HTTPS"), "{eof}");
+    }
 
     #[tokio::test]
     async fn a_name_that_resolves_to_a_refusing_address_first_still_connects_and_is_remembered() {

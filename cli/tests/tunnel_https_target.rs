@@ -24,6 +24,12 @@ const STEP: Duration = Duration::from_secs(30);
 /// A private authority's certificate (PEM, for `--local-ca`) and a TLS acceptor whose
 /// certificate for `localhost` and 127.0.0.1 it issued.
 fn local_tls() -> (String, tokio_rustls::TlsAcceptor) {
+    // Offers HTTP/2 first, as many dev servers do: the agent must agree on HTTP/1.1.
+    local_tls_offering(&[b"h2", b"http/1.1"])
+}
+
+/// [`local_tls`] with these ALPN protocols.
+fn local_tls_offering(alpn: &[&[u8]]) -> (String, tokio_rustls::TlsAcceptor) {
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params
         .distinguished_name
@@ -51,8 +57,7 @@ fn local_tls() -> (String, tokio_rustls::TlsAcceptor) {
                 rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
             )
             .unwrap();
-    // Offers HTTP/2 first, as many dev servers do: the agent must agree on HTTP/1.1.
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     (ca.pem(), tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -198,6 +203,18 @@ async fn an_https_target_on_a_plain_http_server_gets_a_502_that_says_so() {
     assert_eq!(status, 502);
     let page = String::from_utf8_lossy(&body);
     assert!(page.contains("HTTPS"), "{page}");
+    drop(agent);
+}
+
+#[tokio::test]
+async fn a_local_server_that_speaks_only_http2_over_tls_gets_a_502_that_says_so() {
+    let (_ca, acceptor) = local_tls_offering(&[b"h2"]);
+    let local = local_https_server(acceptor).await;
+    let (edge, agent) = tunnel(local, "h2only", &["--local-insecure"]).await;
+    let (status, _, body) = visit(&edge, "h2only", "GET", "/hello", &[], "").await;
+    assert_eq!(status, 502);
+    let page = String::from_utf8_lossy(&body);
+    assert!(page.contains("only HTTP/2"), "{page}");
     drop(agent);
 }
 

@@ -514,6 +514,9 @@ fn tls_failure(e: &io::Error, insecure: bool) -> String {
             " (a self-signed or private certificate? give its CA with --local-ca FILE, or \
              skip the check with --local-insecure)"
         }
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {
+            " (it speaks only HTTP/2 over TLS; tunnels speak HTTP/1.1 to local servers)"
+        }
         Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => {
             " (does it speak HTTPS on this port? for plain HTTP use http://)"
         }
@@ -554,6 +557,11 @@ mod tests {
             true,
         );
         assert!(plain.contains("for plain HTTP use http://"), "{plain}");
+        let h2_only = failure(
+            rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol),
+            false,
+        );
+        assert!(h2_only.contains("only HTTP/2"), "{h2_only}");
         let eof = tls_failure(&io::Error::from(io::ErrorKind::UnexpectedEof), false);
         assert!(eof.contains("does it speak HTTPS"), "{eof}");
     }

@@ -121,6 +121,28 @@ async fn tunnel(local: SocketAddr, sub: &str, extra: &[&str]) -> (Edge, Agent) {
     (edge, agent)
 }
 
+/// What a visitor of `sub` sees for `/hello` when the agent cannot talk to `local`: a 502 page.
+async fn failing_page(local: SocketAddr, sub: &str, extra: &[&str]) -> String {
+    let (edge, agent) = tunnel(local, sub, extra).await;
+    let (status, _, body) = visit(&edge, sub, "GET", "/hello", &[], "").await;
+    assert_eq!(status, 502, "{body:?}");
+    drop(agent);
+    String::from_utf8_lossy(&body).into_owned()
+}
+
+/// The standard error of `burrow ARGS`, which must fail before connecting anywhere.
+async fn refused(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
+        .args(args)
+        .env("BURROW_TOKEN", STANDALONE_TOKEN)
+        .env("BURROW_CONFIG", "/nonexistent/config.toml")
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[tokio::test]
 async fn an_https_local_server_with_a_private_authority_answers_http_and_websocket() {
     let (ca_pem, acceptor) = local_tls();
@@ -180,13 +202,9 @@ async fn an_untrusted_local_certificate_gets_a_502_that_says_what_to_do_and_inse
     let (_ca, acceptor) = local_tls();
     let local = local_https_server(acceptor).await;
 
-    let (edge, agent) = tunnel(local, "untrusted", &[]).await;
-    let (status, _, body) = visit(&edge, "untrusted", "GET", "/hello", &[], "").await;
-    assert_eq!(status, 502);
-    let page = String::from_utf8_lossy(&body);
+    let page = failing_page(local, "untrusted", &[]).await;
     assert!(page.contains("--local-ca"), "{page}");
     assert!(page.contains("certificate"), "{page}");
-    drop(agent);
 
     let (edge, agent) = tunnel(local, "skipcheck", &["--local-insecure"]).await;
     let (status, _, body) = visit(&edge, "skipcheck", "GET", "/hello", &[], "").await;
@@ -198,73 +216,40 @@ async fn an_untrusted_local_certificate_gets_a_502_that_says_what_to_do_and_inse
 #[tokio::test]
 async fn an_https_target_on_a_plain_http_server_gets_a_502_that_says_so() {
     let local = local_http_server().await;
-    let (edge, agent) = tunnel(local, "mixedup", &["--local-insecure"]).await;
-    let (status, _, body) = visit(&edge, "mixedup", "GET", "/hello", &[], "").await;
-    assert_eq!(status, 502);
-    let page = String::from_utf8_lossy(&body);
+    let page = failing_page(local, "mixedup", &["--local-insecure"]).await;
     assert!(page.contains("HTTPS"), "{page}");
-    drop(agent);
 }
 
 #[tokio::test]
 async fn a_local_server_that_speaks_only_http2_over_tls_gets_a_502_that_says_so() {
     let (_ca, acceptor) = local_tls_offering(&[b"h2"]);
     let local = local_https_server(acceptor).await;
-    let (edge, agent) = tunnel(local, "h2only", &["--local-insecure"]).await;
-    let (status, _, body) = visit(&edge, "h2only", "GET", "/hello", &[], "").await;
-    assert_eq!(status, 502);
-    let page = String::from_utf8_lossy(&body);
+    let page = failing_page(local, "h2only", &["--local-insecure"]).await;
     assert!(page.contains("only HTTP/2"), "{page}");
-    drop(agent);
 }
 
 #[tokio::test]
 async fn local_tls_flags_are_checked_before_connecting() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
-        .args([
-            "http",
-            "https://localhost:8443",
-            "--local-ca",
-            "/nonexistent/ca.pem",
-        ])
-        .env("BURROW_TOKEN", STANDALONE_TOKEN)
-        .env("BURROW_CONFIG", "/nonexistent/config.toml")
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&[
+        "http",
+        "https://localhost:8443",
+        "--local-ca",
+        "/nonexistent/ca.pem",
+    ])
+    .await;
     assert!(err.contains("cannot read --local-ca file"), "{err}");
 
     // A file without a certificate, for either kind of CA flag.
     let dir = tempfile::tempdir().unwrap();
     let empty = dir.path().join("empty.pem");
     std::fs::write(&empty, "not a certificate\n").unwrap();
+    let empty = empty.to_str().unwrap();
     for flag in ["--local-ca", "--edge-ca"] {
-        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
-            .args([
-                "http",
-                "https://localhost:8443",
-                flag,
-                empty.to_str().unwrap(),
-            ])
-            .env("BURROW_TOKEN", STANDALONE_TOKEN)
-            .env("BURROW_CONFIG", "/nonexistent/config.toml")
-            .output()
-            .await
-            .unwrap();
-        assert!(!out.status.success(), "{flag}");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = refused(&["http", "https://localhost:8443", flag, empty]).await;
         assert!(err.contains("holds no certificate"), "{flag}: {err}");
     }
 
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_burrow"))
-        .args(["http", "3000", "--local-ca", "x.pem", "--local-insecure"])
-        .output()
-        .await
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["http", "3000", "--local-ca", "x.pem", "--local-insecure"]).await;
     assert!(err.contains("cannot be used with"), "{err}");
 }
 

@@ -534,36 +534,64 @@ mod tests {
 
     #[test]
     fn a_failed_local_tls_handshake_names_the_fix_that_fits_its_cause() {
-        let failure = |e: rustls::Error, insecure: bool| {
-            tls_failure(&io::Error::new(io::ErrorKind::InvalidData, e), insecure)
-        };
-        let unknown = failure(
-            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
-            false,
-        );
-        assert!(unknown.contains("--local-ca FILE"), "{unknown}");
-        let name = failure(
-            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
-            false,
-        );
-        assert!(name.contains("another name"), "{name}");
-        let expired = failure(
-            rustls::Error::InvalidCertificate(rustls::CertificateError::Expired),
-            false,
-        );
-        assert!(expired.contains("expired"), "{expired}");
-        let plain = failure(
-            rustls::Error::InvalidMessage(rustls::InvalidMessage::InvalidContentType),
-            true,
-        );
-        assert!(plain.contains("for plain HTTP use http://"), "{plain}");
-        let h2_only = failure(
-            rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol),
-            false,
-        );
-        assert!(h2_only.contains("only HTTP/2"), "{h2_only}");
-        let eof = tls_failure(&io::Error::from(io::ErrorKind::UnexpectedEof), false);
-        assert!(eof.contains("does it speak HTTPS"), "{eof}");
+        use rustls::{AlertDescription, CertificateError as Cert, Error, InvalidMessage};
+        let io_error = |e: Error| io::Error::new(io::ErrorKind::InvalidData, e);
+        // (handshake error, --local-insecure, what the message must say, what it must not)
+        let cases = [
+            (
+                io_error(Error::InvalidCertificate(Cert::UnknownIssuer)),
+                false,
+                "--local-ca FILE",
+                "another name",
+            ),
+            (
+                io_error(Error::InvalidCertificate(Cert::UnknownIssuer)),
+                true,
+                "UnknownIssuer",
+                "--local-ca",
+            ),
+            (
+                io_error(Error::InvalidCertificate(Cert::NotValidForName)),
+                false,
+                "another name",
+                "--local-ca",
+            ),
+            (
+                io_error(Error::InvalidCertificate(Cert::Expired)),
+                false,
+                "expired",
+                "--local-ca",
+            ),
+            (
+                io_error(Error::InvalidMessage(InvalidMessage::InvalidContentType)),
+                true,
+                "for plain HTTP use http://",
+                "--local-ca",
+            ),
+            (
+                io_error(Error::AlertReceived(
+                    AlertDescription::NoApplicationProtocol,
+                )),
+                false,
+                "only HTTP/2",
+                "--local-ca",
+            ),
+            (
+                io::Error::from(io::ErrorKind::UnexpectedEof),
+                false,
+                "does it speak HTTPS",
+                "--local-ca",
+            ),
+        ];
+        for (e, insecure, says, not) in cases {
+            let message = tls_failure(&e, insecure);
+            assert!(
+                message.starts_with("the TLS handshake failed: "),
+                "{message}"
+            );
+            assert!(message.contains(says), "{message}");
+            assert!(!message.contains(not), "{message}");
+        }
     }
 
     #[tokio::test]

@@ -15,11 +15,13 @@ import sys
 import time
 
 PHASES = ["tcp", "to101", "echo", "total"]
+# Seconds any one step may take before the run stops with an error (never a hang).
+STEP_TIMEOUT = 10
 
 
 def once(port, host):
     t0 = time.perf_counter()
-    s = socket.create_connection(("127.0.0.1", port))
+    s = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t1 = time.perf_counter()
     s.sendall(
@@ -54,12 +56,19 @@ def once(port, host):
 def main():
     if len(sys.argv) < 3:
         sys.exit(__doc__)
-    port, host = int(sys.argv[1]), sys.argv[2]
-    n = int(sys.argv[3]) if len(sys.argv) > 3 else 400
+    try:
+        port = int(sys.argv[1])
+        n = int(sys.argv[3]) if len(sys.argv) > 3 else 400
+    except ValueError:
+        sys.exit(f"PORT and N must be whole numbers (got {sys.argv[1:4]})\n{__doc__}")
+    host = sys.argv[2]
     label = sys.argv[4] if len(sys.argv) > 4 else host
-    if n < 1:
-        sys.exit("N must be 1 or more")
-    runs = [once(port, host) for _ in range(n)]
+    if not 0 < port < 65536 or n < 1:
+        sys.exit("PORT must be 1 to 65535 and N 1 or more")
+    try:
+        runs = [once(port, host) for _ in range(n)]
+    except OSError as e:
+        sys.exit(f"cannot reach 127.0.0.1:{port}: {e}")
     medians = " ".join(f"{p}={statistics.median(r[i] for r in runs):.0f}" for i, p in enumerate(PHASES))
     print(f"{label:8} {medians} (µs, median of {n})")
 

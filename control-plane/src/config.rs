@@ -73,7 +73,9 @@ pub struct Config {
     /// Serve gRPC over TLS with these files; plaintext when `None`.
     pub tls: Option<TlsFiles>,
     /// Longest wait for a database connection before a call fails with UNAVAILABLE; the pool
-    /// must be built with it (see [`crate::pool_options`]).
+    /// must be built with it (see [`crate::pool_options`]). Long enough for a burst of calls
+    /// that queue behind row locks (fifty reservations of one name at once), short enough to
+    /// answer before an edge's own call timeout (10 s) when the database is down.
     pub db_acquire_timeout: Duration,
     /// Most database connections in the pool.
     pub db_max_connections: u32,
@@ -147,7 +149,7 @@ impl Default for Config {
             authorization_ttl: Duration::from_secs(600),
             heartbeat_interval: Duration::from_secs(10),
             tls: None,
-            db_acquire_timeout: Duration::from_secs(1),
+            db_acquire_timeout: Duration::from_secs(5),
             db_max_connections: 16,
             max_concurrent_hashes: 2,
             max_failed_auth_per_peer: 30,

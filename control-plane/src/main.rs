@@ -33,7 +33,7 @@ struct Cli {
     #[arg(
         long,
         env = "BURROW_DB_ACQUIRE_TIMEOUT_MS",
-        default_value_t = 1000,
+        default_value_t = Config::default().db_acquire_timeout.as_millis() as u64,
         global = true
     )]
     db_acquire_timeout_ms: u64,

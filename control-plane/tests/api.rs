@@ -1255,7 +1255,11 @@ async fn fifty_concurrent_reservations_of_one_name_have_exactly_one_winner(pool:
         let winners = results.iter().filter(|r| r.is_ok()).count();
         assert_eq!(winners, 1, "round {round}");
         for result in results.into_iter().filter_map(Result::err) {
-            assert_eq!(result.code(), Code::AlreadyExists);
+            assert_eq!(
+                result.code(),
+                Code::AlreadyExists,
+                "round {round}: {result:?}"
+            );
             assert!(result.message().contains(&name), "{}", result.message());
         }
     }

@@ -33,7 +33,7 @@ struct Cli {
     #[arg(
         long,
         env = "BURROW_DB_ACQUIRE_TIMEOUT_MS",
-        default_value_t = Config::default().db_acquire_timeout.as_millis() as u64,
+        default_value_t = millis(Config::default().db_acquire_timeout),
         global = true
     )]
     db_acquire_timeout_ms: u64,
@@ -243,7 +243,11 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                // PostgreSQL's notices ("relation _sqlx_migrations already exists, skipping"
+                // on every start) are its chatter, not ours.
+                .unwrap_or_else(|_| {
+                    tracing_subscriber::EnvFilter::new("info,sqlx::postgres::notice=warn")
+                }),
         )
         .with_writer(std::io::stderr)
         // Colour only on a terminal, and not with NO_COLOR set (https://no-color.org).

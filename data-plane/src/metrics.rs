@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use http::{header, Request, Response, StatusCode};
@@ -65,14 +65,26 @@ const CLOSE_CODES: [(u16, &str); 13] = [
     (1015, "1015"),
 ];
 
-/// The `code` label value of a close code.
-fn close_code_label(code: Option<u16>) -> &'static str {
+/// Values the `code` label takes: one per entry of [`CLOSE_CODES`], then "none" and "other".
+const CLOSE_LABELS: usize = CLOSE_CODES.len() + 2;
+
+/// Where a close code's `code` label value sits among the [`CLOSE_LABELS`].
+fn close_code_index(code: Option<u16>) -> usize {
     match code {
-        None => CLOSE_NO_CODE,
+        None => CLOSE_CODES.len(),
         Some(c) => CLOSE_CODES
             .iter()
-            .find(|(k, _)| *k == c)
-            .map_or(CLOSE_OTHER, |(_, l)| l),
+            .position(|(k, _)| *k == c)
+            .unwrap_or(CLOSE_CODES.len() + 1),
+    }
+}
+
+/// The `code` label value of a close code.
+fn close_code_label(code: Option<u16>) -> &'static str {
+    match CLOSE_CODES.get(close_code_index(code)) {
+        Some((_, label)) => label,
+        None if code.is_none() => CLOSE_NO_CODE,
+        None => CLOSE_OTHER,
     }
 }
 
@@ -368,6 +380,7 @@ impl EdgeMetrics {
             ],
             bytes_in: bytes("in"),
             bytes_out: bytes("out"),
+            closes: Default::default(),
             families: Arc::clone(&self.f),
             live: Arc::clone(&self.live),
             labels,
@@ -423,6 +436,9 @@ pub(crate) struct TunnelSeries {
     ws_bytes: [[Counter; 2]; 2],
     bytes_in: Counter,
     bytes_out: Counter,
+    /// Close frames by [direction][code label], each series made on its first close frame
+    /// (most tunnels only ever see a few codes) and then kept, so counting one is an add.
+    closes: [[OnceLock<Counter>; CLOSE_LABELS]; 2],
     families: Arc<Families>,
     live: Arc<Mutex<HashMap<TunnelLabels, usize>>>,
 }
@@ -457,15 +473,20 @@ impl TunnelSeries {
     }
 
     fn close_frame(&self, dir: Direction, code: Option<u16>) {
-        self.families
-            .ws_closes
-            .get_or_create(&CloseLabels {
+        let d = match dir {
+            Direction::ToLocal => 0,
+            Direction::ToVisitor => 1,
+        };
+        let slot = &self.closes[d][close_code_index(code)];
+        slot.get_or_init(|| {
+            self.families.ws_closes.get_or_create_owned(&CloseLabels {
                 team: self.labels.team.clone(),
                 tunnel: self.labels.tunnel.clone(),
                 direction: direction_label(dir).to_owned(),
                 code: close_code_label(code).to_owned(),
             })
-            .inc();
+        })
+        .inc();
     }
 }
 
@@ -668,6 +689,56 @@ mod tests {
         assert_eq!(close_code_label(Some(4321)), "other");
         assert_eq!(close_code_label(Some(1006)), "other");
         assert_eq!(close_code_label(None), "none");
+        assert_eq!(close_code_label(Some(1015)), "1015");
+        let indexes: std::collections::HashSet<usize> = [None, Some(1000), Some(1015), Some(4321)]
+            .into_iter()
+            .map(close_code_index)
+            .collect();
+        assert_eq!(indexes.len(), 4);
+        assert!(indexes.iter().all(|i| *i < CLOSE_LABELS));
+    }
+
+    #[test]
+    fn close_frames_add_up_per_direction_and_code_and_go_with_the_tunnel() {
+        let m = EdgeMetrics::new(Arc::new(crate::registry::Registry::new(
+            &crate::Limits::default(),
+        )));
+        let a = m.tunnel("team", "chat");
+        let b = m.tunnel("team", "chat");
+        for _ in 0..3 {
+            a.close_frame(Direction::ToLocal, Some(1000));
+        }
+        b.close_frame(Direction::ToLocal, Some(1000));
+        a.close_frame(Direction::ToVisitor, Some(1000));
+        a.close_frame(Direction::ToVisitor, Some(4000));
+        a.close_frame(Direction::ToVisitor, Some(4001));
+        a.close_frame(Direction::ToVisitor, None);
+        let encode = || {
+            let mut s = String::new();
+            prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
+            s
+        };
+        let text = encode();
+        let series = |dir: &str, code: &str| {
+            format!(
+                "burrow_edge_websocket_close_frames_total{{team=\"team\",tunnel=\"chat\",direction=\"{dir}\",code=\"{code}\"}}"
+            )
+        };
+        for (dir, code, n) in [
+            ("to_local", "1000", 4),
+            ("to_visitor", "1000", 1),
+            ("to_visitor", "other", 2),
+            ("to_visitor", "none", 1),
+        ] {
+            assert!(
+                text.contains(&format!("{} {n}\n", series(dir, code))),
+                "{text}"
+            );
+        }
+        assert!(!text.contains(&series("to_local", "none")), "{text}");
+        drop(a);
+        drop(b);
+        assert!(!encode().contains("chat"));
     }
 
     #[test]

@@ -206,18 +206,24 @@ async fn serve_connection<I>(
 /// The tunnel name in `host` (`Chat.Example.com:8080` → `chat`), if it is one label directly
 /// under `domain`. Case-insensitive; the port is ignored.
 pub(crate) fn subdomain_of(host: &str, domain: &str) -> Option<String> {
-    let host = host.trim().to_ascii_lowercase();
+    // Compared in place, case-insensitively: one allocation (the answer) per request.
+    let host = host.trim();
     let host = match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h.to_owned(),
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
         _ => host,
     };
     let host = host.trim_end_matches('.');
-    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    let sub = host.strip_suffix(&domain)?.strip_suffix('.')?;
+    let domain = domain.trim_end_matches('.');
+    let split = host.len().checked_sub(domain.len())?;
+    let (head, tail) = (host.get(..split)?, host.get(split..)?);
+    if !tail.eq_ignore_ascii_case(domain) {
+        return None;
+    }
+    let sub = head.strip_suffix('.')?;
     if sub.is_empty() || sub.contains('.') {
         return None;
     }
-    Some(sub.to_owned())
+    Some(sub.to_ascii_lowercase())
 }
 
 /// The page for a request the edge refuses before routing it anywhere, if it is one. Each
@@ -877,6 +883,16 @@ mod tests {
         );
         assert_eq!(subdomain_of("example.com", "example.com"), None);
         assert_eq!(subdomain_of("a.b.example.com", "example.com"), None);
+        assert_eq!(
+            subdomain_of(" CHAT.Example.COM:443 ", "example.com.").as_deref(),
+            Some("chat")
+        );
+        assert_eq!(subdomain_of("[::1]:8080", "localhost"), None);
+        assert_eq!(subdomain_of("chat.localhost:80a", "localhost"), None);
+        // Not ASCII: no panic on a byte offset inside a character, and no match.
+        assert_eq!(subdomain_of("é.localhost", "ocalhost"), None);
+        assert_eq!(subdomain_of("aé", "x"), None);
+        assert_eq!(subdomain_of("", "localhost"), None);
         assert_eq!(subdomain_of("chatexample.com", "example.com"), None);
     }
 

@@ -275,6 +275,9 @@ async fn the_tunnel_comes_back_within_two_seconds_of_the_edge_restarting() {
     let (status, _, _) = visit(&edge, "phoenix", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200);
     edge.stop().await;
+    // Down long enough for several attempts (at most a second apart): the agent says once
+    // that it cannot reach the edge, not once per attempt.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     let edge = start_edge(control(), id, Some(agent_addr), |_| {}).await;
     let started = Instant::now();
     let url = agent
@@ -286,6 +289,9 @@ async fn the_tunnel_comes_back_within_two_seconds_of_the_edge_restarting() {
     assert!(took < Duration::from_secs(2), "took {took:?}");
     let (status, _, _) = visit(&edge, "phoenix", "GET", "/hello", &[], "").await;
     assert_eq!(status, 200);
+    let stderr = agent.stderr_text().await;
+    let said = stderr.matches("cannot reach the edge at").count();
+    assert_eq!(said, 1, "{stderr}");
 }
 
 #[tokio::test]

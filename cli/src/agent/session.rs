@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use burrow_proto::tunnel::{
@@ -32,6 +32,9 @@ const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest reconnect delay; small so a tunnel is back within about a second of the edge
 /// returning.
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// While the edge stays unreachable with the same error, how often the agent says so again
+/// (a new error is said at once).
+const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(30);
 /// Default HTTP/2 per-stream window, in bytes (`--h2-stream-window`). Small enough that a
 /// bulk stream keeps little data queued ahead of other streams in the shared connection's
 /// socket buffers (head-of-line delay), large enough for full speed on loopback and LAN.
@@ -282,6 +285,7 @@ pub(crate) async fn run(
     let live: Arc<Mutex<Vec<TunnelSpec>>> = Arc::new(Mutex::new(tunnels));
     let mut delay = BACKOFF_START;
     let mut attempt_ok_once = false;
+    let mut failures = RetryReport::default();
     loop {
         let specs = live.lock().map(|l| l.clone()).unwrap_or_default();
         if specs.is_empty() {
@@ -299,6 +303,9 @@ pub(crate) async fn run(
             attempt_ok_once,
         )
         .await;
+        if outcome.is_ok() {
+            failures = RetryReport::default();
+        }
         match outcome {
             Ok(served) => {
                 if shutdown.is_cancelled() {
@@ -313,7 +320,10 @@ pub(crate) async fn run(
             }
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Retry(e)) => {
-                eprintln!("cannot reach the edge at {}: {e:#}; retrying", edge.addr);
+                let said = failures.failed(&edge.addr, &format!("{e:#}"), Instant::now());
+                if let Some(line) = said {
+                    eprintln!("{line}");
+                }
             }
         }
         let jitter = rand::random::<f64>() * 0.5 + 0.5;
@@ -323,6 +333,43 @@ pub(crate) async fn run(
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(pause) => {}
         }
+    }
+}
+
+/// What the agent has said about failed attempts to reach the edge since it last reached it:
+/// the first failure and every new error are said at once; the same error again only every
+/// [`RETRY_REPORT_INTERVAL`], with the count, so an edge that is down for an hour costs a line
+/// every half minute rather than one per attempt.
+#[derive(Debug, Default)]
+struct RetryReport {
+    /// Failed attempts in a row.
+    attempts: u64,
+    /// When the first of them failed.
+    since: Option<Instant>,
+    /// The last error said, and when.
+    said: Option<(String, Instant)>,
+}
+
+impl RetryReport {
+    /// Counts a failed attempt; returns the line to print, if one is due.
+    fn failed(&mut self, edge: &str, error: &str, now: Instant) -> Option<String> {
+        self.attempts += 1;
+        let since = *self.since.get_or_insert(now);
+        let line = match &self.said {
+            Some((last, at)) if last == error => {
+                if now.saturating_duration_since(*at) < RETRY_REPORT_INTERVAL {
+                    return None;
+                }
+                format!(
+                    "still cannot reach the edge at {edge} after {} attempts in {} s: {error}; retrying",
+                    self.attempts,
+                    now.saturating_duration_since(since).as_secs()
+                )
+            }
+            _ => format!("cannot reach the edge at {edge}: {error}; retrying"),
+        };
+        self.said = Some((error.to_owned(), now));
+        Some(line)
     }
 }
 
@@ -730,6 +777,40 @@ async fn keep_lane(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unreachable_edge_is_said_once_then_every_interval_and_a_new_error_at_once() {
+        let refused = "cannot connect to 127.0.0.1:1: Connection refused";
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut r = RetryReport::default();
+        let first = r.failed("127.0.0.1:1", refused, at(0));
+        assert_eq!(
+            first.as_deref(),
+            Some("cannot reach the edge at 127.0.0.1:1: cannot connect to 127.0.0.1:1: Connection refused; retrying")
+        );
+        // One attempt a second for just under the interval: nothing more is said.
+        for s in 1..30 {
+            assert_eq!(r.failed("127.0.0.1:1", refused, at(s * 1000 - 1)), None);
+        }
+        let again = r
+            .failed("127.0.0.1:1", refused, at(30_000))
+            .unwrap_or_default();
+        assert!(
+            again.starts_with("still cannot reach the edge at 127.0.0.1:1 after 31 attempts in 30 s: cannot connect"),
+            "{again}"
+        );
+        assert_eq!(r.failed("127.0.0.1:1", refused, at(31_000)), None);
+        // Another error is news.
+        let other = r.failed("127.0.0.1:1", "TLS handshake failed", at(32_000));
+        assert_eq!(
+            other.as_deref(),
+            Some("cannot reach the edge at 127.0.0.1:1: TLS handshake failed; retrying")
+        );
+        // After the edge was reached, the next failure is said at once again.
+        let mut r = RetryReport::default();
+        assert!(r.failed("e:1", refused, at(40_000)).is_some());
+    }
 
     fn header(v: &str) -> http::HeaderValue {
         http::HeaderValue::from_str(v).unwrap_or_else(|_| http::HeaderValue::from_static("x"))

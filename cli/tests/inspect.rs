@@ -438,6 +438,58 @@ async fn the_inspector_refuses_foreign_hosts_and_non_loopback_addresses() {
 }
 
 #[tokio::test]
+async fn while_the_edge_is_unreachable_the_status_says_why_and_online_clears_it() {
+    let (local, _) = counting_server().await;
+    let id = identity();
+    let edge = start_edge(standalone_control(), id.clone(), None, |_| {}).await;
+    let agent_addr = edge.agent;
+    let port = local.port().to_string();
+    let args = [
+        "http",
+        &port,
+        "--subdomain",
+        "later",
+        "--inspect",
+        "127.0.0.1:0",
+    ];
+    let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+    let base = inspector_url(&agent).await;
+    let status = || async { api(&base, "GET", "/api/status", None).await.1 };
+    assert!(status().await.get("edge_error").is_none());
+    // The edge goes away: the agent keeps trying, and its status says why it fails.
+    edge.stop().await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    let st = loop {
+        let st = status().await;
+        if st["edge_error"].is_string() {
+            break st;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(st["status"], "reconnecting");
+    let error = st["edge_error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!(":{}", agent_addr.port())),
+        "{error}"
+    );
+    assert!(error.contains("refused"), "{error}");
+    // The edge comes back on the same port: online, and the error is gone.
+    let edge = start_edge(standalone_control(), id, Some(agent_addr), |_| {}).await;
+    let deadline = tokio::time::Instant::now() + STEP;
+    loop {
+        let st = status().await;
+        if st["status"] == "online" {
+            assert!(st.get("edge_error").is_none(), "{st}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{st}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    edge.stop().await;
+}
+
+#[tokio::test]
 async fn the_page_and_its_assets_are_served_from_the_binary() {
     let (local, _) = counting_server().await;
     let (edge, _agent, base) = tunnel(local, "page", &[]).await;

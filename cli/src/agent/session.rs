@@ -320,7 +320,9 @@ pub(crate) async fn run(
             }
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Retry(e)) => {
-                let said = failures.failed(&edge.addr, &format!("{e:#}"), Instant::now());
+                let error = format!("{e:#}");
+                crate::inspect::recorder().set_edge_error(&edge.addr, &error);
+                let said = failures.failed(&edge.addr, &error, Instant::now());
                 if let Some(line) = said {
                     eprintln!("{line}");
                 }

@@ -199,6 +199,11 @@ pub(crate) fn render(st: &StatusView, http: &[Summary], ws: &[Summary], color: b
         s => p.wrap("33", s),
     };
     line(&mut o, "Session Status", &status);
+    if st.meta.status != "online" {
+        if let Some(e) = &st.meta.edge_error {
+            line(&mut o, "Last Error", &p.wrap("31", e));
+        }
+    }
     if !st.meta.team.is_empty() {
         line(&mut o, "Team", &st.meta.team);
     }
@@ -284,6 +289,7 @@ mod tests {
                 edge: "edge.example.com:4443".into(),
                 forwards: vec![("https://chat.example.com".into(), "localhost:3000".into())],
                 inspector: Some("http://127.0.0.1:4040".into()),
+                edge_error: None,
             },
             connections_open: 1,
             connections_total: 42,
@@ -298,5 +304,36 @@ mod tests {
         assert!(text.contains("42"));
         assert!(!text.contains('\x1b'), "colour codes with colour off");
         assert!(render(&st, &[], &[], true).contains("\x1b[32monline"));
+        assert!(!text.contains("Last Error"));
+    }
+
+    #[test]
+    fn while_the_edge_is_unreachable_the_panel_says_why() {
+        let mut st = StatusView {
+            meta: Meta {
+                status: "reconnecting".into(),
+                edge: "edge.example.com:4443".into(),
+                edge_error: Some(
+                    "cannot connect to edge.example.com:4443: Connection refused".into(),
+                ),
+                ..Meta::default()
+            },
+            connections_open: 0,
+            connections_total: 0,
+            requests_per_minute: 0,
+            p50_ms: None,
+            p90_ms: None,
+            kept: 0,
+            kept_bytes: 0,
+        };
+        let text = render(&st, &[], &[], false);
+        assert!(
+            text.contains(
+                "Last Error         cannot connect to edge.example.com:4443: Connection refused"
+            ),
+            "{text}"
+        );
+        st.meta.status = "online".into();
+        assert!(!render(&st, &[], &[], false).contains("Last Error"));
     }
 }

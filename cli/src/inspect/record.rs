@@ -58,6 +58,9 @@ pub(crate) struct Meta {
     /// `(public URL, local address)` pairs.
     pub(crate) forwards: Vec<(String, String)>,
     pub(crate) inspector: Option<String>,
+    /// Why the last attempt to reach the edge failed, while the agent is not online.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) edge_error: Option<String>,
 }
 
 #[derive(Default)]
@@ -315,6 +318,7 @@ impl Recorder {
     pub(crate) fn set_online(&self, edge: &str, team: &str, forwards: Vec<(String, String)>) {
         self.with_state(|s, _| {
             s.meta.status = "online".to_owned();
+            s.meta.edge_error = None;
             s.meta.edge = edge.to_owned();
             s.meta.team = team.to_owned();
             s.meta.forwards = forwards;
@@ -324,6 +328,14 @@ impl Recorder {
     /// Records that the connection to the edge was lost.
     pub(crate) fn set_reconnecting(&self) {
         self.with_state(|s, _| s.meta.status = "reconnecting".to_owned());
+    }
+
+    /// Records why the last attempt to reach `edge` failed (cleared once online).
+    pub(crate) fn set_edge_error(&self, edge: &str, error: &str) {
+        self.with_state(|s, _| {
+            s.meta.edge = edge.to_owned();
+            s.meta.edge_error = Some(error.to_owned());
+        });
     }
 
     pub(super) fn set_inspector_url(&self, url: &str) {

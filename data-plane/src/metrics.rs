@@ -698,11 +698,22 @@ mod tests {
         assert!(indexes.iter().all(|i| *i < CLOSE_LABELS));
     }
 
+    fn edge_metrics() -> EdgeMetrics {
+        EdgeMetrics::new(Arc::new(crate::registry::Registry::new(
+            &crate::Limits::default(),
+        )))
+    }
+
+    /// The registry in the text format, as `/metrics` would send it.
+    fn encoded(m: &EdgeMetrics) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
+        s
+    }
+
     #[test]
     fn close_frames_add_up_per_direction_and_code_and_go_with_the_tunnel() {
-        let m = EdgeMetrics::new(Arc::new(crate::registry::Registry::new(
-            &crate::Limits::default(),
-        )));
+        let m = edge_metrics();
         let a = m.tunnel("team", "chat");
         let b = m.tunnel("team", "chat");
         for _ in 0..3 {
@@ -713,12 +724,7 @@ mod tests {
         a.close_frame(Direction::ToVisitor, Some(4000));
         a.close_frame(Direction::ToVisitor, Some(4001));
         a.close_frame(Direction::ToVisitor, None);
-        let encode = || {
-            let mut s = String::new();
-            prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
-            s
-        };
-        let text = encode();
+        let text = encoded(&m);
         let series = |dir: &str, code: &str| {
             format!(
                 "burrow_edge_websocket_close_frames_total{{team=\"team\",tunnel=\"chat\",direction=\"{dir}\",code=\"{code}\"}}"
@@ -738,29 +744,22 @@ mod tests {
         assert!(!text.contains(&series("to_local", "none")), "{text}");
         drop(a);
         drop(b);
-        assert!(!encode().contains("chat"));
+        assert!(!encoded(&m).contains("chat"));
     }
 
     #[test]
     fn a_tunnels_series_go_with_its_last_route() {
-        let m = EdgeMetrics::new(Arc::new(crate::registry::Registry::new(
-            &crate::Limits::default(),
-        )));
+        let m = edge_metrics();
         let a = m.tunnel("team", "chat");
         let b = m.tunnel("team", "chat");
         a.body_bytes(true, 5);
         drop(a);
-        let text = burrow_admin::to_text_format(&{
-            let mut s = String::new();
-            prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
-            s
-        });
+        let text = burrow_admin::to_text_format(&encoded(&m));
         assert!(text.contains(
             "burrow_edge_tunnel_bytes_total{team=\"team\",tunnel=\"chat\",direction=\"in\"} 5"
         ));
         drop(b);
-        let mut s = String::new();
-        prometheus_client::encoding::text::encode_registry(&mut s, &m.registry).unwrap();
+        let s = encoded(&m);
         assert!(!s.contains("chat"), "{s}");
     }
 }

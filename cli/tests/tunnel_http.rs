@@ -1090,7 +1090,15 @@ async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting(
         assert!(answer.contains("--max-header-bytes"), "{answer}");
         assert!(answer.contains("8192 bytes"), "{answer}");
     }
-    // Far beyond the limit hyper stops reading at its own cap; the page still names it.
+    // Far beyond the limit hyper stops reading at its own cap; the page still names it, and
+    // a URL that long still gets the 414 that says to shorten the URL.
+    let huge_url = format!(
+        "GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n",
+        "u".repeat(100_000)
+    );
+    let answer = raw_exchange_to_end(&edge, huge_url.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
+    assert!(answer.contains("--max-header-bytes"), "{answer}");
     let huge = format!(
         "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
         "h".repeat(40_000)

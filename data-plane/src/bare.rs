@@ -30,7 +30,16 @@ use crate::pages;
 const BARE_MAX: usize = 256;
 
 /// Where [`Held`] leaves the stream and the held write when hyper drops it.
-pub(crate) type Slot<I> = Arc<Mutex<Option<(I, Vec<u8>)>>>;
+pub(crate) type Slot<I> = Arc<Mutex<Option<Handed<I>>>>;
+
+/// What [`Held`] hands back when hyper drops it with a write held back.
+#[derive(Debug)]
+pub(crate) struct Handed<I> {
+    pub(crate) io: I,
+    pub(crate) held: Vec<u8>,
+    /// The first request line was over the head limit (or never ended within it).
+    pub(crate) url_too_long: bool,
+}
 
 /// The visitor's stream, holding back what looks like hyper's own answer to a parse error.
 #[derive(Debug)]
@@ -41,16 +50,43 @@ pub(crate) struct Held<I> {
     slot: Slot<I>,
     /// Whether the stream still carries HTTP/1.1: cleared by a 101 (an upgrade).
     http: bool,
+    /// Bytes read before the first line feed the visitor sent (the first request line),
+    /// while none has come yet; then `line` says how long that line was.
+    before_line_end: usize,
+    line: Option<usize>,
+    /// `--max-header-bytes`: a first request line longer than this is a URL too long.
+    max_head: usize,
 }
 
 impl<I> Held<I> {
-    pub(crate) fn new(inner: I, slot: Slot<I>) -> Self {
+    pub(crate) fn new(inner: I, slot: Slot<I>, max_head: usize) -> Self {
         Self {
             inner: Some(inner),
             held: Vec::new(),
             slot,
             http: true,
+            before_line_end: 0,
+            line: None,
+            max_head,
         }
+    }
+
+    /// Notes the bytes just read, until the first request line has ended.
+    fn saw(&mut self, read: &[u8]) {
+        if self.line.is_some() {
+            return;
+        }
+        match read.iter().position(|b| *b == b'\n') {
+            Some(i) => self.line = Some(self.before_line_end + i),
+            None => self.before_line_end += read.len(),
+        }
+    }
+
+    /// Whether the first request line is longer than the head limit, or has not ended after
+    /// more than that: a head too large then is a URL too long (414), not a head (431). Later
+    /// requests on the connection are not tracked.
+    fn line_over(&self) -> bool {
+        self.line.unwrap_or(self.before_line_end) > self.max_head
     }
 
     /// The stream, unless a write is still held back (then `self` again).
@@ -81,10 +117,14 @@ impl<I> Drop for Held<I> {
             return;
         }
         if let Some(io) = self.inner.take() {
-            let held = std::mem::take(&mut self.held);
+            let handed = Handed {
+                io,
+                held: std::mem::take(&mut self.held),
+                url_too_long: self.line_over(),
+            };
             match self.slot.lock() {
-                Ok(mut s) => *s = Some((io, held)),
-                Err(p) => *p.into_inner() = Some((io, held)),
+                Ok(mut s) => *s = Some(handed),
+                Err(p) => *p.into_inner() = Some(handed),
             }
         }
     }
@@ -135,10 +175,16 @@ impl<I: AsyncRead + Unpin> AsyncRead for Held<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.inner.as_mut() {
-            Some(inner) => Pin::new(inner).poll_read(cx, buf),
-            None => Poll::Ready(Err(gone())),
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(Err(gone()));
+        };
+        let before = buf.filled().len();
+        let polled = Pin::new(inner).poll_read(cx, buf);
+        if this.line.is_none() {
+            this.saw(&buf.filled()[before..]);
         }
+        polled
     }
 }
 
@@ -213,12 +259,18 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Held<I> {
 /// error `err`, or the held bytes unchanged when the connection ended without one. At most
 /// `limits.header_read_timeout`, as the visitor may take no longer to send a head either.
 pub(crate) async fn answer<I: AsyncWrite + Unpin>(
-    mut io: I,
-    held: Vec<u8>,
+    handed: Handed<I>,
     err: Option<&hyper::Error>,
     limits: &Limits,
 ) {
-    let bytes = err.and_then(|e| page_for(e, &held, limits)).unwrap_or(held);
+    let Handed {
+        mut io,
+        held,
+        url_too_long,
+    } = handed;
+    let bytes = err
+        .and_then(|e| page_for(e, &held, url_too_long, limits))
+        .unwrap_or(held);
     let send = async {
         io.write_all(&bytes).await?;
         io.shutdown().await
@@ -230,10 +282,17 @@ pub(crate) async fn answer<I: AsyncWrite + Unpin>(
 
 /// The page (whole HTTP/1.1 response bytes) for hyper's parse error `err`, whose bare answer
 /// was `held`; `None` when `err` is no parse error.
-fn page_for(err: &hyper::Error, held: &[u8], limits: &Limits) -> Option<Vec<u8>> {
+fn page_for(
+    err: &hyper::Error,
+    held: &[u8],
+    url_too_long: bool,
+    limits: &Limits,
+) -> Option<Vec<u8>> {
     let max = limits.max_header_bytes;
     let (status, title, sentence) = if err.is_parse_too_large() {
-        if held.starts_with(b"HTTP/1.1 414") {
+        // Past its read buffer hyper answers 431 whatever filled it, so the length of the
+        // request line decides; a 414 of hyper's own stands.
+        if held.starts_with(b"HTTP/1.1 414") || url_too_long {
             (
                 StatusCode::URI_TOO_LONG,
                 "URL too long",
@@ -302,9 +361,32 @@ mod tests {
     }
 
     #[test]
+    fn the_first_request_line_is_measured_across_reads() {
+        let mut held = Held::new(tokio::io::sink(), Slot::default(), 10);
+        held.saw(b"GET /abc");
+        assert!(!held.line_over());
+        held.saw(b"def");
+        // 11 bytes and no line feed yet: over the limit already.
+        assert!(held.line_over());
+        held.saw(b" HTTP/1.1\r\nHost: x\r\n");
+        assert!(held.line_over(), "a line of 21 bytes, CR included");
+        let mut held = Held::new(tokio::io::sink(), Slot::default(), 64);
+        held.saw(b"GET / HTTP/1.1\r\nX-Big: ");
+        held.saw(&[b'h'; 200]);
+        assert!(
+            !held.line_over(),
+            "long headers after a short line are not a long URL"
+        );
+        // Only the first line counts: a later long one leaves the answer alone.
+        held.saw(b"\r\n\r\nGET /");
+        held.saw(&[b'u'; 200]);
+        assert!(!held.line_over());
+    }
+
+    #[test]
     fn after_a_101_nothing_is_held_back() {
         let bare = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
-        let mut held = Held::new(tokio::io::sink(), Slot::default());
+        let mut held = Held::new(tokio::io::sink(), Slot::default(), 8192);
         assert!(held.holds(bare));
         assert!(!held.holds(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"));
         // A WebSocket message that happens to read like hyper's answer is relayed.

@@ -147,7 +147,7 @@ async fn serve_connection<I>(
     let early = Early::new(limits.max_header_bytes.saturating_add(1024));
     let io = Recorder::new(io, Arc::clone(&early));
     let handed_back: crate::bare::Slot<_> = Arc::default();
-    let io = crate::bare::Held::new(io, Arc::clone(&handed_back));
+    let io = crate::bare::Held::new(io, Arc::clone(&handed_back), limits.max_header_bytes);
     // Credentials this visitor connection has proven (tunnel policies' basic auth).
     let visitor = Arc::new(crate::policy::Visitor::default());
     let svc = service_fn(move |req| {
@@ -198,8 +198,8 @@ async fn serve_connection<I>(
         Ok(mut s) => s.take(),
         Err(p) => p.into_inner().take(),
     };
-    if let Some((io, held)) = held {
-        crate::bare::answer(io, held, ended.as_ref(), &state.config.limits).await;
+    if let Some(handed) = held {
+        crate::bare::answer(handed, ended.as_ref(), &state.config.limits).await;
     }
 }
 

@@ -1075,12 +1075,21 @@ async fn a_request_body_in_a_transfer_coding_other_than_chunked_is_refused_not_f
 #[tokio::test]
 async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting() {
     let (edge, _agent, seen, host) = recorded_tunnel("limits", |l| l.max_header_bytes = 8192).await;
-    let long_url = format!("GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n", "u".repeat(9000));
-    let big_head = format!(
-        "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
-        "h".repeat(9000)
-    );
-    for (req, status) in [(long_url, "414"), (big_head, "431")] {
+    let url = |n: usize| format!("GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n", "u".repeat(n));
+    let head = |n: usize| {
+        format!(
+            "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
+            "h".repeat(n)
+        )
+    };
+    // Just over the limit the edge answers itself; far beyond it hyper stops reading at its
+    // own cap, and the page still names the setting and tells a long URL from a big head.
+    for (req, status) in [
+        (url(9000), "414"),
+        (head(9000), "431"),
+        (url(100_000), "414"),
+        (head(40_000), "431"),
+    ] {
         let answer = raw_exchange_to_end(&edge, req.as_bytes()).await;
         assert!(
             answer.starts_with(&format!("HTTP/1.1 {status}")),
@@ -1090,23 +1099,6 @@ async fn a_url_or_head_over_the_limit_gets_a_414_or_431_page_naming_the_setting(
         assert!(answer.contains("--max-header-bytes"), "{answer}");
         assert!(answer.contains("8192 bytes"), "{answer}");
     }
-    // Far beyond the limit hyper stops reading at its own cap; the page still names it, and
-    // a URL that long still gets the 414 that says to shorten the URL.
-    let huge_url = format!(
-        "GET /{} HTTP/1.1\r\nHost: {host}\r\n\r\n",
-        "u".repeat(100_000)
-    );
-    let answer = raw_exchange_to_end(&edge, huge_url.as_bytes()).await;
-    assert!(answer.starts_with("HTTP/1.1 414"), "{answer}");
-    assert!(answer.contains("--max-header-bytes"), "{answer}");
-    let huge = format!(
-        "GET /x HTTP/1.1\r\nHost: {host}\r\nX-Big: {}\r\n\r\n",
-        "h".repeat(40_000)
-    );
-    let answer = raw_exchange_to_end(&edge, huge.as_bytes()).await;
-    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
-    assert!(answer.contains("--max-header-bytes"), "{answer}");
-    assert!(answer.contains("8192 bytes"), "{answer}");
     // A head just under the limit is forwarded.
     let fits = "f".repeat(7000);
     let (status, _, _) = visit(&edge, "limits", "GET", "/fits", &[("x-fits", &fits)], "").await;

@@ -14,6 +14,8 @@ import statistics
 import sys
 import time
 
+import wsupgrade
+
 PHASES = ["tcp", "to101", "echo", "total"]
 # Seconds any one step may take before the run stops with an error (never a hang).
 STEP_TIMEOUT = 10
@@ -24,25 +26,11 @@ def once(port, host):
     s = socket.create_connection(("127.0.0.1", port), timeout=STEP_TIMEOUT)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     t1 = time.perf_counter()
-    s.sendall(
-        (
-            f"GET / HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(4096)
-        if not chunk:
-            sys.exit(f"the connection closed before the 101: {head[:200]!r}")
-        head += chunk
+    s.sendall(wsupgrade.request(host))
+    echoed = wsupgrade.read_101(s)
     t2 = time.perf_counter()
-    status = head.split(b"\r\n", 1)[0]
-    if b" 101 " not in status:
-        sys.exit(f"expected 101, got {status!r}")
     payload, mask = b"x" * 64, os.urandom(4)
     s.sendall(bytes([0x82, 0x80 | 64]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
-    echoed = head.split(b"\r\n\r\n", 1)[1]
     while len(echoed) < 66:
         chunk = s.recv(4096)
         if not chunk:

@@ -26,6 +26,8 @@ import sys
 import threading
 import time
 
+import wsupgrade
+
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
@@ -74,20 +76,9 @@ def upgrade(port, host, path, rcvbuf=None):
     if rcvbuf:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     s.connect(("127.0.0.1", port))
-    s.sendall(
-        (
-            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        d = s.recv(1)
-        if not d:
-            raise SystemExit("closed during the upgrade")
-        head += d
-    if b" 101 " not in head.split(b"\r\n")[0]:
-        raise SystemExit(f"upgrade refused: {head.splitlines()[0]!r}")
+    s.sendall(wsupgrade.request(host, path))
+    # One byte at a time: nothing the server sends after the 101 is consumed here.
+    wsupgrade.read_101(s, chunk=1)
     return s
 
 

@@ -16,6 +16,8 @@
 #   BENCH_OP=connect bench/instructions.sh     # per new connection instead (TCP connect,
 #                                              # upgrade, one 64-byte echo, close), over
 #                                              # BENCH_CONNECTS (500) of them
+#   BENCH_KEEP=DIR bench/instructions.sh       # also keep callgrind's files in DIR, for
+#                                              # callgrind_annotate (callgrind.LABEL.PROCESS)
 #
 # Callgrind counts each byte a `rep movsb`/`rep stosb` moves as one instruction, so libc's
 # memcpy and memset of large blocks (moving a task's future into Tokio, calloc) weigh far more
@@ -70,6 +72,7 @@ measure() {
   callgrind_control -i off "$pid" >/dev/null 2>&1
   # The numbers come when the process ends (the caller stops it first).
   stop_counted "$pid"
+  if [ -n "${BENCH_KEEP:-}" ]; then mkdir -p "$BENCH_KEEP" && cp "$out"* "$BENCH_KEEP/"; fi
   awk -v n="$n" -v l="$label" -v w="$which" -v u="$UNIT" \
     '/^(summary|totals):/ {s += $2} END {printf "%-6s %-11s %8.0f instructions per %s\n", l, w, s / n, u}' "$out"*
 }

@@ -588,47 +588,56 @@ async fn burrow_replay_resends_a_captured_request_with_edits() {
 }
 
 #[tokio::test]
-async fn with_log_format_json_each_exchange_is_one_json_line() {
+async fn with_log_format_json_every_line_on_standard_output_is_json_with_or_without_the_inspector()
+{
     let (local, _) = counting_server().await;
-    let (edge, agent, _base) = {
-        let edge = standalone_edge().await;
-        let port = local.port().to_string();
-        let agent = start_agent(
-            &edge,
-            STANDALONE_TOKEN,
-            &[
-                "http",
-                &port,
-                "--subdomain",
-                "jl",
-                "--inspect",
-                "127.0.0.1:0",
-                "--log-format",
-                "json",
-            ],
-        )
-        .await;
-        (edge, agent, ())
-    };
-    visit(&edge, "jl", "GET", "/one", &[], "").await;
-    let deadline = tokio::time::Instant::now() + STEP;
-    loop {
-        let lines = agent.stdout.lock().await.clone();
-        let json_lines: Vec<Value> = lines
-            .iter()
-            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .collect();
-        if let Some(e) = json_lines.iter().find(|v| v["event"] == "http") {
-            assert_eq!(e["path"], "/one");
-            assert_eq!(e["status"], 200);
-            assert!(json_lines.iter().any(|v| v["event"] == "inspector"));
-            break;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    for (sub, inspect) in [("jl", "--inspect=127.0.0.1:0"), ("jn", "--no-inspect")] {
+        let args = [
+            "http",
+            &port,
+            "--subdomain",
+            sub,
+            inspect,
+            "--log-format",
+            "json",
+        ];
+        let agent = start_agent(&edge, STANDALONE_TOKEN, &args).await;
+        visit(&edge, sub, "POST", "/one", &[], "hello").await;
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let lines = agent.stdout.lock().await.clone();
+            let json_lines: Vec<Value> = lines
+                .iter()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .collect();
+            if let Some(e) = json_lines.iter().find(|v| v["event"] == "http") {
+                assert_eq!((&e["method"], &e["path"]), (&json!("POST"), &json!("/one")));
+                assert_eq!(
+                    (&e["status"], &e["request_bytes"]),
+                    (&json!(200), &json!(5))
+                );
+                assert_eq!(
+                    json_lines.iter().any(|v| v["event"] == "inspector"),
+                    inspect != "--no-inspect",
+                    "{lines:?}"
+                );
+                let online = json_lines.iter().find(|v| v["event"] == "online");
+                assert!(online.is_some_and(|v| v["edge"].is_string()), "{lines:?}");
+                assert_eq!(
+                    json_lines.len(),
+                    lines.len(),
+                    "a line that is not JSON: {lines:?}"
+                );
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no JSON line ({inspect}): {lines:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no JSON line: {lines:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     edge.stop().await;
 }

@@ -463,6 +463,7 @@ async fn run_tunnels(
             )
             .min(args.lanes as usize),
         local_tls,
+        json_lines: args.inspect.log_format == Some(crate::inspect::LogFormat::Json),
     };
     let shutdown = CancellationToken::new();
     let s = shutdown.clone();

@@ -96,6 +96,9 @@ pub(crate) struct EdgeSpec {
     /// TLS toward `https://` targets (`--local-ca`, `--local-insecure`); none without such a
     /// target.
     pub(crate) local_tls: Option<super::dial::LocalTls>,
+    /// Standard output carries JSON lines (`--log-format json`): the lines saying the
+    /// tunnels are live are JSON objects too.
+    pub(crate) json_lines: bool,
 }
 
 /// The agent's worker threads beyond the runtime's own, started with the first extra lane.
@@ -443,6 +446,7 @@ async fn connect_once(
     let (routable_tx, mut routable_rx) = tokio::sync::watch::channel(false);
     let team = answer.team.clone();
     let edge_addr = edge.addr.clone();
+    let json_lines = edge.json_lines;
     let closed_cancel = conn_cancel.clone();
     let dialer = Arc::new(Dialer::new(LOCAL_CONNECT_TIMEOUT, edge.local_tls.clone()));
     let forwarder = Arc::new(Forwarder {
@@ -466,16 +470,31 @@ async fn connect_once(
             for k in keys {
                 let (local, public) = &ready_urls[k];
                 for u in public {
-                    let _ = writeln!(out, "Forwarding {u} -> {local}");
+                    let _ = if json_lines {
+                        let line =
+                            serde_json::json!({ "event": "forwarding", "url": u, "local": local });
+                        writeln!(out, "{line}")
+                    } else {
+                        writeln!(out, "Forwarding {u} -> {local}")
+                    };
                 }
             }
             for sub in &pinned {
-                let _ = writeln!(
-                    out,
-                    "Policy pinned on the reservation of {sub} applies too (set by a team admin; visitors must pass it and this tunnel's own rules)"
-                );
+                let _ = if json_lines {
+                    let line = serde_json::json!({ "event": "pinned_policy", "subdomain": sub });
+                    writeln!(out, "{line}")
+                } else {
+                    writeln!(
+                        out,
+                        "Policy pinned on the reservation of {sub} applies too (set by a team admin; visitors must pass it and this tunnel's own rules)"
+                    )
+                };
             }
-            if !team.is_empty() {
+            if json_lines {
+                let line =
+                    serde_json::json!({ "event": "online", "team": team, "edge": edge_addr });
+                let _ = writeln!(out, "{line}");
+            } else if !team.is_empty() {
                 let _ = writeln!(out, "Team {team}; press Ctrl-C to stop");
             }
             let _ = out.flush();

@@ -293,6 +293,15 @@ impl Recorder {
         self.inner.is_some()
     }
 
+    /// Whether a new exchange gets a record: when the ring keeps finished ones, or when
+    /// someone listens for their summaries (the panel, the JSON lines, the page's event
+    /// stream). Otherwise only the counters change.
+    pub(super) fn keeps_entries(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_some_and(|i| i.settings.ring > 0 || i.events.receiver_count() > 0)
+    }
+
     pub(super) fn settings(&self) -> Option<&Settings> {
         self.inner.as_ref().map(|i| &i.settings)
     }
@@ -381,6 +390,17 @@ impl Recorder {
         replay_of: Option<u64>,
     ) -> u64 {
         let Some(inner) = &self.inner else { return 0 };
+        if !self.keeps_entries() {
+            // Nothing would read the record (no ring, nobody listening): count it only. Its
+            // end finds no record and just counts too.
+            return self
+                .with_state(|s, _| {
+                    s.stats.open += 1;
+                    s.stats.total += 1;
+                    inner.next_id.fetch_add(1, Ordering::Relaxed)
+                })
+                .unwrap_or(0);
+        }
         let mut entry = Entry {
             id: 0,
             ws,
@@ -410,11 +430,9 @@ impl Recorder {
             let summary = entry.summary();
             s.stats.open += 1;
             s.stats.total += 1;
-            if set.ring > 0 {
-                s.held += entry.held();
-                s.ring.push_back(entry);
-                s.evict(set);
-            }
+            s.held += entry.held();
+            s.ring.push_back(entry);
+            s.evict(set);
             (id, summary)
         });
         let Some((id, summary)) = taken else { return 0 };
@@ -461,7 +479,7 @@ impl Recorder {
 
     /// Ends record `id` (HTTP exchange finished, WebSocket closed, or failed).
     pub(super) fn end(&self, id: u64, f: impl FnOnce(&mut Entry)) {
-        let summary = self.with_state(|s, _| {
+        let summary = self.with_state(|s, set| {
             s.stats.open = s.stats.open.saturating_sub(1);
             let now = Instant::now();
             let summary = match s.ring.binary_search_by_key(&id, |e| e.id) {
@@ -475,7 +493,13 @@ impl Recorder {
                     }
                     let after = e.held();
                     s.held = s.held + after - before;
-                    Some(e.summary())
+                    let summary = e.summary();
+                    if set.ring == 0 {
+                        // Kept only while open (see `begin`).
+                        s.held -= after;
+                        s.ring.remove(pos);
+                    }
+                    Some(summary)
                 }
                 Err(_) => None,
             };
@@ -628,6 +652,11 @@ impl State {
     /// Drops the oldest records beyond the ring size or the memory cap (keeping at least
     /// the newest one).
     fn evict(&mut self, set: &Settings) {
+        if set.ring == 0 {
+            // No ring: a record stays only while its exchange is open, for the listeners'
+            // summary when it ends (`Recorder::end` drops it then).
+            return;
+        }
         while self.ring.len() > set.ring || (self.held > set.max_held && self.ring.len() > 1) {
             match self.ring.pop_front() {
                 Some(old) => self.held -= old.held(),
@@ -749,6 +778,43 @@ mod tests {
             .unwrap();
         assert_eq!(lost, 0, "records whose body or end was lost");
         assert_eq!(rec.status().unwrap().connections_open, 0);
+    }
+
+    #[test]
+    fn without_a_ring_a_listener_still_hears_each_finished_exchange_and_nothing_stays_kept() {
+        let rec = Recorder::new(settings(0));
+        let mut rx = rec.subscribe().unwrap();
+        let id = rec.begin(false, "t", "POST", "/b", &HeaderMap::new(), None);
+        Captured::record(&rec, id, false, b"hello");
+        rec.end(id, |e| e.status = Some(201));
+        let done = std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|ev| match ev {
+                Event::Exchange {
+                    summary,
+                    done: true,
+                } => Some(summary),
+                _ => None,
+            })
+            .expect("a finished exchange");
+        assert_eq!(
+            (done.method.as_str(), done.path.as_str(), done.status),
+            ("POST", "/b", Some(201))
+        );
+        assert_eq!(done.request_bytes, 5);
+        let status = rec.status().unwrap();
+        assert_eq!((status.connections_open, status.kept_bytes), (0, 0));
+        assert_eq!(rec.with_state(|s, _| s.ring.len()), Some(0));
+    }
+
+    #[test]
+    fn without_a_ring_or_a_listener_an_exchange_is_only_counted() {
+        let rec = Recorder::new(settings(0));
+        let id = rec.begin(false, "t", "GET", "/", &HeaderMap::new(), None);
+        assert_eq!(rec.with_state(|s, _| s.ring.len()), Some(0));
+        assert_eq!(rec.status().unwrap().connections_open, 1);
+        rec.end(id, |e| e.status = Some(200));
+        let status = rec.status().unwrap();
+        assert_eq!((status.connections_open, status.connections_total), (0, 1));
     }
 
     #[test]

@@ -20,6 +20,8 @@ use super::record::{Captured, Recorder};
 struct Shared {
     rec: Recorder,
     id: u64,
+    /// Whether the recorder made a record of this exchange (see `Recorder::keeps_entries`).
+    kept: bool,
     done: AtomicBool,
 }
 
@@ -70,11 +72,13 @@ impl Recorder {
         if !self.is_enabled() {
             return HttpTap { shared: None };
         }
+        let kept = self.keeps_entries();
         let id = self.begin(false, target, method.as_str(), path, headers, replay_of);
         HttpTap {
             shared: Some(Arc::new(Shared {
                 rec: self.clone(),
                 id,
+                kept,
                 done: AtomicBool::new(false),
             })),
         }
@@ -85,11 +89,13 @@ impl Recorder {
         if !self.is_enabled() {
             return WsTap { shared: None };
         }
+        let kept = self.keeps_entries();
         let id = self.begin(true, target, "GET", path, headers, None);
         WsTap {
             shared: Some(Arc::new(Shared {
                 rec: self.clone(),
                 id,
+                kept,
                 done: AtomicBool::new(false),
             })),
         }
@@ -113,7 +119,7 @@ impl HttpTap {
 
     /// Records the local server's response head.
     pub(crate) fn response(&self, status: StatusCode, headers: &HeaderMap) {
-        if let Some(s) = &self.shared {
+        if let Some(s) = self.shared.as_ref().filter(|s| s.kept) {
             let pairs: Vec<(String, String)> = headers
                 .iter()
                 .map(|(k, v)| {
@@ -183,7 +189,7 @@ where
         if let Some(s) = &self.shared {
             match &r {
                 Poll::Ready(Some(Ok(f))) => {
-                    if let Some(d) = f.data_ref() {
+                    if let Some(d) = f.data_ref().filter(|_| s.kept) {
                         Captured::record(&s.rec, s.id, self.response, d);
                     }
                 }
@@ -223,6 +229,12 @@ impl WsTap {
     /// Records the local server's answer to the upgrade (101, or a refusal that ends it).
     pub(crate) fn response(&self, status: StatusCode, headers: &HeaderMap) {
         let Some(s) = &self.shared else { return };
+        if !s.kept {
+            if status != StatusCode::SWITCHING_PROTOCOLS {
+                s.end(|_| {});
+            }
+            return;
+        }
         let pairs: Vec<(String, String)> = headers
             .iter()
             .map(|(k, v)| {
@@ -260,9 +272,9 @@ impl WsTap {
     }
 
     fn io<T>(&self, io: T, dir: Dir) -> TapIo<T> {
-        // Without a ring (`--no-inspect`) no frame can be kept: skip the parse and the
-        // recorder's lock per frame.
-        let keeps_frames = |s: &&Arc<Shared>| s.rec.settings().is_some_and(|x| x.ring > 0);
+        // Without a record of the session (`--no-inspect` and nobody listening) there is
+        // nothing to count into: skip the parse and the recorder's lock per frame.
+        let keeps_frames = |s: &&Arc<Shared>| s.kept;
         let parser = self.shared.as_ref().filter(keeps_frames).map(|s| {
             let cap = s.rec.settings().map_or(0, |x| x.preview_cap);
             (Arc::clone(s), FrameParser::new(cap))

@@ -254,6 +254,16 @@ pub fn spawn_agent(edge: &Edge, token: &str, args: &[&str]) -> (Child, tempfile:
 
 /// Starts `burrow <args>` and waits until it prints its public URL(s), or fails with its
 /// stderr.
+/// The public URL in a line saying a tunnel is live: `Forwarding URL -> LOCAL`, or with
+/// `--log-format json` `{"event":"forwarding","url":URL,…}`.
+pub fn forwarding_url(line: &str) -> Option<String> {
+    if let Some(rest) = line.strip_prefix("Forwarding ") {
+        return Some(rest.split(' ').next().unwrap_or("").to_owned());
+    }
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["event"] == "forwarding").then(|| v["url"].as_str().unwrap_or("").to_owned())
+}
+
 pub async fn start_agent(edge: &Edge, token: &str, args: &[&str]) -> Agent {
     match try_start_agent(edge, token, args).await {
         Ok(a) => a,
@@ -285,8 +295,7 @@ pub async fn try_start_agent(edge: &Edge, token: &str, args: &[&str]) -> Result<
         tokio::spawn(async move {
             let mut r = BufReader::new(stdout).lines();
             while let Ok(Some(l)) = r.next_line().await {
-                if let Some(rest) = l.strip_prefix("Forwarding ") {
-                    let url = rest.split(' ').next().unwrap_or("").to_owned();
+                if let Some(url) = forwarding_url(&l) {
                     let _ = ready_tx.send(url).await;
                 }
                 out_lines.lock().await.push(l);

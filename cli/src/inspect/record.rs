@@ -560,21 +560,25 @@ impl Recorder {
                     Dir::Out => "local",
                 });
             }
-            if sock.frames.len() >= set.frames_per_session {
-                if let Some(old) = sock.frames.pop_front() {
-                    sock.preview_bytes -= old.preview.as_ref().map_or(0, String::len);
+            // Without a ring nothing keeps the record once it ends: the counts above are all
+            // it shows, and a timeline would only cost memory per open session.
+            if set.ring > 0 {
+                if sock.frames.len() >= set.frames_per_session {
+                    if let Some(old) = sock.frames.pop_front() {
+                        sock.preview_bytes -= old.preview.as_ref().map_or(0, String::len);
+                    }
+                    sock.frames_dropped += 1;
                 }
-                sock.frames_dropped += 1;
+                sock.preview_bytes += f.preview.as_ref().map_or(0, String::len);
+                sock.frames.push_back(FrameRecord {
+                    dir,
+                    opcode: f.opcode,
+                    fin: f.fin,
+                    size: f.size,
+                    at,
+                    preview: f.preview.clone(),
+                });
             }
-            sock.preview_bytes += f.preview.as_ref().map_or(0, String::len);
-            sock.frames.push_back(FrameRecord {
-                dir,
-                opcode: f.opcode,
-                fin: f.fin,
-                size: f.size,
-                at,
-                preview: f.preview.clone(),
-            });
             let due = e.notified.is_none_or(|t| t.elapsed() >= NOTIFY_INTERVAL);
             e.dirty = !due;
             due
@@ -803,6 +807,38 @@ mod tests {
         assert_eq!(done.request_bytes, 5);
         let status = rec.status().unwrap();
         assert_eq!((status.connections_open, status.kept_bytes), (0, 0));
+        assert_eq!(rec.with_state(|s, _| s.ring.len()), Some(0));
+    }
+
+    #[test]
+    fn without_a_ring_an_open_websocket_keeps_its_counts_but_no_timeline() {
+        let rec = Recorder::new(settings(0));
+        let mut rx = rec.subscribe().unwrap();
+        let id = rec.begin(true, "t", "GET", "/ws", &HeaderMap::new(), None);
+        let frame = ParsedFrame {
+            fin: true,
+            opcode: Opcode::Text,
+            size: 5,
+            close_code: None,
+            close_reason: None,
+            preview: None,
+        };
+        for _ in 0..1000 {
+            rec.frame(id, Dir::In, &frame);
+        }
+        let kept = rec.get(id, |e| e.socket.as_ref().unwrap().frames.len());
+        assert_eq!(kept, Some(0));
+        rec.end(id, |_| {});
+        let done = std::iter::from_fn(|| rx.try_recv().ok())
+            .find_map(|ev| match ev {
+                Event::Exchange {
+                    summary,
+                    done: true,
+                } => Some(summary),
+                _ => None,
+            })
+            .expect("a finished session");
+        assert_eq!(done.ws.as_ref().unwrap().messages_in, 1000);
         assert_eq!(rec.with_state(|s, _| s.ring.len()), Some(0));
     }
 

@@ -784,14 +784,21 @@ mod tests {
         assert_eq!(rec.status().unwrap().connections_open, 0);
     }
 
-    #[test]
-    fn without_a_ring_a_listener_still_hears_each_finished_exchange_and_nothing_stays_kept() {
-        let rec = Recorder::new(settings(0));
-        let mut rx = rec.subscribe().unwrap();
-        let id = rec.begin(false, "t", "POST", "/b", &HeaderMap::new(), None);
-        Captured::record(&rec, id, false, b"hello");
-        rec.end(id, |e| e.status = Some(201));
-        let done = std::iter::from_fn(|| rx.try_recv().ok())
+    /// A 5-byte text frame, as the tap parses it.
+    fn text_frame(preview: Option<&str>) -> ParsedFrame {
+        ParsedFrame {
+            fin: true,
+            opcode: Opcode::Text,
+            size: 5,
+            close_code: None,
+            close_reason: None,
+            preview: preview.map(str::to_owned),
+        }
+    }
+
+    /// The summary of the first finished exchange among the events sent so far.
+    fn finished(rx: &mut broadcast::Receiver<Event>) -> Arc<Summary> {
+        std::iter::from_fn(|| rx.try_recv().ok())
             .find_map(|ev| match ev {
                 Event::Exchange {
                     summary,
@@ -799,7 +806,17 @@ mod tests {
                 } => Some(summary),
                 _ => None,
             })
-            .expect("a finished exchange");
+            .expect("a finished exchange")
+    }
+
+    #[test]
+    fn without_a_ring_a_listener_still_hears_each_finished_exchange_and_nothing_stays_kept() {
+        let rec = Recorder::new(settings(0));
+        let mut rx = rec.subscribe().unwrap();
+        let id = rec.begin(false, "t", "POST", "/b", &HeaderMap::new(), None);
+        Captured::record(&rec, id, false, b"hello");
+        rec.end(id, |e| e.status = Some(201));
+        let done = finished(&mut rx);
         assert_eq!(
             (done.method.as_str(), done.path.as_str(), done.status),
             ("POST", "/b", Some(201))
@@ -815,29 +832,14 @@ mod tests {
         let rec = Recorder::new(settings(0));
         let mut rx = rec.subscribe().unwrap();
         let id = rec.begin(true, "t", "GET", "/ws", &HeaderMap::new(), None);
-        let frame = ParsedFrame {
-            fin: true,
-            opcode: Opcode::Text,
-            size: 5,
-            close_code: None,
-            close_reason: None,
-            preview: None,
-        };
+        let frame = text_frame(None);
         for _ in 0..1000 {
             rec.frame(id, Dir::In, &frame);
         }
         let kept = rec.get(id, |e| e.socket.as_ref().unwrap().frames.len());
         assert_eq!(kept, Some(0));
         rec.end(id, |_| {});
-        let done = std::iter::from_fn(|| rx.try_recv().ok())
-            .find_map(|ev| match ev {
-                Event::Exchange {
-                    summary,
-                    done: true,
-                } => Some(summary),
-                _ => None,
-            })
-            .expect("a finished session");
+        let done = finished(&mut rx);
         assert_eq!(done.ws.as_ref().unwrap().messages_in, 1000);
         assert_eq!(rec.with_state(|s, _| s.ring.len()), Some(0));
     }
@@ -969,14 +971,7 @@ mod tests {
         let rec = Recorder::new(settings(10));
         let mut rx = rec.subscribe().unwrap();
         let id = rec.begin(true, "t", "GET", "/ws", &HeaderMap::new(), None);
-        let frame = ParsedFrame {
-            fin: true,
-            opcode: Opcode::Text,
-            size: 5,
-            close_code: None,
-            close_reason: None,
-            preview: Some("hello".into()),
-        };
+        let frame = text_frame(Some("hello"));
         for _ in 0..100 {
             rec.frame(id, Dir::In, &frame);
         }

@@ -62,19 +62,31 @@ ensure_database burrow
 echo "==> database ${DATABASE_URL%%\?*}"
 "$BIN/burrow-control" migrate
 
+# The tokens go straight to files; what the commands say about them (meant for a person who
+# copies the token off the terminal) is shown only when they fail.
 if [ ! -s "$STATE/admin.token" ]; then
-  if ! "$BIN/burrow-control" bootstrap --email admin@localhost >"$STATE/admin.token.new"; then
+  if ! "$BIN/burrow-control" bootstrap --email admin@localhost >"$STATE/admin.token.new" 2>"$STATE/bootstrap.err"; then
     rm -f "$STATE/admin.token.new"
-    echo "error: this database already has a platform admin, but $STATE/admin.token is gone." >&2
-    echo "       Point DATABASE_URL at a fresh database, or drop the \`burrow\` database and run again." >&2
+    cat "$STATE/bootstrap.err" >&2
+    echo "error: cannot create the platform admin (see above). When this database already has one" >&2
+    echo "       but $STATE/admin.token is gone, point DATABASE_URL at a fresh database, or drop" >&2
+    echo "       the \`burrow\` database and run again." >&2
     exit 1
   fi
   mv "$STATE/admin.token.new" "$STATE/admin.token"
+  echo "==> platform admin admin@localhost created; its API token is in $STATE/admin.token"
 fi
 if [ ! -s "$STATE/edge.token" ]; then
-  "$BIN/burrow-control" edge-token create --name local-edge >"$STATE/edge.token.new"
+  if ! "$BIN/burrow-control" edge-token create --name local-edge >"$STATE/edge.token.new" 2>"$STATE/bootstrap.err"; then
+    rm -f "$STATE/edge.token.new"
+    cat "$STATE/bootstrap.err" >&2
+    echo "error: cannot create the edge token (see above)" >&2
+    exit 1
+  fi
   mv "$STATE/edge.token.new" "$STATE/edge.token"
+  echo "==> edge token local-edge created; it is in $STATE/edge.token"
 fi
+rm -f "$STATE/bootstrap.err"
 
 pids=()
 cleanup() {

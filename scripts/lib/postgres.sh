@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Finds a PostgreSQL server for Burrow, or starts a private one, and exports DATABASE_URL.
 #
-# Order: 1) $DATABASE_URL when it answers; 2) the local server on 127.0.0.1:5432 when it
+# Order: 1) $DATABASE_URL when its server answers (the database created if missing); 2) the local server on 127.0.0.1:5432 when it
 # answers (database $1, created if missing); 3) a private cluster under $BURROW_STATE_DIR
 # (default .dev/) made with the system's initdb and started with pg_ctl on
 # $BURROW_PG_PORT (default 55432). The private cluster keeps running after the script ends;
@@ -60,11 +60,31 @@ start_private_postgres() {
   export DATABASE_URL="postgres://postgres@127.0.0.1:$port/${1:-postgres}"
 }
 
+# create_missing_database URL: creates the database URL names when its server answers but
+# has no such database yet (connecting to the server's `postgres` database to do it).
+create_missing_database() {
+  local url=$1 psql
+  # Plain names only (letters, digits, _ and -); anything else is left to the user.
+  [[ "$url" =~ ^([a-z]+://[^/]*)/([A-Za-z0-9_-]+)(\?.*)?$ ]] || return 0
+  local server=${BASH_REMATCH[1]} name=${BASH_REMATCH[2]} query=${BASH_REMATCH[3]}
+  psql=$(pg_bin psql) || return 0
+  "$psql" -q -d "$url" -c 'select 1' >/dev/null 2>&1 && return 0
+  if [ "$("$psql" -d "$server/postgres$query" -tAc "select 1 from pg_database where datname = '$name'" 2>/dev/null)" = 1 ]; then
+    return 0 # it exists; whatever else is wrong, the program that connects will say
+  fi
+  echo "==> creating the database $name" >&2
+  "$psql" -q -d "$server/postgres$query" -c "create database \"$name\"" >/dev/null \
+    || { echo "error: the database $name does not exist and cannot be created on $server" >&2; return 1; }
+}
+
 # ensure_database DBNAME: exports DATABASE_URL for a server that answers.
 ensure_database() {
   local db=${1:-burrow}
   if [ -n "${DATABASE_URL:-}" ]; then
-    if pg_answers "$DATABASE_URL"; then return 0; fi
+    if pg_answers "$DATABASE_URL"; then
+      create_missing_database "$DATABASE_URL"
+      return
+    fi
     echo "==> DATABASE_URL does not answer; falling back to a local server" >&2
   fi
   local base="postgres://postgres@127.0.0.1:5432"

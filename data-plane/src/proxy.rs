@@ -12,7 +12,7 @@ use burrow_proto::tunnel::{
     HEADER_AGENT_ERROR, HEADER_PEER, HEADER_STATUS, HEADER_TUNNEL, HEADER_UPGRADE,
 };
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt as _, Empty};
 use hyper::body::Incoming;
@@ -476,23 +476,25 @@ async fn handle(
     let mut headers = parts.headers;
     strip_hop_by_hop(&mut headers);
     strip_internal(&mut headers);
-    for h in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"] {
-        headers.remove(h);
-    }
-    if let Ok(v) = HeaderValue::from_str(&peer.ip().to_string()) {
-        headers.insert("x-forwarded-for", v);
-    }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(scheme));
-    if let Ok(v) = HeaderValue::from_str(&host) {
-        headers.insert("x-forwarded-host", v.clone());
-        headers.insert(header::HOST, v);
+    // Room for the five below at once, rather than growing the map on the way.
+    headers.reserve(5);
+    // `insert` replaces every value the visitor sent under these names.
+    let (ip, ip_port) = peer_values(peer);
+    headers.insert(X_FORWARDED_FOR, ip);
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    match HeaderValue::from_str(&host) {
+        Ok(v) => {
+            headers.insert(X_FORWARDED_HOST, v.clone());
+            headers.insert(header::HOST, v);
+        }
+        Err(_) => {
+            headers.remove(X_FORWARDED_HOST);
+        }
     }
     if let Ok(v) = HeaderValue::from_str(&route.key) {
-        headers.insert(HEADER_TUNNEL, v);
+        headers.insert(TUNNEL, v);
     }
-    if let Ok(v) = HeaderValue::from_str(&peer.to_string()) {
-        headers.insert(HEADER_PEER, v);
-    }
+    headers.insert(PEER, ip_port);
     let authority = format!("{sub}.{domain}");
     let uri = Uri::builder()
         .scheme("http")
@@ -821,6 +823,65 @@ pub(crate) fn h2_error(e: &hyper::Error) -> Option<&h2::Error> {
 /// that watch its HTTP/1.1.
 type Served<S> = TokioIo<crate::bare::Held<Recorder<S>>>;
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const TUNNEL: HeaderName = HeaderName::from_static(HEADER_TUNNEL);
+const PEER: HeaderName = HeaderName::from_static(HEADER_PEER);
+
+/// The visitor's address as header values: the IP (`X-Forwarded-For`) and IP and port
+/// (`Burrow-Peer`, `[ip]:port` for IPv6). An IPv4 address, the common case, is written
+/// digit by digit into one buffer both values share, without the formatting machinery.
+fn peer_values(peer: SocketAddr) -> (HeaderValue, HeaderValue) {
+    let (text, ip_len) = match peer {
+        SocketAddr::V4(a) => {
+            let mut t = String::with_capacity(21);
+            for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                if i > 0 {
+                    t.push('.');
+                }
+                push_decimal(&mut t, u32::from(octet));
+            }
+            let ip_len = t.len();
+            t.push(':');
+            push_decimal(&mut t, u32::from(a.port()));
+            (t, ip_len)
+        }
+        SocketAddr::V6(a) => {
+            let ip = a.ip().to_string();
+            let n = ip.len();
+            (format!("{ip}|{a}"), n)
+        }
+    };
+    let all = Bytes::from(text);
+    let (ip, ip_port) = match peer {
+        SocketAddr::V4(_) => (all.slice(..ip_len), all),
+        SocketAddr::V6(_) => (all.slice(..ip_len), all.slice(ip_len + 1..)),
+    };
+    // Digits, dots, colons and brackets: always valid header values.
+    let value =
+        |b: Bytes| HeaderValue::from_maybe_shared(b).unwrap_or(HeaderValue::from_static(""));
+    (value(ip), value(ip_port))
+}
+
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, n: u32) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for &d in &digits[i..] {
+        out.push(char::from(d));
+    }
+}
+
 /// The halves of a visitor stream other than plain TCP, boxed: one relay for all of them.
 type Halves = (
     Box<dyn AsyncRead + Send + Unpin>,
@@ -872,6 +933,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_peer_values_are_the_ip_and_the_ip_with_its_port() {
+        for (addr, ip, ip_port) in [
+            ("1.2.3.4:5", "1.2.3.4", "1.2.3.4:5"),
+            ("0.0.0.0:0", "0.0.0.0", "0.0.0.0:0"),
+            (
+                "255.255.255.255:65535",
+                "255.255.255.255",
+                "255.255.255.255:65535",
+            ),
+            ("10.0.100.9:8080", "10.0.100.9", "10.0.100.9:8080"),
+            ("[::1]:443", "::1", "[::1]:443"),
+            ("[2001:db8::7]:61000", "2001:db8::7", "[2001:db8::7]:61000"),
+        ] {
+            let peer: SocketAddr = addr.parse().unwrap();
+            let (a, b) = peer_values(peer);
+            assert_eq!((a.to_str().unwrap(), b.to_str().unwrap()), (ip, ip_port));
+            assert_eq!((ip, ip_port), (peer.ip().to_string().as_str(), addr));
+        }
+    }
+
+    #[test]
     fn the_subdomain_is_found_case_insensitively_and_without_the_port() {
         assert_eq!(
             subdomain_of("Chat.Localhost:8080", "localhost").as_deref(),
@@ -894,21 +976,5 @@ mod tests {
         assert_eq!(subdomain_of("aé", "x"), None);
         assert_eq!(subdomain_of("", "localhost"), None);
         assert_eq!(subdomain_of("chatexample.com", "example.com"), None);
-    }
-
-    #[test]
-    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert("x-end-to-end", HeaderValue::from_static("kept"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key("x-end-to-end"));
     }
 }

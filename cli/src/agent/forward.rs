@@ -50,9 +50,44 @@ pub(crate) struct TunnelSpec {
     /// Wanted subdomain (empty: random).
     pub(crate) subdomain: String,
     pub(crate) target: Target,
-    pub(crate) host_header: HostHeader,
+    /// `target` as text (`host:port`, or `https://host:port`), for records and messages.
+    pub(crate) target_text: String,
+    /// `scheme://host:port` of the target: every absolute request URL starts with it.
+    pub(crate) origin: String,
+    /// The `Host` the agent sets (`--host-header rewrite` or a value); `None` keeps the
+    /// visitor's.
+    pub(crate) host: Option<HeaderValue>,
     /// Rules the edge enforces for this tunnel (basic-auth passwords already hashed).
     pub(crate) policy: Option<burrow_proto::v1::TunnelPolicy>,
+}
+
+impl TunnelSpec {
+    /// A tunnel to `target`, with what every request to it needs worked out once.
+    pub(crate) fn new(
+        key: String,
+        subdomain: String,
+        target: Target,
+        host_header: &HostHeader,
+        policy: Option<burrow_proto::v1::TunnelPolicy>,
+    ) -> anyhow::Result<Self> {
+        let host = match host_header {
+            HostHeader::Preserve => None,
+            HostHeader::Rewrite => Some(HeaderValue::from_str(&target.authority())?),
+            HostHeader::Value(v) => Some(
+                HeaderValue::from_str(v)
+                    .map_err(|_| anyhow::anyhow!("{v:?} cannot be a Host header value"))?,
+            ),
+        };
+        Ok(Self {
+            key,
+            subdomain,
+            target_text: target.to_string(),
+            origin: format!("{}://{}", target.scheme(), target.authority()),
+            target,
+            host,
+            policy,
+        })
+    }
 }
 
 /// Callback for a tunnel the edge ended for good: `(key, reason)`.
@@ -111,18 +146,8 @@ fn agent_error(reason: &str) -> Response<DownBody> {
 }
 
 fn set_host(headers: &mut HeaderMap, spec: &TunnelSpec) {
-    match &spec.host_header {
-        HostHeader::Preserve => {}
-        HostHeader::Rewrite => {
-            if let Ok(v) = HeaderValue::from_str(&spec.target.authority()) {
-                headers.insert(header::HOST, v);
-            }
-        }
-        HostHeader::Value(v) => {
-            if let Ok(v) = HeaderValue::from_str(v) {
-                headers.insert(header::HOST, v);
-            }
-        }
+    if let Some(v) = &spec.host {
+        headers.insert(header::HOST, v.clone());
     }
 }
 
@@ -317,8 +342,7 @@ impl Forwarder {
         let uri = if asterisk {
             Ok(http::Uri::from_static("*"))
         } else {
-            let (scheme, authority) = (spec.target.scheme(), spec.target.authority());
-            format!("{scheme}://{authority}{path}").parse()
+            format!("{}{path}", spec.origin).parse()
         };
         let Ok(uri) = uri else {
             return agent_error("the request target is not valid");
@@ -330,7 +354,7 @@ impl Forwarder {
         set_host(&mut parts.headers, &spec);
         let replay = replayable(&parts, &body);
         let tap = crate::inspect::recorder().http_started(
-            &spec.target.to_string(),
+            &spec.target_text,
             &method,
             &path,
             &parts.headers,
@@ -480,7 +504,6 @@ impl Forwarder {
             })
             .unwrap_or_else(|| HeaderValue::from_static("websocket"));
 
-        let addr = spec.target.authority();
         let io = match self
             .dialer
             .open(&spec.target.host, spec.target.port, spec.target.tls)
@@ -513,7 +536,7 @@ impl Forwarder {
         strip_internal(&mut parts.headers);
         set_host(&mut parts.headers, &spec);
         if !parts.headers.contains_key(header::HOST) {
-            if let Ok(v) = HeaderValue::from_str(&addr) {
+            if let Ok(v) = HeaderValue::from_str(&spec.target.authority()) {
                 parts.headers.insert(header::HOST, v);
             }
         }
@@ -528,11 +551,8 @@ impl Forwarder {
             Err(_) => return agent_error("the request target is not valid"),
         };
         *local_req.headers_mut() = parts.headers;
-        let ws = crate::inspect::recorder().ws_opened(
-            &spec.target.to_string(),
-            &path,
-            local_req.headers(),
-        );
+        let ws =
+            crate::inspect::recorder().ws_opened(&spec.target_text, &path, local_req.headers());
 
         let resp = match tokio::time::timeout(
             LOCAL_RESPONSE_TIMEOUT,
@@ -769,5 +789,34 @@ impl Body for Logged {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(target: &str, host_header: &str) -> TunnelSpec {
+        let host_header = HostHeader::parse(host_header).unwrap();
+        let target = Target::parse(target).unwrap();
+        TunnelSpec::new("0".into(), String::new(), target, &host_header, None).unwrap()
+    }
+
+    #[test]
+    fn a_tunnel_works_out_its_origin_text_and_host_once() {
+        let s = spec("3000", "rewrite");
+        assert_eq!(
+            (s.origin.as_str(), s.target_text.as_str()),
+            ("http://localhost:3000", "localhost:3000")
+        );
+        assert_eq!(s.host.unwrap(), "localhost:3000");
+        let s = spec("https://[::1]:8443", "preserve");
+        assert_eq!(
+            (s.origin.as_str(), s.target_text.as_str()),
+            ("https://[::1]:8443", "https://[::1]:8443")
+        );
+        assert!(s.host.is_none());
+        assert_eq!(spec("3000", "app.test").host.unwrap(), "app.test");
     }
 }

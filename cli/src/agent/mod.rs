@@ -336,13 +336,13 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
         .try_init();
     match cmd {
         AgentCommand::Http(a) => {
-            let spec = TunnelSpec {
-                key: "0".to_owned(),
-                subdomain: subdomain_arg(a.subdomain.as_deref(), "--subdomain")?,
-                target: Target::parse(&a.target)?,
-                host_header: HostHeader::parse(&a.host_header)?,
-                policy: tunnel_policy(&a.policy)?,
-            };
+            let spec = TunnelSpec::new(
+                "0".to_owned(),
+                subdomain_arg(a.subdomain.as_deref(), "--subdomain")?,
+                Target::parse(&a.target)?,
+                &HostHeader::parse(&a.host_header)?,
+                tunnel_policy(&a.policy)?,
+            )?;
             run_tunnels(&a.edge, None, vec![spec]).await
         }
         AgentCommand::Start(a) => {
@@ -358,17 +358,18 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
             let base = a.config.parent().unwrap_or(Path::new("."));
             let mut specs = Vec::new();
             for (i, t) in file.tunnel.iter().enumerate() {
-                specs.push(TunnelSpec {
-                    key: i.to_string(),
-                    subdomain: subdomain_arg(t.subdomain.as_deref(), "subdomain")
-                        .with_context(|| format!("tunnel {}", i + 1))?,
-                    target: Target::parse(&t.target)
-                        .with_context(|| format!("tunnel {}", i + 1))?,
-                    host_header: HostHeader::parse(t.host_header.as_deref().unwrap_or("rewrite"))
-                        .with_context(|| format!("tunnel {}", i + 1))?,
-                    policy: tunnel_policy(&t.policy_args(base))
-                        .with_context(|| format!("tunnel {}", i + 1))?,
-                });
+                let which = || format!("tunnel {}", i + 1);
+                specs.push(
+                    TunnelSpec::new(
+                        i.to_string(),
+                        subdomain_arg(t.subdomain.as_deref(), "subdomain").with_context(which)?,
+                        Target::parse(&t.target).with_context(which)?,
+                        &HostHeader::parse(t.host_header.as_deref().unwrap_or("rewrite"))
+                            .with_context(which)?,
+                        tunnel_policy(&t.policy_args(base)).with_context(which)?,
+                    )
+                    .with_context(which)?,
+                );
             }
             let file_edge = FileEdge {
                 edge: file.edge,

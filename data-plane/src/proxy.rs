@@ -492,9 +492,9 @@ async fn handle(
         }
     }
     if let Ok(v) = HeaderValue::from_str(&route.key) {
-        headers.insert(TUNNEL, v);
+        headers.insert(HEADER_TUNNEL, v);
     }
-    headers.insert(PEER, ip_port);
+    headers.insert(HEADER_PEER, ip_port);
     let authority = format!("{sub}.{domain}");
     let uri = Uri::builder()
         .scheme("http")
@@ -826,8 +826,6 @@ type Served<S> = TokioIo<crate::bare::Held<Recorder<S>>>;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const TUNNEL: HeaderName = HeaderName::from_static(HEADER_TUNNEL);
-const PEER: HeaderName = HeaderName::from_static(HEADER_PEER);
 
 /// The visitor's address as header values: the IP (`X-Forwarded-For`) and IP and port
 /// (`Burrow-Peer`, `[ip]:port` for IPv6). An IPv4 address, the common case, is written

@@ -7,6 +7,7 @@
 //! [`AgentHello`]: crate::v1::AgentHello
 //! [`EdgeHello`]: crate::v1::EdgeHello
 
+use http::HeaderName;
 use std::time::Duration;
 
 use prost::Message;
@@ -26,28 +27,28 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const ALPN: &[u8] = b"burrow/1";
 
 /// Request header (edge → agent) naming the tunnel `key` the stream belongs to.
-pub const HEADER_TUNNEL: &str = "burrow-tunnel";
+pub const HEADER_TUNNEL: HeaderName = HeaderName::from_static("burrow-tunnel");
 /// Request header (edge → agent) carrying the visitor's address (`ip:port`).
-pub const HEADER_PEER: &str = "burrow-peer";
+pub const HEADER_PEER: HeaderName = HeaderName::from_static("burrow-peer");
 /// Request header (edge → agent) carrying the original request's `Connection`/`Upgrade`
 /// header values on a WebSocket stream, since HTTP/2 may not carry connection-specific headers
 /// (RFC 9113 §8.2.2).
-pub const HEADER_UPGRADE: &str = "burrow-upgrade";
+pub const HEADER_UPGRADE: HeaderName = HeaderName::from_static("burrow-upgrade");
 /// Response header (agent → edge) carrying the local server's status when it is one HTTP/2
 /// cannot express (101 Switching Protocols travels as 200 plus this header). A 2xx answer to
 /// a WebSocket upgrade travels as 502 plus this header, since a 2xx on the extended CONNECT
 /// stream (RFC 8441 §5) would mean the tunnel opened and could carry no body.
-pub const HEADER_STATUS: &str = "burrow-status";
+pub const HEADER_STATUS: HeaderName = HeaderName::from_static("burrow-status");
 /// Response header (agent → edge) set when the agent itself produced the response (e.g. the
 /// local server refused the connection) rather than the local server.
-pub const HEADER_AGENT_ERROR: &str = "burrow-agent-error";
+pub const HEADER_AGENT_ERROR: HeaderName = HeaderName::from_static("burrow-agent-error");
 
 /// Request header (edge → agent) marking a stream as a control message rather than a visitor
 /// request; its value is one of the `CONTROL_*` constants. The agent answers 204 and never
 /// forwards such a stream to a local server.
-pub const HEADER_CONTROL: &str = "burrow-control";
+pub const HEADER_CONTROL: HeaderName = HeaderName::from_static("burrow-control");
 /// Request header (edge → agent) on a [`CONTROL_CLOSED`] message: a sentence saying why.
-pub const HEADER_REASON: &str = "burrow-reason";
+pub const HEADER_REASON: HeaderName = HeaderName::from_static("burrow-reason");
 /// [`HEADER_CONTROL`] value the edge sends once the agent's tunnels are routable: the agent
 /// prints the public URLs when it receives it, so a printed URL always works.
 pub const CONTROL_READY: &str = "ready";
@@ -67,7 +68,7 @@ pub const CONTROL_PROBE: &str = "probe";
 pub const CONTROL_KEEPALIVE: &str = "keepalive";
 /// Request header on a [`CONTROL_KEEPALIVE`] message: the edge's keepalive interval in
 /// milliseconds, so the agent knows when the next one is due at the latest.
-pub const HEADER_KEEPALIVE_MS: &str = "burrow-keepalive-ms";
+pub const HEADER_KEEPALIVE_MS: HeaderName = HeaderName::from_static("burrow-keepalive-ms");
 
 /// Why a handshake message could not be read.
 #[derive(Debug)]

@@ -95,7 +95,7 @@ pub(crate) type OnClosed = Box<dyn Fn(&str, &str) + Send + Sync>;
 
 /// What the agent's serving side needs, shared by every stream of a connection.
 pub(crate) struct Forwarder {
-    pub(crate) tunnels: HashMap<String, TunnelSpec>,
+    pub(crate) tunnels: HashMap<String, Arc<TunnelSpec>>,
     pub(crate) client: Client<LocalConnector, crate::inspect::TapBody<UpBody>>,
     /// Opens connections to local targets (also under `client`).
     pub(crate) dialer: Arc<Dialer>,
@@ -325,7 +325,7 @@ impl Forwarder {
     async fn plain(
         &self,
         req: Request<Incoming>,
-        spec: TunnelSpec,
+        spec: Arc<TunnelSpec>,
         small_frames: Arc<LinkBudget>,
     ) -> Response<DownBody> {
         let started = Instant::now();
@@ -483,7 +483,7 @@ impl Forwarder {
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
-        spec: TunnelSpec,
+        spec: Arc<TunnelSpec>,
         small_frames: Arc<LinkBudget>,
     ) -> Response<DownBody> {
         let started = Instant::now();

@@ -450,7 +450,10 @@ async fn connect_once(
     let closed_cancel = conn_cancel.clone();
     let dialer = Arc::new(Dialer::new(LOCAL_CONNECT_TIMEOUT, edge.local_tls.clone()));
     let forwarder = Arc::new(Forwarder {
-        tunnels: specs.iter().map(|s| (s.key.clone(), s.clone())).collect(),
+        tunnels: specs
+            .iter()
+            .map(|s| (s.key.clone(), Arc::new(s.clone())))
+            .collect(),
         client: local_client(Arc::clone(&dialer)),
         dialer,
         stall_buffer: edge.stall_buffer,

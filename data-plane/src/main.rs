@@ -269,6 +269,7 @@ fn main() -> ExitCode {
     let (lines, _flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stdout, queue);
     tracing_subscriber::fmt()
         .with_writer(lines)
+        .with_timer(burrow_edge::logs::Timestamps)
         // Colour only on a terminal, and not with NO_COLOR set (https://no-color.org): a log
         // piped to a file or a collector gets plain text.
         .with_ansi(

@@ -324,6 +324,7 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     let (lines, _flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stderr, queue);
     let _ = tracing_subscriber::fmt()
         .with_writer(lines)
+        .with_timer(burrow_edge::logs::Timestamps)
         .with_target(false)
         .with_ansi(
             std::io::IsTerminal::is_terminal(&std::io::stderr())

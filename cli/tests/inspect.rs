@@ -655,7 +655,8 @@ enum Unread {
 /// bytes: well past a pipe's 64 KiB); every one must be answered within 10 s.
 async fn unread_output_never_stalls_the_tunnel(sub: &str, unread: Unread, extra: &[&str]) {
     let (local, _) = counting_server().await;
-    let edge = standalone_edge().await;
+    let id = identity();
+    let edge = start_edge(standalone_control(), id.clone(), None, |_| {}).await;
     let port = local.port().to_string();
     let mut args = vec!["http", &port, "--subdomain", sub, "--lanes", "1"];
     args.extend_from_slice(extra);
@@ -697,6 +698,27 @@ async fn unread_output_never_stalls_the_tunnel(sub: &str, unread: Unread, extra:
             matches!(answered, Ok((s, _, _)) if s == 200),
             "request {i} was not answered in time"
         );
+    }
+    // The output is full by now. The edge restarts: the agent's lines about losing it and
+    // about the tunnel being live again must not block the connection that serves it.
+    let agent_addr = edge.agent;
+    edge.stop().await;
+    let edge = start_edge(standalone_control(), id, Some(agent_addr), |_| {}).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let answered = tokio::time::timeout(
+            Duration::from_secs(2),
+            visit(&edge, sub, "GET", "/", &[], ""),
+        )
+        .await;
+        if matches!(answered, Ok((s, _, _)) if s == 200) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the tunnel did not come back after the edge restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     edge.stop().await;
 }

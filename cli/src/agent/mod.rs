@@ -322,6 +322,9 @@ pub(crate) async fn run(cmd: AgentCommand) -> anyhow::Result<ExitCode> {
     // (`burrow_edge::logs`): a stalled reader of standard error must not stall the tunnels.
     let queue = burrow_edge::logs::queue_lines_from_env().map_err(anyhow::Error::msg)?;
     let (lines, _flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stderr, queue);
+    // The agent's own status lines (the public URLs, reconnects) go through queues too.
+    let (out, _out_flush) = burrow_edge::logs::to(burrow_edge::logs::Output::Stdout, queue);
+    session::set_output(out, lines.clone());
     let _ = tracing_subscriber::fmt()
         .with_writer(lines)
         .with_timer(burrow_edge::logs::Timestamps)
@@ -489,7 +492,7 @@ async fn run_tunnels(
     session::run(edge, token, specs, shutdown.clone()).await?;
     if shutdown.is_cancelled() {
         // A signal ended the agent: say so once the tunnels are down.
-        eprintln!("Stopped: the tunnels are closed");
+        session::say(session::Stream::Stderr, "Stopped: the tunnels are closed\n");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -101,6 +101,42 @@ pub(crate) struct EdgeSpec {
     pub(crate) json_lines: bool,
 }
 
+/// Where [`say`] writes.
+#[derive(Clone, Copy)]
+pub(crate) enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// The queued writers of standard output and error (`burrow_edge::logs`), once the agent has
+/// set them up.
+static OUTPUT: std::sync::OnceLock<(burrow_edge::logs::Lines, burrow_edge::logs::Lines)> =
+    std::sync::OnceLock::new();
+
+/// Makes [`say`] queue its lines on these writers (standard output, standard error).
+pub(crate) fn set_output(stdout: burrow_edge::logs::Lines, stderr: burrow_edge::logs::Lines) {
+    let _ = OUTPUT.set((stdout, stderr));
+}
+
+/// Writes `text` (whole lines) to standard output or error through the queue a thread of its
+/// own writes out: these lines come from threads that serve tunnels, and an output nobody
+/// reads (a full pipe, a terminal paused with Ctrl-S) must not block them.
+pub(crate) fn say(stream: Stream, text: &str) {
+    use tracing_subscriber::fmt::MakeWriter as _;
+    let Some((out, err)) = OUTPUT.get() else {
+        let _ = match stream {
+            Stream::Stdout => std::io::stdout().lock().write_all(text.as_bytes()),
+            Stream::Stderr => std::io::stderr().lock().write_all(text.as_bytes()),
+        };
+        return;
+    };
+    let lines = match stream {
+        Stream::Stdout => out,
+        Stream::Stderr => err,
+    };
+    let _ = lines.make_writer().write_all(text.as_bytes());
+}
+
 /// The agent's worker threads beyond the runtime's own, started with the first extra lane.
 static LANE_THREADS: std::sync::OnceLock<Option<burrow_edge::shards::Shards>> =
     std::sync::OnceLock::new();
@@ -319,7 +355,10 @@ pub(crate) async fn run(
                     delay = BACKOFF_START;
                 }
                 crate::inspect::recorder().set_reconnecting();
-                eprintln!("connection to the edge lost; reconnecting");
+                say(
+                    Stream::Stderr,
+                    "connection to the edge lost; reconnecting\n",
+                );
             }
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Retry(e)) => {
@@ -327,7 +366,7 @@ pub(crate) async fn run(
                 crate::inspect::recorder().set_edge_error(&edge.addr, &error);
                 let said = failures.failed(&edge.addr, &error, Instant::now());
                 if let Some(line) = said {
-                    eprintln!("{line}");
+                    say(Stream::Stderr, &format!("{line}\n"));
                 }
             }
         }
@@ -467,7 +506,8 @@ async fn connect_once(
             let forwards = ready_urls.values();
             let forwards = forwards.flat_map(|(l, p)| p.iter().map(|u| (u.clone(), l.clone())));
             crate::inspect::recorder().set_online(&edge_addr, &team, forwards.collect());
-            let mut out = std::io::stdout().lock();
+            use std::fmt::Write as _;
+            let mut out = String::new();
             let mut keys: Vec<_> = ready_urls.keys().collect();
             keys.sort();
             for k in keys {
@@ -500,10 +540,13 @@ async fn connect_once(
             } else if !team.is_empty() {
                 let _ = writeln!(out, "Team {team}; press Ctrl-C to stop");
             }
-            let _ = out.flush();
+            say(Stream::Stdout, &out);
         }),
         on_closed: Box::new(move |key, reason| {
-            eprintln!("tunnel ended by the edge: {reason}");
+            say(
+                Stream::Stderr,
+                &format!("tunnel ended by the edge: {reason}\n"),
+            );
             if let Ok(mut l) = live.lock() {
                 l.retain(|s| s.key != key);
                 if l.is_empty() {

@@ -1436,3 +1436,71 @@ async fn a_get_that_a_new_local_connection_closes_unanswered_is_not_sent_twice()
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(heads.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+/// Reads one response (head and a `Content-Length` body) from `s`; `None` when the
+/// connection ends first.
+async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>)> {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    let end = loop {
+        if let Some(i) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    };
+    let head = String::from_utf8_lossy(&out[..end]).into_owned();
+    let len: usize = header_value(&head, "content-length")?.parse().ok()?;
+    while out.len() < end + len {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return None,
+            Ok(Ok(n)) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    Some((head, out[end..end + len].to_vec()))
+}
+
+#[tokio::test]
+async fn an_http_1_0_client_that_asks_for_keep_alive_is_told_so_and_keeps_its_connection() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let local = local_http_server().await;
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let _agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", "old"],
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
+    for _ in 0..3 {
+        s.write_all(
+            b"GET /hello HTTP/1.0\r\nHost: old.localhost\r\nConnection: Keep-Alive\r\n\r\n",
+        )
+        .await
+        .unwrap();
+        let (head, body) = read_response(&mut s)
+            .await
+            .expect("an answer on the same connection");
+        assert!(head.starts_with("HTTP/1.0 200"), "{head}");
+        assert_eq!(
+            header_value(&head, "connection").map(|v| v.to_ascii_lowercase()),
+            Some("keep-alive".to_owned()),
+            "{head}"
+        );
+        assert_eq!(&body[..], b"hello from GET /hello");
+    }
+    // Without keep-alive, HTTP/1.0 means one request per connection: the edge closes it.
+    s.write_all(b"GET /hello HTTP/1.0\r\nHost: old.localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut s).await.expect("an answer");
+    assert!(header_value(&head, "connection").is_none(), "{head}");
+    let mut rest = Vec::new();
+    let closed =
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "the connection stayed open");
+}

@@ -168,10 +168,14 @@ async fn serve_connection<I>(
             let inner =
                 |req| async move { handle(req, peer, scheme, state, tracker, &early).await };
             let timer = gate.metrics.request(&gate, &req);
-            let resp = match refused(&req, peer, gate.config.limits.max_header_bytes) {
+            let mut resp = match refused(&req, peer, gate.config.limits.max_header_bytes) {
                 Some(page) => page,
                 None => crate::policy::guard(req, peer, &gate, &visitor, inner).await,
             };
+            // An answer that came over the agent's HTTP/2 link says HTTP/2; toward the visitor
+            // it is HTTP/1.1, which also lets hyper answer an HTTP/1.0 keep-alive request with
+            // the `Connection: keep-alive` such a client needs to keep the connection.
+            *resp.version_mut() = http::Version::HTTP_11;
             timer.finish(&resp);
             Ok::<_, Infallible>(resp)
         }

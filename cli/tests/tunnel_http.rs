@@ -7,17 +7,14 @@ mod tunnel_support;
 
 use tunnel_support::*;
 
+/// A standalone edge and an agent serving `sub` from a new [`local_http_server`].
+async fn local_tunnel(sub: &str) -> (Edge, Agent) {
+    standalone_tunnel(local_http_server().await, sub).await
+}
+
 #[tokio::test]
 async fn a_get_reaches_the_local_server_through_the_tunnel() {
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "hello"],
-    )
-    .await;
+    let (edge, agent) = local_tunnel("hello").await;
     assert_eq!(
         agent.urls[0],
         format!("http://hello.localhost:{}", edge.http.port())
@@ -64,15 +61,7 @@ async fn a_port_alone_reaches_a_local_server_listening_only_on_ipv6_loopback() {
 
 #[tokio::test]
 async fn post_put_and_delete_bodies_travel_both_ways() {
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "echo"],
-    )
-    .await;
+    let (edge, _agent) = local_tunnel("echo").await;
     for method in ["POST", "PUT", "DELETE", "PATCH"] {
         let payload = format!("{method} body ").repeat(1000);
         let (status, headers, body) =
@@ -329,15 +318,7 @@ async fn a_local_server_that_hangs_up_or_answers_garbage_gets_a_502_page_saying_
 
 #[tokio::test]
 async fn a_tunnel_whose_agent_left_shows_a_503_offline_page() {
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let mut agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "gone"],
-    )
-    .await;
+    let (edge, mut agent) = local_tunnel("gone").await;
     agent.child.kill().await.unwrap();
     // The edge notices the dropped connection; wait for it rather than sleeping blindly.
     let mut last = 0;
@@ -497,15 +478,7 @@ async fn a_visitor_that_sends_headers_too_slowly_is_disconnected() {
 
 #[tokio::test]
 async fn an_upgrade_request_with_a_body_is_refused_before_reaching_the_agent() {
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "smuggle"],
-    )
-    .await;
+    let (edge, _agent) = local_tunnel("smuggle").await;
     let req = format!(
         "GET /hello HTTP/1.1\r\nHost: smuggle.localhost:{}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello",
         edge.http.port()
@@ -813,15 +786,7 @@ async fn sigint_and_sigterm_stop_the_agent_at_once_with_a_line_saying_so() {
 
 #[tokio::test]
 async fn a_request_with_two_hosts_gets_400_and_is_not_forwarded() {
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "ambiguous"],
-    )
-    .await;
+    let (edge, _agent) = local_tunnel("ambiguous").await;
     let host = format!("ambiguous.localhost:{}", edge.http.port());
     // RFC 9112 §3.2: more than one Host is a 400, whichever would have been routed.
     let two = format!("GET /hello HTTP/1.1\r\nHost: {host}\r\nHost: other.localhost\r\n\r\n");
@@ -1466,15 +1431,7 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> Option<(String, Vec<u8>
 #[tokio::test]
 async fn an_http_1_0_client_that_asks_for_keep_alive_is_told_so_and_keeps_its_connection() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let local = local_http_server().await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let _agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", "old"],
-    )
-    .await;
+    let (edge, _agent) = local_tunnel("old").await;
     let mut s = tokio::net::TcpStream::connect(edge.http).await.unwrap();
     for _ in 0..3 {
         s.write_all(

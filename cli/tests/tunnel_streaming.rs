@@ -146,14 +146,7 @@ fn request(edge: &Edge, sub: &str, method: &str, path: &str, body: Body) -> hype
 async fn setup(sub: &str) -> (Edge, Agent, mpsc::Sender<()>) {
     let (tx, rx) = mpsc::channel(8);
     let local = streaming_server(Arc::new(Mutex::new(rx))).await;
-    let edge = standalone_edge().await;
-    let port = local.port().to_string();
-    let agent = start_agent(
-        &edge,
-        STANDALONE_TOKEN,
-        &["http", &port, "--subdomain", sub],
-    )
-    .await;
+    let (edge, agent) = standalone_tunnel(local, sub).await;
     (edge, agent, tx)
 }
 

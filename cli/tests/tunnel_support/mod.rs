@@ -188,6 +188,19 @@ pub async fn standalone_edge_with(tweak: impl FnOnce(&mut Limits)) -> Edge {
     start_edge(standalone_control(), identity(), None, tweak).await
 }
 
+/// A standalone edge and an agent serving `sub` from the local server at `local`.
+pub async fn standalone_tunnel(local: SocketAddr, sub: &str) -> (Edge, Agent) {
+    let edge = standalone_edge().await;
+    let port = local.port().to_string();
+    let agent = start_agent(
+        &edge,
+        STANDALONE_TOKEN,
+        &["http", &port, "--subdomain", sub],
+    )
+    .await;
+    (edge, agent)
+}
+
 /// A running `burrow` agent process.
 pub struct Agent {
     pub child: Child,

@@ -72,7 +72,14 @@ impl TunnelSpec {
     ) -> anyhow::Result<Self> {
         let host = match host_header {
             HostHeader::Preserve => None,
-            HostHeader::Rewrite => Some(HeaderValue::from_str(&target.authority())?),
+            HostHeader::Rewrite => {
+                Some(HeaderValue::from_str(&target.authority()).map_err(|_| {
+                    anyhow::anyhow!(
+                        "{:?}: the host name has characters a Host header cannot carry",
+                        target.authority()
+                    )
+                })?)
+            }
             HostHeader::Value(v) => Some(
                 HeaderValue::from_str(v)
                     .map_err(|_| anyhow::anyhow!("{v:?} cannot be a Host header value"))?,
@@ -818,5 +825,11 @@ mod tests {
         );
         assert!(s.host.is_none());
         assert_eq!(spec("3000", "app.test").host.unwrap(), "app.test");
+        let odd = Target::parse("bad\u{1}host:80").unwrap();
+        let Err(err) = TunnelSpec::new("0".into(), String::new(), odd, &HostHeader::Rewrite, None)
+        else {
+            panic!("a host a header cannot carry is refused");
+        };
+        assert!(err.to_string().contains("cannot carry"), "{err}");
     }
 }
